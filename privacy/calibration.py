@@ -1,0 +1,137 @@
+"""Calibration: solve a profile parameter for a target (epsilon, delta) over T queries.
+
+epsilon(T queries) = min_a [ T R(a; q, z) + log((a-1)/a) - (log delta + log a)/(a-1) ]
+(Balle et al. 2020, Thm 21 over the shared grid) is non-decreasing in T and q and non-increasing
+in the noise multiplier z = sigma k / 2 (the sampled-Gaussian RDP is monotone in both: Mironov,
+Talwar & Zhang 2019, Section 3), so each solve is a bisection that keeps the feasible end of the
+bracket: the returned value always meets the target (it errs on the private side).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .conversion import epsilon_from_rdp
+from .mechanism import Profile, profile_rdp
+from .orders import DEFAULT_ORDERS
+
+__all__ = ["epsilon_for", "calibrate_sigma", "calibrate_k", "calibrate_q", "max_queries"]
+
+_MAX_K = 1_000_000
+_MAX_QUERIES = 10**15
+
+
+def _check_target(epsilon: float, delta: float, queries: int) -> None:
+    if not (float(epsilon) > 0.0) or math.isinf(float(epsilon)):
+        raise ValueError(f"epsilon must be finite and > 0; found {epsilon!r}")
+    if not (0.0 < float(delta) < 1.0):
+        raise ValueError(f"delta must be in (0, 1); found {delta!r}")
+    if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
+        raise ValueError(f"queries must be an integer >= 1; found {queries!r}")
+
+
+def epsilon_for(profile: Profile, queries: int, delta: float) -> float:
+    """Epsilon of ``queries`` releases under ``profile`` at ``delta`` (min over the shared grid)."""
+    if not isinstance(queries, int) or isinstance(queries, bool) or queries < 0:
+        raise ValueError(f"queries must be an integer >= 0; found {queries!r}")
+    curve = profile_rdp(profile, DEFAULT_ORDERS)
+    if queries == 0 or not profile.retrieves:
+        return 0.0
+    return epsilon_from_rdp(curve * queries, DEFAULT_ORDERS, delta).epsilon
+
+
+def calibrate_sigma(*, epsilon: float, delta: float, queries: int, k: int, q: float, tol: float = 1e-6) -> float:
+    """Smallest sigma (to relative ``tol``) such that ``queries`` releases cost <= epsilon.
+
+    Raises:
+        ValueError: naming a bad argument.
+    """
+    _check_target(epsilon, delta, queries)
+
+    def ok(s: float) -> bool:
+        return epsilon_for(Profile(k=k, q=q, sigma=s, lam=1.0), queries, delta) <= epsilon
+
+    hi = 1.0
+    while not ok(hi):
+        hi *= 2.0
+        if hi > 1e8:
+            raise ValueError(f"no sigma <= 1e8 reaches epsilon={epsilon!r}")
+    lo = hi / 2.0
+    while ok(lo) and lo > 1e-12:
+        hi, lo = lo, lo / 2.0
+    while (hi - lo) > tol * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def calibrate_k(*, epsilon: float, delta: float, queries: int, sigma: float, q: float) -> int:
+    """Smallest integer k such that ``queries`` releases cost <= epsilon (z = sigma k / 2).
+
+    Raises:
+        ValueError: naming a bad argument, or if no k <= 1e6 suffices (e.g. sigma = 0).
+    """
+    _check_target(epsilon, delta, queries)
+    Profile(k=1, q=q, sigma=sigma, lam=1.0)  # validates q and sigma
+
+    def ok(k: int) -> bool:
+        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries, delta) <= epsilon
+
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > _MAX_K:
+            raise ValueError(f"no k <= {_MAX_K} reaches epsilon={epsilon!r} with sigma={sigma!r}")
+    lo = hi // 2  # infeasible (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def calibrate_q(*, epsilon: float, delta: float, queries: int, sigma: float, k: int, tol: float = 1e-9) -> float:
+    """Largest q in (0, 1] (to absolute ``tol``, rounded down) such that the cost is <= epsilon.
+
+    Raises:
+        ValueError: naming a bad argument, or if even q = tol exceeds the target.
+    """
+    _check_target(epsilon, delta, queries)
+
+    def ok(q: float) -> bool:
+        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries, delta) <= epsilon
+
+    if ok(1.0):
+        return 1.0
+    lo = 1.0
+    while not ok(lo):
+        lo /= 2.0
+        if lo < tol:
+            raise ValueError(f"no q >= {tol} reaches epsilon={epsilon!r} with sigma={sigma!r}, k={k!r}")
+    hi = min(1.0, lo * 2.0)
+    while hi - lo > tol * max(lo, 1e-300) and hi - lo > 1e-15:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def max_queries(*, epsilon: float, delta: float, profile: Profile) -> int | None:
+    """Largest T with epsilon(T) <= epsilon under the single-profile rule; None means unlimited
+    (lambda = 0 costs nothing).
+
+    Raises:
+        ValueError: naming a bad argument.
+    """
+    _check_target(epsilon, delta, 1)
+    if not profile.retrieves:
+        return None
+    if epsilon_for(profile, 1, delta) > epsilon:
+        return 0
+    lo, hi = 1, 2
+    while epsilon_for(profile, hi, delta) <= epsilon:
+        lo, hi = hi, hi * 2
+        if hi > _MAX_QUERIES:
+            return _MAX_QUERIES
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if epsilon_for(profile, mid, delta) <= epsilon else (lo, mid)
+    return lo
