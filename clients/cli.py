@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # (command name, module defining `register`, one-line help)
 _COMMAND_MODULES: tuple[tuple[str, str, str], ...] = (
@@ -30,13 +31,20 @@ class CliError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the bad argument (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _module_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """Build the parser, importing only the module of the requested sub-command."""
-    parser = argparse.ArgumentParser(prog="dprdm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dprdm", description="dprdm: differentially private retrieval-augmented generation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module, _help in _COMMAND_MODULES:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -71,7 +71,7 @@ class RetrievalEvent:
         return {"type": "retrieval", "profile": self.profile.to_dict()}
 
 
-Event = Union[SubsampledGaussianEvent, RetrievalEvent]
+Event = SubsampledGaussianEvent | RetrievalEvent
 
 _RDP_TABLE: Mapping[type, Callable[[Any, npt.NDArray[np.float64]], npt.NDArray[np.float64]]] = {
     SubsampledGaussianEvent: lambda e, a: rdp_subsampled_gaussian(q=e.q, noise_multiplier=e.noise_multiplier, orders=a),

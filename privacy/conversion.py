@@ -12,6 +12,12 @@ Solving the same inequality for delta at a fixed eps gives
 
 which is the bound dp-accounting's ``RdpAccountant.get_delta`` uses (its ``compute_delta``).
 Both are minimised over the order grid. Results are clipped at eps >= 0 and delta <= 1.
+
+A second, sound bound is also applied (as dp-accounting's ``compute_epsilon`` does): the Rényi
+divergence is non-decreasing in the order (van Erven & Harremoës 2014, Thm 3), so KL <= R(a) for
+every a > 1, and by the Bretagnolle-Huber inequality TV <= sqrt(1 - exp(-KL)); a mechanism whose
+total variation is at most delta is (0, delta)-DP. Hence delta <= sqrt(1 - exp(-min_a R(a)))
+gives epsilon = 0; in particular zero queries cost exactly zero.
 """
 
 from __future__ import annotations
@@ -85,7 +91,10 @@ def epsilon_from_rdp(rdp: npt.ArrayLike, orders: npt.ArrayLike, delta: float) ->
         ValueError: naming a bad delta, order or RDP value.
     """
     eps = epsilon_per_order(rdp, orders, delta)
-    a = validate_orders(orders)
+    r, a = _check_curve(rdp, orders)
+    idx = int(np.argmin(r))
+    if float(delta) ** 2 + math.expm1(-float(r[idx])) >= 0.0:  # TV bound: (0, delta)-DP
+        return EpsilonResult(epsilon=0.0, order=float(a[idx]))
     idx = int(np.argmin(eps))
     return EpsilonResult(epsilon=max(float(eps[idx]), 0.0), order=float(a[idx]))
 
@@ -112,4 +121,9 @@ def delta_from_rdp(rdp: npt.ArrayLike, orders: npt.ArrayLike, epsilon: float) ->
         log_delta = (a - 1.0) * (r - e + np.log1p(-1.0 / a)) - np.log(a)
     log_delta = np.where(np.isinf(r), np.inf, log_delta)
     idx = int(np.argmin(log_delta))
-    return DeltaResult(delta=float(min(1.0, math.exp(min(float(log_delta[idx]), 0.0)))), order=float(a[idx]))
+    delta = min(1.0, math.exp(min(float(log_delta[idx]), 0.0)))
+    r_min = int(np.argmin(r))
+    tv = math.sqrt(-math.expm1(-float(r[r_min])))  # Bretagnolle-Huber bound, valid at any epsilon
+    if tv < delta:
+        return DeltaResult(delta=tv, order=float(a[r_min]))
+    return DeltaResult(delta=delta, order=float(a[idx]))

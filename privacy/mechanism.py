@@ -149,7 +149,8 @@ def clamp_unit(vectors: npt.ArrayLike) -> npt.NDArray[np.float64]:
     if x.ndim != 2:
         raise ValueError(f"vectors must be 2-D (m, d); found shape {x.shape}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1.0)
+    out: npt.NDArray[np.float64] = x / np.maximum(norms, 1.0)
+    return out
 
 
 def release(
@@ -193,4 +194,5 @@ def release(
         raise ValueError("selected vectors contain non-finite values")
     v = clamp_unit(x).sum(axis=0) / profile.k
     noisy = v + rng.normal(0.0, profile.sigma, size=u.size) if profile.sigma > 0 else v
-    return profile.lam * noisy + (1.0 - profile.lam) * u
+    mixed: npt.NDArray[np.float64] = profile.lam * noisy + (1.0 - profile.lam) * u
+    return mixed

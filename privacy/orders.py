@@ -41,5 +41,5 @@ def validate_orders(orders: npt.ArrayLike) -> npt.NDArray[np.float64]:
         raise ValueError("orders must not be empty")
     for a in arr:
         if not np.isfinite(a) or a <= 1.0:
-            raise ValueError(f"Rényi orders must be finite and > 1; found {a!r}")
+            raise ValueError(f"Rényi orders must be finite and > 1; found {float(a)!r}")
     return arr

@@ -1,0 +1,44 @@
+# One command to set up and run the main job, one to set up and run the tests.
+# Both create the virtual environment they need (.venv) and are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint proto proto-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml .ci/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -c .ci/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# Until `dprdm demo` (the end-to-end demo) lands, the main job runs the privacy accountant.
+demo: setup
+	$(VENV)/bin/dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7
+	$(VENV)/bin/dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18
+	$(VENV)/bin/dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy privacy
+
+proto: setup
+	$(PY) server/gen_proto.py
+
+proto-check: setup
+	@if [ -f server/gen_proto.py ]; then \
+		$(PY) server/gen_proto.py && git diff --exit-code -- server/_proto \
+		|| { echo "generated gRPC code is stale: run 'make proto'"; exit 1; }; \
+	fi
+
+test: setup lint proto-check
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,389 @@
+"""The on-disk index format (SPEC §5) and the verified loader.
+
+An index directory holds::
+
+    manifest.json        format version, corpus id, encoder identity, sizes, checksums (below)
+    vectors.npy          (N, d) float32|float16 unit rows on the 2**-24 grid, memory-mapped
+    ids.npy              (N,) int64 record ids (a hash of the content or of the owner)
+    centroids.npy        ivf only: (nlist, d) float64 PUBLIC coarse centroids
+    capacities.npy       ivf only: (nlist,) int64 PUBLIC per-list capacities
+    list_offsets.npy     ivf only: (nlist + 1,) int64 list extents in storage (operator-only)
+    sources.tsv          operator-only: record id -> source key(s)
+    reports/             operator-only: build report (unreadable files, dedup details)
+
+Storage order: flat indexes sort rows by record id; ivf indexes by (list, record id).
+``manifest.json`` is written last (atomically), so a directory without it is not an index.
+
+Exact counts, list sizes and reports are operator-only (SPEC §3): :meth:`PrivateIndex.public_info`
+is the only view meant for clients.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dprdm.index.errors import IndexFormatError
+from dprdm.index.search import (
+    STORE_GRID_BITS,
+    FlatLayout,
+    IvfLayout,
+    SubsampledNeighbors,
+    subsampled_topk,
+    subsampled_topk_batch,
+)
+from dprdm.models.base import EncoderIdentity
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "PrivateIndex",
+    "load",
+    "verify",
+    "sha256_file",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "file_entry",
+    "index_version_of",
+]
+
+FORMAT_NAME = "dprdm-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = ("float32", "float16")
+_NORM_TOLERANCE = 1e-3  # float16 rounding can exceed 1 by ~6e-5; anything above 1e-3 is corrupt
+_REQUIRED = (
+    "format",
+    "format_version",
+    "corpus_id",
+    "private",
+    "encoder",
+    "dimension",
+    "dtype",
+    "count",
+    "public_size",
+    "index_type",
+    "faiss_factory",
+    "score_grid_bits",
+    "files",
+)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 23) -> str:
+    """Hex SHA-256 of a file, streamed in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            buf = fh.read(chunk)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest entry of one data file: size and SHA-256."""
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def index_version_of(corpus_id: str, files: dict[str, dict[str, Any]]) -> str:
+    """A content-derived index version: hash of the corpus id and every data file's checksum."""
+    h = hashlib.sha256(corpus_id.encode())
+    for name in sorted(files):
+        h.update(f"\0{name}\0{files[name]['sha256']}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise IndexFormatError(f"index directory {str(root)!r} does not exist")
+    if not mpath.is_file():
+        raise IndexFormatError(f"{str(root)!r} is not an index: {MANIFEST} is missing (unfinished build?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{mpath}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{mpath}: manifest must be a JSON object")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise IndexFormatError(f"{mpath}: manifest is missing field(s) {', '.join(missing)}")
+    if manifest["format"] != FORMAT_NAME:
+        raise IndexFormatError(f"{mpath}: format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{mpath}: unknown format version {manifest['format_version']!r} "
+            f"(this build reads version {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _check_fields(root: Path, m: dict[str, Any]) -> EncoderIdentity:
+    where = str(root / MANIFEST)
+    try:
+        encoder = EncoderIdentity.from_dict(m["encoder"])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise IndexFormatError(f"{where}: bad encoder identity: {exc}") from None
+    d = m["dimension"]
+    if not isinstance(d, int) or d <= 0:
+        raise IndexFormatError(f"{where}: dimension must be a positive int; found {d!r}")
+    if d != encoder.dimension:
+        raise IndexFormatError(
+            f"{where}: dimension mismatch: manifest says {d}, encoder {encoder.name!r} has {encoder.dimension}"
+        )
+    if m["dtype"] not in _DTYPES:
+        raise IndexFormatError(f"{where}: dtype must be one of {_DTYPES}; found {m['dtype']!r}")
+    n, nbar = m["count"], m["public_size"]
+    if not isinstance(n, int) or not isinstance(nbar, int) or n < 0 or nbar < n or nbar < 1:
+        raise IndexFormatError(f"{where}: need 0 <= count <= public_size, public_size >= 1; found {n}, {nbar}")
+    if m["score_grid_bits"] != STORE_GRID_BITS:
+        raise IndexFormatError(f"{where}: score_grid_bits must be {STORE_GRID_BITS}; found {m['score_grid_bits']!r}")
+    if m["index_type"] not in ("flat", "ivf"):
+        raise IndexFormatError(f"{where}: unknown index_type {m['index_type']!r} (flat or ivf)")
+    if not isinstance(m["files"], dict):
+        raise IndexFormatError(f"{where}: 'files' must be an object")
+    return encoder
+
+
+def _check_file(root: Path, m: dict[str, Any], name: str, checksum: bool) -> Path:
+    entry = m["files"].get(name)
+    if entry is None:
+        raise IndexFormatError(f"{root / MANIFEST}: no entry for required file {name!r}")
+    path = root / name
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: file is missing")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        what = "truncated" if size < entry.get("bytes", 0) else "larger than recorded"
+        raise IndexFormatError(f"{path}: file is {what}: {size} bytes, manifest records {entry.get('bytes')}")
+    if checksum:
+        digest = sha256_file(path)
+        if digest != entry.get("sha256"):
+            raise IndexFormatError(f"{path}: checksum mismatch: sha256 {digest}, manifest records {entry.get('sha256')}")
+    return path
+
+
+def _npy(path: Path, shape: tuple[int, ...], dtype: str, mmap: bool = False) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise IndexFormatError(f"{path}: unreadable array ({exc})") from None
+    if arr.shape != shape or arr.dtype != np.dtype(dtype):
+        raise IndexFormatError(f"{path}: expected shape {shape} {dtype}; found {arr.shape} {arr.dtype}")
+    return arr
+
+
+class PrivateIndex:
+    """A loaded, verified index: memory-mapped vectors, ids, layout, manifest.
+
+    Use :meth:`search_subsampled` for DP retrieval.  ``count``, ``manifest`` and the layout's
+    list offsets are operator-only; clients may see :meth:`public_info` only.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        encoder: EncoderIdentity,
+        vectors: np.ndarray,
+        ids: npt.NDArray[np.int64],
+        layout: FlatLayout | IvfLayout,
+    ) -> None:
+        self.path = path
+        self._manifest = manifest
+        self.encoder = encoder
+        self.vectors = vectors
+        self.ids = ids
+        self.layout = layout
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A deep copy of the manifest (operator-only: it holds exact counts)."""
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def corpus_id(self) -> str:
+        return str(self._manifest["corpus_id"])
+
+    @property
+    def index_version(self) -> str:
+        return str(self._manifest["index_version"])
+
+    @property
+    def dimension(self) -> int:
+        return int(self._manifest["dimension"])
+
+    @property
+    def public_size(self) -> int:
+        """The declared public size N̄ (public)."""
+        return int(self._manifest["public_size"])
+
+    @property
+    def count(self) -> int:
+        """Exact number of records N (OPERATOR-ONLY; never send to clients or metrics)."""
+        return int(self._manifest["count"])
+
+    @property
+    def private(self) -> bool:
+        return bool(self._manifest["private"])
+
+    @property
+    def index_type(self) -> str:
+        return str(self._manifest["index_type"])
+
+    def public_info(self) -> dict[str, Any]:
+        """The facts clients may see (SPEC §7 ListIndexes): no exact counts or list sizes."""
+        info: dict[str, Any] = {
+            "corpus_id": self.corpus_id,
+            "index_version": self.index_version,
+            "dimension": self.dimension,
+            "public_size": self.public_size,
+            "encoder": self.encoder.to_dict(),
+            "index_type": self.index_type,
+            "private": self.private,
+        }
+        if isinstance(self.layout, IvfLayout):
+            info["nlist"] = int(self.layout.capacities.shape[0])
+            info["nprobe_default"] = self.layout.nprobe
+        return info
+
+    # -- search ----------------------------------------------------------------------------
+    def search_subsampled(
+        self, query: npt.ArrayLike, *, k: int, q: float, rng: np.random.Generator, nprobe: int | None = None
+    ) -> SubsampledNeighbors:
+        """Top ``k`` of a fresh Poisson(q) subsample; see :func:`dprdm.index.search.subsampled_topk`."""
+        return subsampled_topk(self.vectors, self.ids, self.layout, query, k=k, q=q, rng=rng, nprobe=nprobe)
+
+    def search_subsampled_batch(
+        self,
+        queries: npt.ArrayLike,
+        *,
+        k: int,
+        q: float,
+        rng: np.random.Generator | Sequence[np.random.Generator],
+        nprobe: int | None = None,
+    ) -> list[SubsampledNeighbors]:
+        """One independent subsample per query; see :func:`dprdm.index.search.subsampled_topk_batch`."""
+        return subsampled_topk_batch(self.vectors, self.ids, self.layout, queries, k=k, q=q, rng=rng, nprobe=nprobe)
+
+    def __repr__(self) -> str:
+        return f"PrivateIndex({str(self.path)!r}, corpus_id={self.corpus_id!r}, public_size={self.public_size})"
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    verify_checksums: bool = True,
+    expected_encoder: EncoderIdentity | None = None,
+) -> PrivateIndex:
+    """Open an index directory, verifying the manifest and every data file.
+
+    Args:
+        path: the index directory.
+        verify_checksums: re-hash every data file (reads the whole vector file once). Sizes,
+            shapes and dtypes are always checked.
+        expected_encoder: if given, refuse an index built with a different encoder.
+
+    Returns:
+        The :class:`PrivateIndex`.
+
+    Raises:
+        IndexFormatError: missing/unknown-version manifest, truncated file, checksum, shape,
+            dtype or dimension mismatch, inconsistent IVF metadata, encoder mismatch.
+    """
+    root = Path(path)
+    m = _read_manifest(root)
+    encoder = _check_fields(root, m)
+    if expected_encoder is not None and expected_encoder != encoder:
+        raise IndexFormatError(
+            f"{root}: built with encoder {encoder.to_dict()}, but the server uses {expected_encoder.to_dict()}"
+        )
+    n, d = int(m["count"]), int(m["dimension"])
+    vectors = _npy(_check_file(root, m, "vectors.npy", verify_checksums), (n, d), m["dtype"], mmap=True)
+    ids = _npy(_check_file(root, m, "ids.npy", verify_checksums), (n,), "int64")
+    layout: FlatLayout | IvfLayout
+    if m["index_type"] == "flat":
+        layout = FlatLayout(count=n, public_size=int(m["public_size"]))
+    else:
+        layout = _load_ivf(root, m, n, d, verify_checksums)
+    return PrivateIndex(root, m, encoder, vectors, ids, layout)
+
+
+def _load_ivf(root: Path, m: dict[str, Any], n: int, d: int, checksum: bool) -> IvfLayout:
+    ivf = m.get("ivf")
+    where = root / MANIFEST
+    if not isinstance(ivf, dict) or not isinstance(ivf.get("nlist"), int) or not isinstance(ivf.get("nprobe"), int):
+        raise IndexFormatError(f"{where}: ivf index needs an 'ivf' object with integer nlist and nprobe")
+    nlist = ivf["nlist"]
+    cents = _npy(_check_file(root, m, "centroids.npy", checksum), (nlist, d), "float64")
+    caps = _npy(_check_file(root, m, "capacities.npy", checksum), (nlist,), "int64")
+    offs = _npy(_check_file(root, m, "list_offsets.npy", checksum), (nlist + 1,), "int64")
+    sizes = np.diff(offs)
+    if offs[0] != 0 or offs[-1] != n or np.any(sizes < 0):
+        raise IndexFormatError(f"{root / 'list_offsets.npy'}: offsets must rise from 0 to count={n}")
+    if np.any(sizes > caps):
+        raise IndexFormatError(f"{root / 'capacities.npy'}: a list exceeds its public capacity")
+    if ivf["nprobe"] < 1:
+        raise IndexFormatError(f"{where}: ivf.nprobe must be >= 1; found {ivf['nprobe']}")
+    return IvfLayout(centroids=cents, capacities=caps, offsets=offs, nprobe=int(ivf["nprobe"]))
+
+
+def verify(path: str | os.PathLike[str], *, block_rows: int = 65536) -> PrivateIndex:
+    """Full verification: :func:`load` with checksums, then a scan of every stored row.
+
+    Checks that rows are finite, on the storage grid, with norm <= 1 + 1e-3, that ids are unique
+    and non-negative, and that rows are in storage order (flat: ascending id; ivf: ascending id
+    within each list).
+
+    Raises:
+        IndexFormatError: naming the first problem found.
+    """
+    index = load(path, verify_checksums=True)
+    vec, ids = index.vectors, index.ids
+    if ids.size and (ids.min() < 0 or np.unique(ids).size != ids.size):
+        raise IndexFormatError(f"{index.path / 'ids.npy'}: record ids must be unique and non-negative")
+    if isinstance(index.layout, IvfLayout):
+        offs = index.layout.offsets
+        bad = any(np.any(np.diff(ids[offs[i] : offs[i + 1]]) <= 0) for i in range(offs.size - 1))
+    else:
+        bad = bool(np.any(np.diff(ids) <= 0))
+    if bad:
+        raise IndexFormatError(f"{index.path / 'ids.npy'}: rows are not in storage order (ascending id)")
+    scale = float(2**STORE_GRID_BITS)
+    for s in range(0, vec.shape[0], block_rows):
+        x = np.asarray(vec[s : s + block_rows], dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise IndexFormatError(f"{index.path / 'vectors.npy'}: non-finite values near row {s}")
+        if np.any(np.ldexp(x, STORE_GRID_BITS) % 1.0 != 0) or np.any(np.abs(x) * scale > scale):
+            raise IndexFormatError(f"{index.path / 'vectors.npy'}: values off the 2**-{STORE_GRID_BITS} grid near row {s}")
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        if np.any(norms > 1.0 + _NORM_TOLERANCE):
+            raise IndexFormatError(f"{index.path / 'vectors.npy'}: a row has norm {norms.max():.6g} > 1 near row {s}")
+    return index

@@ -1,0 +1,139 @@
+"""IVF for private indexes: a PUBLIC coarse quantizer and PUBLIC per-list capacities (SPEC §5).
+
+Rules enforced here:
+
+* The coarse quantizer is trained on public vectors only (a ``.npy`` file or a *public* index
+  directory).  A quantizer trained on the private vectors makes the index structure (which
+  records share a list, hence which records are candidates for a query) depend on records that
+  were not sampled, which voids the amplification-by-subsampling argument; it is refused.
+* Each private record goes to its nearest public centroid (largest exact inner product, lowest
+  list id on ties), with no balancing and no capacity constraint.
+* Capacities (the padded list sizes every query pays for) are public: a fixed rule of public
+  inputs only,
+
+      cap_l = max(min_capacity, ceil(slack * N̄ * p_l)),   p_l = (t_l + 1) / (T + nlist),
+
+  where ``t_l`` is the number of PUBLIC training vectors nearest centroid ``l`` (``T`` in all)
+  and ``slack``/``min_capacity`` are declared by the operator.  The private list sizes enter
+  only through the operator-only build check ``size_l <= cap_l``; a failing check stops the
+  build (no record is ever dropped or moved).  So the capacities reveal what N̄ reveals plus the
+  operator's one scalar ``slack``: choose it on public proxy data (like N̄, from a coarse menu
+  such as 1.5, 2, 3, 4), not by retrying on the private corpus; every retry leaks a bit.
+* Centroids are rounded to multiples of 2**-28 so the assignment scores <x, c> (x on the 2**-24
+  grid) are exact in float64 and the assignment is a deterministic function of the record.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dprdm.index.errors import IndexBuildError, IndexFormatError, PrivacyPolicyError
+from dprdm.index.search import QUERY_GRID_BITS
+
+__all__ = [
+    "KMEANS_SEED",
+    "load_public_vectors",
+    "train_centroids",
+    "assign_lists",
+    "public_capacities",
+]
+
+KMEANS_SEED = 1234
+"""Public, fixed k-means seed (the training data are public; this is not a DP coin)."""
+
+_PRIVATE_QUANTIZER_WHY = (
+    "its structure would depend on private records that were not sampled, which voids the "
+    "privacy amplification of Poisson subsampling (SPEC §5)"
+)
+
+
+def load_public_vectors(source: str | os.PathLike[str]) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
+    """Load public training vectors from a ``.npy`` (n, d) file or a PUBLIC index directory.
+
+    Returns:
+        (unit float32 rows, provenance dict for the manifest).
+
+    Raises:
+        PrivacyPolicyError: ``source`` is a private index.
+        IndexBuildError: unreadable or malformed file.
+    """
+    from dprdm.index.format import load, sha256_file
+
+    path = Path(source)
+    if path.is_dir():
+        try:
+            idx = load(path, verify_checksums=True)
+        except IndexFormatError as exc:
+            raise IndexBuildError(f"--train-vectors {str(path)!r}: {exc}") from None
+        if idx.private:
+            raise PrivacyPolicyError(
+                f"--train-vectors {str(path)!r} is a PRIVATE index (corpus {idx.corpus_id!r}); a quantizer "
+                f"trained on private vectors is refused because {_PRIVATE_QUANTIZER_WHY}"
+            )
+        vecs = np.asarray(idx.vectors, dtype=np.float32)
+        prov = {"kind": "index", "source": str(path.resolve()), "corpus_id": idx.corpus_id,
+                "index_version": idx.index_version}
+    else:
+        if not path.is_file():
+            raise IndexBuildError(f"--train-vectors {str(path)!r} does not exist")
+        try:
+            vecs = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise IndexBuildError(f"--train-vectors {str(path)!r}: not a .npy array ({exc})") from None
+        prov = {"kind": "npy", "source": str(path.resolve()), "sha256": sha256_file(path)}
+    if vecs.ndim != 2 or not np.issubdtype(vecs.dtype, np.floating) or vecs.shape[0] == 0:
+        raise IndexBuildError(f"--train-vectors {str(path)!r}: expected a non-empty 2-D float array; found {vecs.shape}")
+    vecs = np.asarray(vecs, dtype=np.float32)
+    if not np.all(np.isfinite(vecs)):
+        raise IndexBuildError(f"--train-vectors {str(path)!r}: contains non-finite values")
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs = vecs / np.where(norms > 0, norms, 1.0)
+    prov["n_train"] = int(vecs.shape[0])
+    return vecs, prov
+
+
+def train_centroids(
+    train: npt.NDArray[np.float32], nlist: int, *, niter: int = 25, seed: int = KMEANS_SEED, gpu: bool | None = None
+) -> npt.NDArray[np.float64]:
+    """Spherical k-means (faiss) on PUBLIC vectors; unit centroids rounded to the 2**-28 grid.
+
+    ``gpu=None`` uses a GPU when faiss reports one (allowed: the data are public).
+    """
+    import faiss
+
+    n, d = train.shape
+    if nlist < 1 or nlist > n:
+        raise IndexBuildError(f"--nlist must be in [1, {n}] (number of public training vectors); found {nlist}")
+    use_gpu = (faiss.get_num_gpus() > 0) if gpu is None else gpu
+    km = faiss.Kmeans(d, nlist, niter=niter, seed=seed, spherical=True, gpu=bool(use_gpu), verbose=False,
+                      min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(train, dtype=np.float32))
+    cents = np.asarray(km.centroids, dtype=np.float64)
+    cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-30)
+    return np.ldexp(np.round(np.ldexp(cents, QUERY_GRID_BITS)), -QUERY_GRID_BITS)
+
+
+def assign_lists(vectors: npt.NDArray[np.floating], centroids: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """Nearest centroid (max inner product, lowest id on ties) of each row; exact in float64."""
+    sims = np.asarray(vectors, dtype=np.float64) @ centroids.T
+    return np.argmax(sims, axis=1).astype(np.int64)  # argmax returns the first maximum
+
+
+def public_capacities(
+    public_size: int, train_counts: npt.NDArray[np.int64], *, slack: float, min_capacity: int
+) -> npt.NDArray[np.int64]:
+    """The public capacity rule (module docstring); a function of public inputs only."""
+    if not (math.isfinite(slack) and slack >= 1.0):
+        raise IndexBuildError(f"--capacity-slack must be a finite number >= 1; found {slack}")
+    if min_capacity < 1:
+        raise IndexBuildError(f"--min-capacity must be >= 1; found {min_capacity}")
+    counts = np.asarray(train_counts, dtype=np.float64)
+    p = (counts + 1.0) / (counts.sum() + counts.size)
+    caps = np.ceil(slack * public_size * p).astype(np.int64)
+    return np.maximum(caps, min_capacity)

@@ -1,0 +1,447 @@
+"""The exact Poisson-subsampled k-NN of DP-RDM (SPEC §4 steps 1-3, §5).
+
+Mechanism (for one query ``u``): every slot of the *padded candidate set* -- ``N̄`` slots for a
+flat index, the probed lists padded to their public capacities for an IVF index -- is kept
+independently with probability ``q``; dummy slots score ``-inf``; the result is the top ``k``
+real survivors under the strict order (score descending, record id ascending).  Fewer than ``k``
+survivors give fewer vectors (the aggregation still divides by ``k``: zero padding) and nothing
+else changes.
+
+How it is computed (:func:`poisson_positions`): survivor positions are generated directly by
+iid geometric gaps, so the work is proportional to the number of survivors ``~ Binomial(L, q)``
+(``L`` the public padded length) and never to the private corpus.  Survivors are mapped to
+storage rows, gathered in blocks, scored exactly, and the strict-order top ``k`` is taken.
+
+Exact scores (:func:`quantize_query`, :data:`STORE_GRID_BITS`): stored coordinates are integer
+multiples of ``2**-24`` (float16 values in [-1, 1] always are; float32 vectors are rounded to that
+grid at build time) and the query is rounded to multiples of ``2**-28``.  Every product
+``x_j * u_j`` and every partial sum of any subset of them is then a multiple of ``2**-52`` of
+magnitude ``<= ||x|| ||u|| < 2``, hence exactly representable in float64.  Any float64 evaluation
+order (BLAS blocking, FMA, SIMD lanes, threads) therefore yields the *exact* real number
+``<Q(u), x>``: the score is a deterministic function of ``(u, x)`` alone, whatever the batch, the
+block or the number of survivors, and ties are genuine ties, broken by record id.
+
+Record ids are a deterministic per-record key (a hash of the content, or of the owner), so the
+tie-break of two records never depends on other records of the corpus.
+
+Privacy: a :class:`SubsampledNeighbors` holds private data (ids, scores, the survivor count
+``len(vectors)``); only the noisy aggregate derived from :meth:`SubsampledNeighbors.aggregate`
+may leave the server.  Its ``repr`` is redacted so it cannot leak into a log line by accident.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "STORE_GRID_BITS",
+    "QUERY_GRID_BITS",
+    "SubsampledNeighbors",
+    "FlatLayout",
+    "IvfLayout",
+    "Candidates",
+    "poisson_positions",
+    "quantize_query",
+    "quantize_store",
+    "exact_scores",
+    "subsampled_topk",
+    "subsampled_topk_batch",
+    "naive_subsampled_topk",
+]
+
+STORE_GRID_BITS = 24
+"""Stored coordinates are integer multiples of ``2**-STORE_GRID_BITS``."""
+QUERY_GRID_BITS = 28
+"""Queries are rounded to integer multiples of ``2**-QUERY_GRID_BITS`` (24 + 28 = 52 bits)."""
+_QUERY_NORM_LIMIT = 1.001  # exactness needs ||x|| ||u|| < 2; queries are unit vectors
+_BLOCK_ELEMENTS = 1 << 17  # rows per scoring block ~ 1 MiB of float64 (cache resident)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class SubsampledNeighbors:
+    """The top ``k`` of one Poisson subsample, in strict order (score desc, record id asc).
+
+    PRIVATE: every field is a statistic of the private corpus.  The server may pass
+    :meth:`aggregate` (or ``vectors``) to the release step and nothing else: never ids, scores,
+    ``len(vectors)`` (which reveals that fewer than ``k`` survived), or timings.
+
+    Attributes:
+        vectors: ``(m, d)`` float64, each row clamped to norm <= 1, ``m <= k``; ``m < k`` only
+            when fewer than ``k`` real records survived.
+        ids: ``(m,)`` int64 record ids (never -1), for tests, benchmarks and operator audits.
+        scores: ``(m,)`` exact scores ``<Q(u), x>`` (descending).
+        k: the requested ``k`` (the divisor of the aggregate).
+    """
+
+    vectors: FloatArray
+    ids: IntArray
+    scores: FloatArray
+    k: int = field(default=1)
+
+    def aggregate(self) -> FloatArray:
+        """``v = (1/k) * sum(vectors)``: zero padding when fewer than ``k`` survived (SPEC §4.3)."""
+        return self.vectors.sum(axis=0) / float(self.k)
+
+    def __repr__(self) -> str:
+        return f"SubsampledNeighbors(k={self.k}, d={self.vectors.shape[1]}, <private contents redacted>)"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The padded candidate set of one query: ``length`` public slots and their storage mapping."""
+
+    length: int
+    _flat_n: int = -1
+    _caps: IntArray | None = None
+    _sizes: IntArray | None = None
+    _starts: IntArray | None = None
+    _n_rows: int = 0
+
+    def rows_for(self, positions: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+        """Map survivor positions to (storage rows to gather, is-real mask).
+
+        Dummy slots are mapped to some real row too, so they are gathered and scored at the same
+        cost as real slots; their score is then replaced by ``-inf``.
+        """
+        if self._caps is None:
+            real = positions < self._flat_n
+            rows = positions % self._flat_n if self._flat_n > 0 else np.zeros_like(positions)
+            return rows, real
+        ends = np.cumsum(self._caps)
+        li = np.searchsorted(ends, positions, side="right")
+        off = positions - (ends[li] - self._caps[li])
+        real = off < self._sizes[li]  # type: ignore[index]
+        rows = self._starts[li] + off  # type: ignore[index]
+        if self._n_rows > 0:
+            rows %= self._n_rows
+        else:
+            rows[:] = 0
+        return rows, real
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Exact index: the candidate set is every stored record plus dummies up to the public ``N̄``."""
+
+    count: int
+    public_size: int
+
+    def candidates(self, query: FloatArray, nprobe: int | None = None) -> Candidates:
+        """All ``public_size`` slots; slot ``i < count`` is storage row ``i`` (records sorted by id)."""
+        del query, nprobe
+        return Candidates(length=self.public_size, _flat_n=self.count)
+
+
+@dataclass(frozen=True)
+class IvfLayout:
+    """IVF index: public centroids, public per-list capacities, private list extents.
+
+    Storage rows are sorted by (list, record id); list ``l`` occupies rows
+    ``offsets[l]:offsets[l+1]`` and is padded to ``capacities[l]`` slots.
+    """
+
+    centroids: FloatArray  # (nlist, d) public, unit rows
+    capacities: IntArray  # (nlist,) public
+    offsets: IntArray  # (nlist + 1,) private
+    nprobe: int  # default nprobe (public)
+
+    def probe(self, query: FloatArray, nprobe: int | None = None) -> IntArray:
+        """The ``nprobe`` lists nearest the (public) query, ascending by list id."""
+        n = self.nprobe if nprobe is None else int(nprobe)
+        nlist = self.centroids.shape[0]
+        if n < 1:
+            raise ValueError(f"nprobe must be >= 1; found {n}")
+        n = min(n, nlist)
+        sims = self.centroids @ np.asarray(query, dtype=np.float64)
+        order = np.lexsort((np.arange(nlist), -sims))  # similarity desc, list id asc
+        return np.sort(order[:n]).astype(np.int64)
+
+    def candidates(self, query: FloatArray, nprobe: int | None = None) -> Candidates:
+        """Probed lists (ascending id), each padded to its public capacity."""
+        lists = self.probe(query, nprobe)
+        caps = self.capacities[lists].astype(np.int64)
+        return Candidates(
+            length=int(caps.sum()),
+            _caps=caps,
+            _sizes=(self.offsets[lists + 1] - self.offsets[lists]).astype(np.int64),
+            _starts=self.offsets[lists].astype(np.int64),
+            _n_rows=int(self.offsets[-1]),
+        )
+
+
+Layout = FlatLayout | IvfLayout
+
+
+def poisson_positions(length: int, q: float, rng: np.random.Generator) -> IntArray:
+    """Positions kept by independent Bernoulli(q) coins over ``range(length)``, sorted.
+
+    Drawn as iid geometric gaps, walked to the end: ``P_1 = G_1``, ``P_{j+1} = P_j + 1 + G_{j+1}``,
+    ``G = floor(log U / log1p(-q))`` with ``U`` uniform on (0, 1]; stop at the first
+    ``P_j >= length``.  ``q == 1`` keeps every position without drawing.
+
+    Proof of equivalence with ``length`` iid Bernoulli(q) coins.  (i) ``G`` is geometric on
+    {0, 1, ...}: ``P(G >= g) = P(log U <= g log(1-q)) = P(U <= (1-q)**g) = (1-q)**g``.
+    (ii) Fix any pattern with ones exactly at ``s_1 < ... < s_m`` in ``range(n)``.  The walk
+    produces exactly that set iff ``G_1 = s_1``, ``G_j = s_j - s_{j-1} - 1`` (j = 2..m) and
+    ``G_{m+1} >= n - 1 - s_m`` (``G_1 >= n`` when m = 0).  By independence its probability is
+    ``q**m (1-q)**(sum of the gaps) * (1-q)**(n-1-s_m) = q**m (1-q)**(s_m-m+1 + n-1-s_m)
+    = q**m (1-q)**(n-m)``, the probability of that pattern under iid Bernoulli(q) coins.  As both
+    laws agree on every pattern they are equal, so the top-k of the walked set is distributed
+    exactly as the top-k of the coin-selected subset (the selection is a function of the set).
+    (iii) The walk never stops early: the gaps are consumed until the end of the candidate set,
+    so slots near the end are as likely to survive as any other ("take the top M, then flip
+    coins" would not be this mechanism).  Caveat, as for every floating-point sampler: ``U`` has
+    53-bit resolution, so ``P(G >= g)`` matches ``(1-q)**g`` up to ~2**-53 relative error.
+
+    The number of draws is (survivors + 1) rounded up to a chunk: it depends on ``length`` and
+    ``q`` (public) and on the coins, never on the private data.
+
+    Args:
+        length: public size of the padded candidate set (>= 0).
+        q: sampling probability, ``0 < q <= 1``.
+        rng: a fresh-coin generator (the privacy core's CSPRNG in production).
+
+    Returns:
+        Sorted int64 positions in ``range(length)``.
+
+    Raises:
+        ValueError: if ``q`` is not in (0, 1] or ``length`` is negative.
+    """
+    if not (isinstance(q, (float, int)) and 0.0 < float(q) <= 1.0) or math.isnan(q):
+        raise ValueError(f"q must be in (0, 1]; found {q!r}")
+    if length < 0:
+        raise ValueError(f"candidate length must be >= 0; found {length}")
+    if length == 0:
+        return np.empty(0, dtype=np.int64)
+    if q == 1.0:
+        return np.arange(length, dtype=np.int64)
+    log1mq = math.log1p(-float(q))
+    expected = length * float(q)
+    chunk = int(expected + 6.0 * math.sqrt(expected) + 64)
+    pieces: list[IntArray] = []
+    last = -1.0
+    cap = float(length) + 1.0
+    while True:
+        u = rng.random(chunk)
+        np.subtract(1.0, u, out=u)  # (0, 1]
+        np.log(u, out=u)
+        u /= log1mq
+        np.floor(u, out=u)  # gap G >= 0
+        u += 1.0  # step to the next survivor
+        np.minimum(u, cap, out=u)  # avoid overflow; any step past the end ends the walk
+        np.cumsum(u, out=u)
+        u += last
+        cut = int(np.searchsorted(u, length, side="left"))
+        pieces.append(u[:cut].astype(np.int64))
+        if cut < chunk:
+            break
+        last = float(u[-1])
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def quantize_query(query: npt.ArrayLike, dimension: int) -> FloatArray:
+    """Validate a query and round it to the ``2**-28`` grid (float64); see the module docstring.
+
+    Raises:
+        ValueError: wrong shape, non-finite values, or norm above 1.001 (queries are unit vectors).
+    """
+    u = np.asarray(query, dtype=np.float64)
+    if u.shape != (dimension,):
+        raise ValueError(f"query must have shape ({dimension},); found {u.shape}")
+    if not np.all(np.isfinite(u)):
+        raise ValueError("query contains non-finite values")
+    norm = float(np.sqrt(np.dot(u, u)))
+    if norm > _QUERY_NORM_LIMIT:
+        raise ValueError(f"query must be a unit vector (norm <= {_QUERY_NORM_LIMIT}); found norm {norm:.6g}")
+    return np.ldexp(np.round(np.ldexp(u, QUERY_GRID_BITS)), -QUERY_GRID_BITS)
+
+
+def quantize_store(vectors: npt.ArrayLike, dtype: str | np.dtype) -> npt.NDArray[np.floating]:
+    """Normalize rows and put them on the storage grid in ``dtype`` (float32 or float16).
+
+    float32: rows are rounded to multiples of ``2**-24`` (exact in float32 since |x| <= 1);
+    float16: plain rounding to float16 (every float16 in [-1, 1] is on that grid already).
+    Zero rows stay zero.
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    x = x / np.where(norms > 0, norms, 1.0)[:, None]
+    dt = np.dtype(dtype)
+    if dt == np.float16:
+        return x.astype(np.float16)
+    if dt == np.float32:
+        return np.ldexp(np.round(np.ldexp(x, STORE_GRID_BITS)), -STORE_GRID_BITS).astype(np.float32)
+    raise ValueError(f"storage dtype must be float32 or float16; found {dt}")
+
+
+def exact_scores(vectors: npt.NDArray[np.floating], rows: IntArray, qhat: FloatArray) -> FloatArray:
+    """Exact scores ``<qhat, vectors[r]>`` for ``rows``, gathered and scored in cache-sized blocks."""
+    m = rows.shape[0]
+    d = vectors.shape[1]
+    out = np.empty(m, dtype=np.float64)
+    if m == 0:
+        return out
+    block = max(16, _BLOCK_ELEMENTS // max(d, 1))
+    block = min(block, m)
+    raw = np.empty((block, d), dtype=vectors.dtype)
+    wide = raw if vectors.dtype == np.float64 else np.empty((block, d), dtype=np.float64)
+    for s in range(0, m, block):
+        e = min(s + block, m)
+        n = e - s
+        np.take(vectors, rows[s:e], axis=0, out=raw[:n], mode="clip")
+        if wide is not raw:
+            wide[:n] = raw[:n]
+        np.dot(wide[:n], qhat, out=out[s:e])
+    return out
+
+
+def _strict_topk(scores: FloatArray, ids: IntArray, k: int) -> IntArray:
+    """Indices of the top ``k`` finite scores, ordered by (score desc, id asc)."""
+    m = scores.shape[0]
+    finite = scores > -np.inf
+    n_real = int(np.count_nonzero(finite))
+    if n_real <= k:
+        cand = np.flatnonzero(finite)
+    else:
+        kth = np.partition(scores, m - k)[m - k]  # k-th largest; finite since n_real > k
+        cand = np.flatnonzero(scores >= kth)
+    order = np.lexsort((ids[cand], -scores[cand]))
+    return cand[order[:k]]
+
+
+def _clamped(vectors: npt.NDArray[np.floating], rows: IntArray) -> FloatArray:
+    x = np.asarray(vectors[rows], dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    return x / np.maximum(1.0, norms)[:, None]
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; found {k!r}")
+    return int(k)
+
+
+def _select(
+    vectors: npt.NDArray[np.floating],
+    ids: IntArray,
+    cands: Candidates,
+    positions: IntArray,
+    qhat: FloatArray,
+    k: int,
+) -> SubsampledNeighbors:
+    """Gather, score (dummies -> -inf), strict top-k, clamp."""
+    rows, real = cands.rows_for(positions)
+    if vectors.shape[0] == 0:
+        scores = np.full(rows.shape[0], -np.inf)
+        row_ids = np.zeros(rows.shape[0], dtype=np.int64)
+    else:
+        scores = exact_scores(vectors, rows, qhat)
+        row_ids = ids[rows]
+        scores[~real] = -np.inf
+    chosen = _strict_topk(scores, row_ids, k)
+    sel_rows = rows[chosen]
+    d = vectors.shape[1]
+    vecs = _clamped(vectors, sel_rows) if sel_rows.size else np.zeros((0, d), dtype=np.float64)
+    return SubsampledNeighbors(vectors=vecs, ids=row_ids[chosen].copy(), scores=scores[chosen].copy(), k=k)
+
+
+def subsampled_topk(
+    vectors: npt.NDArray[np.floating],
+    ids: IntArray,
+    layout: Layout,
+    query: npt.ArrayLike,
+    *,
+    k: int,
+    q: float,
+    rng: np.random.Generator,
+    nprobe: int | None = None,
+) -> SubsampledNeighbors:
+    """Top ``k`` of an independent Poisson(q) subsample of the padded candidate set of ``query``.
+
+    Args:
+        vectors: ``(N, d)`` stored rows on the storage grid (float32/float16, may be a memmap),
+            in the layout's storage order.
+        ids: ``(N,)`` record ids of the rows.
+        layout: :class:`FlatLayout` or :class:`IvfLayout` (public sizes / capacities).
+        query: ``(d,)`` unit query embedding (public).
+        k: number of neighbours (>= 1).
+        q: Poisson sampling probability in (0, 1].
+        rng: fresh coins for this query (CSPRNG-backed in production).
+        nprobe: IVF only, overrides the layout's default (fixed per profile).
+
+    Returns:
+        A :class:`SubsampledNeighbors` (private; see its docstring).
+
+    Raises:
+        ValueError: bad ``k``, ``q``, ``nprobe`` or query.
+    """
+    k = _check_k(k)
+    qhat = quantize_query(query, vectors.shape[1])
+    cands = layout.candidates(qhat, nprobe)
+    positions = poisson_positions(cands.length, q, rng)
+    return _select(vectors, ids, cands, positions, qhat, k)
+
+
+def subsampled_topk_batch(
+    vectors: npt.NDArray[np.floating],
+    ids: IntArray,
+    layout: Layout,
+    queries: npt.ArrayLike,
+    *,
+    k: int,
+    q: float,
+    rng: np.random.Generator | Sequence[np.random.Generator],
+    nprobe: int | None = None,
+) -> list[SubsampledNeighbors]:
+    """:func:`subsampled_topk` for each row of ``queries``; every query draws its own fresh coins.
+
+    ``rng`` is one generator (consumed sequentially, so coins are never shared) or one generator
+    per query (e.g. ChaCha keyed per query).  A shared subsample across a batch would be a
+    single release of larger sensitivity, which is why it is not offered.
+    """
+    qs = np.asarray(queries, dtype=np.float64)
+    if qs.ndim != 2:
+        raise ValueError(f"queries must be a 2-D array (B, d); found shape {qs.shape}")
+    rngs: Sequence[np.random.Generator]
+    if isinstance(rng, np.random.Generator):
+        rngs = [rng] * qs.shape[0]
+    else:
+        rngs = list(rng)
+        if len(rngs) != qs.shape[0]:
+            raise ValueError(f"got {len(rngs)} generators for {qs.shape[0]} queries")
+    return [
+        subsampled_topk(vectors, ids, layout, qs[i], k=k, q=q, rng=rngs[i], nprobe=nprobe)
+        for i in range(qs.shape[0])
+    ]
+
+
+def naive_subsampled_topk(
+    vectors: npt.NDArray[np.floating],
+    ids: IntArray,
+    layout: Layout,
+    query: npt.ArrayLike,
+    *,
+    k: int,
+    q: float,
+    rng: np.random.Generator,
+    nprobe: int | None = None,
+) -> SubsampledNeighbors:
+    """Reference implementation: one Bernoulli(q) coin per padded slot, then exact search.
+
+    O(L) per query; used by the tests (distributional equivalence) and benchmarks only.
+    """
+    k = _check_k(k)
+    if not 0.0 < float(q) <= 1.0:
+        raise ValueError(f"q must be in (0, 1]; found {q!r}")
+    qhat = quantize_query(query, vectors.shape[1])
+    cands = layout.candidates(qhat, nprobe)
+    coins = rng.random(cands.length) < q
+    return _select(vectors, ids, cands, np.flatnonzero(coins).astype(np.int64), qhat, k)

@@ -1,0 +1,142 @@
+"""``dprdm privacy``: epsilon of a profile, calibration, and the maximum number of queries.
+
+Examples::
+
+    dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7 [--json]
+    dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18   # -> sigma
+    dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from dprdm.clients.cli import CliError
+
+from .calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
+from .conversion import epsilon_from_rdp
+from .mechanism import Profile, profile_rdp
+from .orders import DEFAULT_ORDERS
+
+__all__ = ["register"]
+
+
+def _positive_float(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number; found {text!r}") from None
+        if math.isnan(value) or math.isinf(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0; found {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_int(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1; found {text!r}")
+        return value
+
+    return parse
+
+
+def _profile(args: argparse.Namespace) -> Profile:
+    try:
+        return Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> int:
+    print(json.dumps(payload) if args.json else text)
+    return 0
+
+
+def _cmd_epsilon(args: argparse.Namespace) -> int:
+    profile = _profile(args)
+    try:
+        curve = profile_rdp(profile, DEFAULT_ORDERS) * args.queries
+        res = epsilon_from_rdp(curve, DEFAULT_ORDERS, args.delta)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    payload = {
+        "epsilon": res.epsilon,
+        "order": res.order,
+        "delta": args.delta,
+        "queries": args.queries,
+        "profile": profile.to_dict(),
+        "noise_multiplier": profile.noise_multiplier,
+        "neighbouring": "add/remove one record",
+    }
+    return _emit(args, payload, f"epsilon = {res.epsilon:.6g} at delta = {args.delta:g} (best order {res.order:g})")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    given = {n for n in ("sigma", "q", "k") if getattr(args, n) is not None}
+    if len(given) != 2:
+        raise CliError(f"give exactly two of --sigma, --q, --k; found {sorted(given) or 'none'}")
+    common = {"epsilon": args.epsilon, "delta": args.delta, "queries": args.queries}
+    try:
+        if "sigma" not in given:
+            name, value = "sigma", calibrate_sigma(k=args.k, q=args.q, **common)
+        elif "k" not in given:
+            name, value = "k", calibrate_k(sigma=args.sigma, q=args.q, **common)
+        else:
+            name, value = "q", calibrate_q(sigma=args.sigma, k=args.k, **common)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return _emit(args, {name: value, **common}, f"{name} = {value:.6g}")
+
+
+def _cmd_max_queries(args: argparse.Namespace) -> int:
+    profile = _profile(args)
+    try:
+        t = max_queries(epsilon=args.epsilon, delta=args.delta, profile=profile)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return _emit(args, {"max_queries": t, "epsilon": args.epsilon, "delta": args.delta}, f"max queries = {t}")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``privacy`` and its sub-commands to the ``dprdm`` parser."""
+    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon, calibration, max queries")
+    sub = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", required=True)
+    num, count = _positive_float, _positive_int
+
+    p = sub.add_parser("epsilon", help="epsilon of T queries of a profile")
+    p.add_argument("--sigma", type=num("--sigma"), required=True)
+    p.add_argument("--q", type=num("--q"), required=True)
+    p.add_argument("--k", type=count("--k"), required=True)
+    p.add_argument("--queries", type=count("--queries"), required=True)
+    p.add_argument("--delta", type=num("--delta"), required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_epsilon)
+
+    p = sub.add_parser("calibrate", help="solve one of sigma, q, k for a target epsilon")
+    p.add_argument("--epsilon", type=num("--epsilon"), required=True)
+    p.add_argument("--delta", type=num("--delta"), required=True)
+    p.add_argument("--queries", type=count("--queries"), required=True)
+    p.add_argument("--sigma", type=num("--sigma"))
+    p.add_argument("--q", type=num("--q"))
+    p.add_argument("--k", type=count("--k"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("max-queries", help="largest number of queries a profile admits")
+    p.add_argument("--epsilon", type=num("--epsilon"), required=True)
+    p.add_argument("--delta", type=num("--delta"), required=True)
+    p.add_argument("--sigma", type=num("--sigma"), required=True)
+    p.add_argument("--q", type=num("--q"), required=True)
+    p.add_argument("--k", type=count("--k"), required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_max_queries)

@@ -1,0 +1,254 @@
+"""What the server serves: loaded indexes, their bundles and profiles, and the domains' budgets.
+
+Built once at startup (:func:`build_catalog`); every check that can refuse to serve happens
+here, before the port opens:
+
+* the index's encoder identity equals the bundle's encoder identity (SPEC §8);
+* every private index's privacy domain has a budget in the ledger, or the configuration creates
+  one (SPEC §3: a private index whose ledger is missing is not served);
+* an existing ledger budget agrees with the configuration (the ledger is authoritative);
+* the budget can charge every profile served on the domain, and its delta is < 1/N̄ for every
+  index of the domain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from dprdm.models.base import Encoder, EncoderIdentity, Generator
+from dprdm.privacy import (
+    DEFAULT_ORDERS,
+    Budget,
+    Profile,
+    check_delta_for_size,
+    default_delta,
+    epsilon_from_rdp,
+    profile_rdp,
+)
+
+from .config import BudgetConfig, IndexConfig, ServerConfig
+from .errors import StartupError
+from .ledger_api import Ledger, UnknownDomain
+
+__all__ = [
+    "RetrievalIndex",
+    "Bundle",
+    "Loaders",
+    "ServedProfile",
+    "ServedIndex",
+    "Catalog",
+    "build_catalog",
+    "budget_from_config",
+]
+
+
+@runtime_checkable
+class RetrievalIndex(Protocol):
+    """The subset of a loaded ``dprdm.index`` index the server needs.
+
+    Attributes:
+        domain: privacy domain (the manifest's corpus id).
+        version: index version (part of the idempotency binding).
+        dimension: vector dimension.
+        public_size: declared public size N̄ (clients see only this).
+        exact_size: exact record count (operator-only).
+        encoder: identity of the encoder that built the index.
+    """
+
+    domain: str
+    version: str
+    dimension: int
+    public_size: int
+    exact_size: int
+    encoder: EncoderIdentity
+
+    def search_subsampled(
+        self, query: npt.NDArray[np.float32], k: int, q: float, rng: np.random.Generator
+    ) -> npt.NDArray[np.floating[Any]]:
+        """Top-k of an independent Poisson(q) subsample: the selected vectors, shape (m <= k, d)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An encoder and (optionally) a generator that were trained together."""
+
+    name: str
+    encoder: Encoder
+    generator: Generator | None = None
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """Factories for indexes and bundles (the real ones by default; tests inject fakes)."""
+
+    index: Callable[[str], RetrievalIndex]
+    bundle: Callable[[str], Bundle]
+
+
+@dataclass(frozen=True)
+class ServedProfile:
+    """A profile with its precomputed charge (RDP curve) and one-query epsilon."""
+
+    name: str
+    profile: Profile
+    charge: npt.NDArray[np.float64] = field(repr=False)
+    epsilon_per_query: float
+
+
+@dataclass(frozen=True)
+class ServedIndex:
+    """One index as served: its configuration, loaded objects and profiles."""
+
+    config: IndexConfig
+    index: RetrievalIndex
+    bundle: Bundle
+    profiles: dict[str, ServedProfile]
+
+    @property
+    def name(self) -> str:
+        """Index name (from the configuration)."""
+        return self.config.name
+
+    @property
+    def domain(self) -> str:
+        """Privacy domain (from the manifest)."""
+        return self.index.domain
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The served indexes by name and the budgets of their domains."""
+
+    indexes: dict[str, ServedIndex]
+    budgets: dict[str, Budget]
+
+    def domains(self) -> list[str]:
+        """Privacy domains with a served index, sorted."""
+        return sorted({i.domain for i in self.indexes.values()})
+
+
+def _epsilon_one(charge: npt.NDArray[np.float64], delta: float | None) -> float:
+    if delta is None or not np.any(charge):
+        return 0.0
+    return float(epsilon_from_rdp(charge, DEFAULT_ORDERS, delta).epsilon)
+
+
+def budget_from_config(cfg: BudgetConfig, profiles: Sequence[Profile], public_size: int) -> Budget:
+    """The :class:`Budget` a ``[budgets.<domain>]`` section describes.
+
+    Args:
+        cfg: the budget section.
+        profiles: the distinct retrieving profiles served on the domain.
+        public_size: the largest N̄ of the domain's indexes (for the default delta).
+
+    Raises:
+        StartupError: naming the section.
+    """
+    key = f"budgets.{cfg.domain}"
+    delta = cfg.delta if cfg.delta is not None else default_delta(public_size)
+    rule = cfg.rule
+    if rule == "auto":
+        rule = "single" if len(profiles) == 1 and cfg.filter_order is None else "filter"
+    try:
+        if rule == "single":
+            if len(profiles) != 1:
+                raise ValueError(f"rule 'single' needs exactly one retrieving profile; the domain serves {len(profiles)}")
+            return Budget.single(cfg.epsilon, delta, profiles[0])
+        return Budget.renyi_filter(cfg.epsilon, delta, profiles, order=cfg.filter_order)
+    except ValueError as exc:
+        raise StartupError(f"{key}: {exc}") from None
+
+
+def _same_budget(a: Budget, b: Budget) -> bool:
+    return (math.isclose(a.epsilon, b.epsilon, rel_tol=1e-12) and math.isclose(a.delta, b.delta, rel_tol=1e-12)
+            and a.profile == b.profile and a.filter_order == b.filter_order)
+
+
+def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[ServedIndex]) -> Budget:
+    profiles = list(dict.fromkeys(p.profile for s in served for p in s.profiles.values() if p.profile.retrieves))
+    cfg = config.budget_for(domain)
+    wanted = None
+    if cfg is not None and profiles:
+        wanted = budget_from_config(cfg, profiles, max(s.index.public_size for s in served))
+    try:
+        budget = ledger.budget_state(domain).budget
+    except UnknownDomain:
+        if wanted is None:
+            names = ", ".join(s.name for s in served)
+            raise StartupError(
+                f"privacy domain {domain!r} (index {names}) has no budget in the ledger; add a "
+                f"[budgets.{domain}] section or create it with `dprdm admin create-budget`"
+            ) from None
+        ledger.create_budget(domain, wanted, tenant_quotas=dict(cfg.quotas) if cfg else None)
+        budget = wanted
+    if wanted is not None and not _same_budget(budget, wanted):
+        raise StartupError(
+            f"budgets.{domain}: the ledger already holds a different budget for this domain "
+            f"({budget.to_dict()}); the ledger is authoritative: fix or remove the section"
+        )
+    for s in served:
+        try:
+            check_delta_for_size(budget.delta, s.index.public_size)
+            for p in s.profiles.values():
+                budget.charge(p.profile)
+        except ValueError as exc:
+            raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None
+    return budget
+
+
+def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
+    try:
+        index = loaders.index(cfg.path)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"indexes.{cfg.name}: cannot load index at {cfg.path!r}: {exc}") from None
+    try:
+        bundle = loaders.bundle(cfg.bundle)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StartupError(f"indexes.{cfg.name}: cannot load bundle {cfg.bundle!r}: {exc}") from None
+    if bundle.encoder.identity != index.encoder:
+        raise StartupError(
+            f"indexes.{cfg.name}: the index was built with encoder {index.encoder.to_dict()} but bundle "
+            f"{cfg.bundle!r} has encoder {bundle.encoder.identity.to_dict()}; refusing the mismatch"
+        )
+    if index.dimension != index.encoder.dimension:
+        raise StartupError(f"indexes.{cfg.name}: index dimension {index.dimension} != encoder dimension")
+    gen = bundle.generator
+    if gen is not None and gen.conditioning_dimension != index.dimension:
+        raise StartupError(f"indexes.{cfg.name}: generator conditioning dimension {gen.conditioning_dimension} "
+                           f"!= index dimension {index.dimension}")
+    profiles = {p.name: ServedProfile(p.name, p.profile, profile_rdp(p.profile, DEFAULT_ORDERS), 0.0)
+                for p in cfg.profiles}
+    return ServedIndex(config=cfg, index=index, bundle=bundle, profiles=profiles)
+
+
+def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Catalog:
+    """Load every configured index and bundle and check the domains' budgets (creating those the
+    configuration defines and the ledger lacks).
+
+    Raises:
+        StartupError: naming the index or section that cannot be served.
+    """
+    if not config.indexes:
+        raise StartupError("indexes: no index is configured")
+    served = [_serve_index(c, loaders) for c in config.indexes]
+    budgets: dict[str, Budget] = {}
+    for domain in sorted({s.domain for s in served}):
+        members = [s for s in served if s.domain == domain]
+        if not any(s.config.private for s in members) and config.budget_for(domain) is None:
+            continue
+        if any(p.profile.retrieves for s in members for p in s.profiles.values()):
+            budgets[domain] = _domain_budget(config, ledger, domain, members)
+    final: dict[str, ServedIndex] = {}
+    for s in served:
+        delta = budgets[s.domain].delta if s.domain in budgets else None
+        profiles = {n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta))
+                    for n, p in s.profiles.items()}
+        final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)
+    return Catalog(indexes=final, budgets=budgets)

@@ -1,0 +1,402 @@
+"""Server configuration: frozen, validated dataclasses loaded from TOML (``dprdm serve --config``).
+
+Example (every key but ``[indexes.*]`` is optional; relative paths are relative to the file)::
+
+    [server]
+    listen = "127.0.0.1:50051"
+    data_dir = "./data"              # the SQLite ledger lives here (ledger.sqlite3)
+    metrics_port = 9095              # Prometheus; absent = off
+    reuse_releases = true            # identical public input of a tenant answered "charged 0"
+    generation_workers = 1
+    generation_queue = 8
+
+    [limits]
+    max_prompt_chars = 1000
+    max_images = 4
+    max_steps = 100
+    default_steps = 25
+
+    [tls]                            # optional; client_ca turns on mTLS
+    cert = "server.pem"
+    key = "server.key"
+    client_ca = "ca.pem"
+
+    [[tokens]]
+    tenant = "alice"
+    role = "tenant"                  # or "admin"
+    token_env = "DPRDM_TOKEN_ALICE"  # or token = "..." or token_sha256 = "<hex>"
+
+    [indexes.faces]
+    path = "/srv/faces-index"
+    bundle = "dprdm-mini"            # encoder/generator bundle (must match the index's encoder)
+
+    [indexes.faces.profiles.default]
+    k = 18
+    q = 0.01
+    sigma = 0.2
+    lambda = 0.5
+
+    [budgets.faces-corpus]           # keyed by privacy domain (the manifests' corpus id)
+    epsilon = 10.0
+    delta = 1e-7                     # default 1/(10 N̄) of the largest served index
+    rule = "auto"                    # auto | single | filter
+    quotas = { alice = 2.0 }
+
+A budget here is created in the ledger if the domain has none; an existing ledger budget is
+authoritative and must agree with the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dprdm.privacy import Profile
+
+__all__ = [
+    "ConfigError",
+    "ProfileConfig",
+    "IndexConfig",
+    "BudgetConfig",
+    "TokenConfig",
+    "TlsConfig",
+    "Limits",
+    "ServerConfig",
+    "load_config",
+    "parse_config",
+    "hash_token",
+]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ROLES = ("tenant", "admin")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a bearer token (only digests are kept in memory)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A named retrieval profile of an index."""
+
+    name: str
+    profile: Profile
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """One served index: where it is, which bundle encodes and generates for it, its profiles."""
+
+    name: str
+    path: str
+    bundle: str
+    profiles: tuple[ProfileConfig, ...]
+    private: bool = True
+
+    def profile(self, name: str) -> Profile | None:
+        """The profile called ``name``, or None."""
+        return next((p.profile for p in self.profiles if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A privacy domain's budget to create if the ledger has none."""
+
+    domain: str
+    epsilon: float
+    delta: float | None = None
+    rule: str = "auto"
+    filter_order: float | None = None
+    quotas: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """A bearer token (kept as its SHA-256) with its tenant and role."""
+
+    tenant: str
+    role: str
+    token_sha256: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS; ``client_ca`` enables mTLS (client certificates required)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request bounds (validation)."""
+
+    max_prompt_chars: int = 1000
+    max_images: int = 4
+    max_steps: int = 100
+    default_steps: int = 25
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole server configuration."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: str = "./dprdm-data"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    reuse_releases: bool = True
+    group_commit: bool = True
+    query_threads: int = 8
+    generation_workers: int = 1
+    generation_queue: int = 8
+    min_deadline_seconds: float = 0.05
+    max_message_bytes: int = 64 * 1024 * 1024
+    limits: Limits = Limits()
+    tls: TlsConfig | None = None
+    tokens: tuple[TokenConfig, ...] = ()
+    indexes: tuple[IndexConfig, ...] = ()
+    budgets: tuple[BudgetConfig, ...] = ()
+
+    def with_overrides(self, **changes: Any) -> ServerConfig:
+        """A copy with ``changes`` applied (None values ignored), re-validated."""
+        return _validate(replace(self, **{k: v for k, v in changes.items() if v is not None}))
+
+    def budget_for(self, domain: str) -> BudgetConfig | None:
+        """The configured budget of ``domain``, or None."""
+        return next((b for b in self.budgets if b.domain == domain), None)
+
+
+class _Table:
+    """A TOML table with its key path, for error messages and unknown-key detection."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: must be a table")
+        self.data, self.path, self.used = data, path, set[str]()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{self.key(name)}: must be {getattr(kind, '__name__', kind)}; found {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.key(name)}: must be {getattr(kind, '__name__', kind)}; found {value!r}")
+        return value
+
+    def require(self, name: str, kind: type | tuple[type, ...]) -> Any:
+        if name not in self.data:
+            raise ConfigError(f"{self.key(name)}: required")
+        return self.get(name, kind)
+
+    def sub(self, name: str) -> _Table:
+        self.used.add(name)
+        return _Table(self.data.get(name, {}), self.key(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _profiles(table: _Table, private: bool) -> tuple[ProfileConfig, ...]:
+    out = []
+    for name in table.data:
+        _check_name(table.key(name), name)
+        t = table.sub(name)
+        try:
+            prof = Profile(k=t.require("k", int), q=t.require("q", float), sigma=t.require("sigma", float),
+                           lam=t.require("lambda", float))
+            if private:
+                prof.require_private_ok()
+        except ValueError as exc:
+            raise ConfigError(f"{t.path}: {exc}") from None
+        t.done()
+        out.append(ProfileConfig(name=name, profile=prof))
+    if not out:
+        raise ConfigError(f"{table.path}: at least one profile is required")
+    return tuple(out)
+
+
+def _index(name: str, t: _Table, base: Path) -> IndexConfig:
+    _check_name(t.path, name)
+    private = t.get("private", bool, True)
+    idx = IndexConfig(
+        name=name,
+        path=str(_path(t.require("path", str), base)),
+        bundle=t.require("bundle", str),
+        profiles=_profiles(t.sub("profiles"), private),
+        private=private,
+    )
+    t.done()
+    return idx
+
+
+def _budget(domain: str, t: _Table) -> BudgetConfig:
+    _check_name(t.path, domain)
+    quotas_t = t.sub("quotas")
+    quotas = tuple((tenant, float(quotas_t.require(tenant, float))) for tenant in sorted(quotas_t.data))
+    b = BudgetConfig(
+        domain=domain,
+        epsilon=t.require("epsilon", float),
+        delta=t.get("delta", float),
+        rule=t.get("rule", str, "auto"),
+        filter_order=t.get("filter_order", float),
+        quotas=quotas,
+    )
+    t.done()
+    if not (b.epsilon > 0 and math.isfinite(b.epsilon)):
+        raise ConfigError(f"{t.key('epsilon')}: must be finite and > 0; found {b.epsilon!r}")
+    if b.delta is not None and not (0.0 < b.delta < 1.0):
+        raise ConfigError(f"{t.key('delta')}: must be in (0, 1); found {b.delta!r}")
+    if b.rule not in ("auto", "single", "filter"):
+        raise ConfigError(f"{t.key('rule')}: must be auto, single or filter; found {b.rule!r}")
+    for tenant, eps in quotas:
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ConfigError(f"{quotas_t.key(tenant)}: must be finite and > 0; found {eps!r}")
+    return b
+
+
+def _token(i: int, t: _Table, env: Mapping[str, str]) -> TokenConfig:
+    sources = [k for k in ("token", "token_env", "token_sha256") if k in t.data]
+    if len(sources) != 1:
+        raise ConfigError(f"{t.path}: exactly one of token, token_env, token_sha256 is required")
+    tenant, role = t.require("tenant", str), t.get("role", str, "tenant")
+    _check_name(t.key("tenant"), tenant)
+    if role not in ROLES:
+        raise ConfigError(f"{t.key('role')}: must be one of {', '.join(ROLES)}; found {role!r}")
+    if sources[0] == "token_sha256":
+        digest = t.get("token_sha256", str).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ConfigError(f"{t.key('token_sha256')}: must be 64 hex digits")
+    else:
+        raw = t.get("token", str) if sources[0] == "token" else env.get(t.get("token_env", str), "")
+        if len(raw) < 16:
+            raise ConfigError(f"{t.key(sources[0])}: the token must have at least 16 characters")
+        digest = hash_token(raw)
+    t.done()
+    return TokenConfig(tenant=tenant, role=role, token_sha256=digest)
+
+
+def _check_name(key: str, name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{key}: names must match {NAME_RE.pattern}; found {name!r}")
+
+
+def _positive_int(key: str, value: int, low: int = 1) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}; found {value!r}")
+
+
+def _validate(cfg: ServerConfig) -> ServerConfig:
+    host, sep, port = cfg.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"server.listen: must be HOST:PORT; found {cfg.listen!r}")
+    if cfg.metrics_port is not None and not (0 <= cfg.metrics_port <= 65535):
+        raise ConfigError(f"server.metrics_port: must be in [0, 65535]; found {cfg.metrics_port!r}")
+    for key in ("query_threads", "generation_workers", "generation_queue"):
+        _positive_int(f"server.{key}", getattr(cfg, key), 0 if key == "generation_queue" else 1)
+    _positive_int("server.max_message_bytes", cfg.max_message_bytes, 4 * 1024 * 1024)
+    if not (0.0 <= cfg.min_deadline_seconds < 3600):
+        raise ConfigError(f"server.min_deadline_seconds: must be in [0, 3600); found {cfg.min_deadline_seconds!r}")
+    lim = cfg.limits
+    for key in ("max_prompt_chars", "max_images", "max_steps", "default_steps"):
+        _positive_int(f"limits.{key}", getattr(lim, key))
+    if lim.default_steps > lim.max_steps:
+        raise ConfigError("limits.default_steps: must be <= limits.max_steps")
+    digests = [t.token_sha256 for t in cfg.tokens]
+    if len(set(digests)) != len(digests):
+        raise ConfigError("tokens: the same token is configured twice")
+    names = [i.name for i in cfg.indexes]
+    if len(set(names)) != len(names):
+        raise ConfigError("indexes: duplicate index name")
+    return cfg
+
+
+def parse_config(data: Mapping[str, Any], *, base_dir: str | Path = ".",
+                 env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build a validated :class:`ServerConfig` from parsed TOML.
+
+    Args:
+        data: the TOML document as a dict.
+        base_dir: directory relative paths are resolved against.
+        env: environment for ``token_env`` (default ``os.environ``).
+
+    Raises:
+        ConfigError: naming the first bad key.
+    """
+    base = Path(base_dir)
+    env = os.environ if env is None else env
+    root = _Table(data, "")
+    s, lim_t, tls_t = root.sub("server"), root.sub("limits"), root.sub("tls")
+    tls = None
+    if tls_t.data:
+        tls = TlsConfig(cert=str(_path(tls_t.require("cert", str), base)),
+                        key=str(_path(tls_t.require("key", str), base)),
+                        client_ca=_path(tls_t.get("client_ca", str), base))
+        tls_t.done()
+    limits = Limits(**{k: lim_t.get(k, int, getattr(Limits(), k)) for k in Limits.__dataclass_fields__})
+    lim_t.done()
+    defaults = ServerConfig()
+    simple = {k: s.get(k, type(getattr(defaults, k)), getattr(defaults, k))
+              for k in ("listen", "metrics_host", "reuse_releases", "group_commit", "query_threads",
+                        "generation_workers", "generation_queue", "min_deadline_seconds", "max_message_bytes")}
+    tokens_raw = root.get("tokens", list, [])
+    idx_t, bud_t = root.sub("indexes"), root.sub("budgets")
+    cfg = ServerConfig(
+        **simple,
+        data_dir=str(_path(s.get("data_dir", str, defaults.data_dir), base)),
+        metrics_port=s.get("metrics_port", int),
+        limits=limits,
+        tls=tls,
+        tokens=tuple(_token(i, _Table(t, f"tokens[{i}]"), env) for i, t in enumerate(tokens_raw)),
+        indexes=tuple(_index(n, idx_t.sub(n), base) for n in idx_t.data),
+        budgets=tuple(_budget(d, bud_t.sub(d)) for d in bud_t.data),
+    )
+    s.done()
+    root.done()
+    return _validate(cfg)
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Read and validate a TOML configuration file.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax error, or a bad key (named).
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {str(p)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return parse_config(data, base_dir=p.parent, env=env)

@@ -1,0 +1,77 @@
+"""Regenerate the Python gRPC code in ``server/_proto`` from ``proto/`` (deterministic).
+
+Usage (from anywhere)::
+
+    python -m dprdm.server.gen_proto          # or: python server/gen_proto.py
+    git diff --exit-code server/_proto        # what CI checks
+
+``grpc_tools.protoc`` writes absolute imports such as ``from dprdm.v1 import types_pb2``; they
+are rewritten to ``from dprdm.server._proto.dprdm.v1 import types_pb2`` so the generated modules
+import inside the installed package. Output is a pure function of the ``.proto`` files and the
+pinned ``grpcio-tools`` version.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROTO_ROOT = REPO / "proto"
+OUT_ROOT = REPO / "server" / "_proto"
+PACKAGE_PREFIX = "dprdm.server._proto."
+_IMPORT_RE = re.compile(r"^(from|import) dprdm\.v1\b", re.MULTILINE)
+
+
+def proto_files() -> list[Path]:
+    """The ``.proto`` sources, sorted (relative to ``proto/``)."""
+    return sorted(p.relative_to(PROTO_ROOT) for p in PROTO_ROOT.rglob("*.proto"))
+
+
+def rewrite_imports(text: str) -> str:
+    """Rewrite ``from dprdm.v1 import x`` to the in-package absolute import."""
+    return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}dprdm.v1", text)
+
+
+def generate() -> list[Path]:
+    """Run protoc (python, grpc and pyi outputs) and post-process the imports.
+
+    Returns:
+        The generated files, sorted.
+
+    Raises:
+        RuntimeError: if protoc fails.
+    """
+    from grpc_tools import protoc  # test/dev dependency only
+
+    files = proto_files()
+    for stale in OUT_ROOT.rglob("*_pb2*.py*"):
+        stale.unlink()
+    include = Path(protoc.__file__).resolve().parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={OUT_ROOT}",
+        f"--pyi_out={OUT_ROOT}",
+        f"--grpc_python_out={OUT_ROOT}",
+        *[str(f) for f in files],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed; see the messages above")
+    generated = sorted(OUT_ROOT.rglob("*_pb2*.py*"))
+    for path in generated:
+        path.write_text(rewrite_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return generated
+
+
+def main() -> int:
+    """Command-line entry point."""
+    for path in generate():
+        print(path.relative_to(REPO))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

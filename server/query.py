@@ -1,0 +1,213 @@
+"""One private query, synchronously: reserve, then compute (SPEC §6).
+
+:func:`answer_query` runs on a worker thread. Its order is the privacy contract:
+
+1. encode the prompt (public: the query embedding depends on the request alone);
+2. release reuse (optional): a stored release of the same tenant for the same public input is
+   answered with "charged 0";
+3. ``guard.before_charge()``: the last point where the deadline or a cancellation stops the query
+   with nothing charged;
+4. ``ledger.reserve``: one durable transaction (idempotency, admission, append) committed before
+   it returns; a replay returns the stored release, never a fresh draw;
+5. only now private data is touched: a fresh CSPRNG, the subsampled search, the release;
+6. ``ledger.store_release``; from step 4 on the work always runs to completion, whatever
+   happens to the caller (the charge is never refunded, and the release stays replayable).
+
+Nothing here logs or returns a private-derived value other than the release itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from dprdm.privacy import Budget, check_dp_generator, release
+
+from .api_types import Answer, QueryArgs, Receipt
+from .catalog import Catalog, ServedIndex, ServedProfile
+from .errors import Cancelled, DeadlineTooShort, NotFound
+from .ledger_api import BudgetState, Ledger
+
+__all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query"]
+
+
+@dataclass
+class ChargeGuard:
+    """Deadline and cancellation, checked right before the charge (never after).
+
+    Attributes:
+        deadline: absolute ``time.monotonic()`` deadline, or None.
+        margin: seconds that must remain at the charge for the answer to be worth computing.
+    """
+
+    deadline: float | None = None
+    margin: float = 0.0
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    charged: bool = False
+
+    def cancel(self) -> None:
+        """The caller went away (effective only before the charge)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancelled.is_set()
+
+    def before_charge(self) -> None:
+        """Raise :class:`Cancelled` or :class:`DeadlineTooShort` if the query should not be charged."""
+        if self._cancelled.is_set():
+            raise Cancelled()
+        if self.deadline is not None and time.monotonic() + self.margin >= self.deadline:
+            raise DeadlineTooShort()
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """A query resolved against the catalog: everything needed to charge and answer it.
+
+    ``budget`` is None when the index's domain has no budget on this server (a non-private index
+    without a ``[budgets]`` section, or a domain whose profiles never retrieve): nothing is charged.
+    """
+
+    tenant: str
+    args: QueryArgs
+    served: ServedIndex
+    profile: ServedProfile
+    binding: str
+    budget: Budget | None
+
+    @property
+    def charged(self) -> bool:
+        """Whether answering touches private data charged to a ledger."""
+        return self.profile.profile.retrieves and self.budget is not None
+
+
+def binding_hash(served: ServedIndex, profile: ServedProfile, prompt: str) -> str:
+    """SHA-256 of (domain, index name and version, profile name and parameters, prompt)."""
+    doc = {
+        "domain": served.domain,
+        "index": served.name,
+        "version": served.index.version,
+        "profile": profile.name,
+        "params": profile.profile.to_dict(),
+        "prompt": prompt,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def plan_query(catalog: Catalog, tenant: str, args: QueryArgs) -> QueryPlan:
+    """Resolve index and profile names.
+
+    Raises:
+        NotFound: naming ``index`` or ``profile``.
+    """
+    served = catalog.indexes.get(args.index)
+    if served is None:
+        raise NotFound("index", args.index)
+    prof = served.profiles.get(args.profile)
+    if prof is None:
+        raise NotFound("profile", args.profile)
+    return QueryPlan(tenant, args, served, prof, binding_hash(served, prof, args.prompt),
+                     catalog.budgets.get(served.domain))
+
+
+def _receipt(plan: QueryPlan, spend_id: str, state: BudgetState | None, epsilon_charged: float) -> Receipt:
+    budget = None if state is None else state.budget
+    return Receipt(
+        spend_id=spend_id,
+        request_id=plan.args.request_id,
+        index=plan.served.name,
+        domain=plan.served.domain,
+        profile=plan.profile.name,
+        epsilon_charged=epsilon_charged,
+        delta=0.0 if budget is None else float(budget.delta),
+        epsilon_spent=0.0 if state is None else float(state.epsilon_spent),
+        epsilon_left=0.0 if state is None else float(state.epsilon_left),
+        epsilon_budget=0.0 if budget is None else float(budget.epsilon),
+    )
+
+
+def _encode(plan: QueryPlan) -> npt.NDArray[np.float32]:
+    u = np.asarray(plan.served.bundle.encoder.encode_texts([plan.args.prompt]), dtype=np.float32)
+    return u.reshape(-1)
+
+
+def answer_query(
+    plan: QueryPlan,
+    ledger: Ledger,
+    guard: ChargeGuard,
+    *,
+    rng_factory: Callable[[], np.random.Generator],
+    reuse: bool,
+    production: bool = True,
+    on_charge: Callable[[BudgetState], None] | None = None,
+) -> Answer:
+    """Charge and answer one query (see the module docstring for the order of steps).
+
+    Args:
+        plan: the resolved query.
+        ledger: the durable ledger.
+        guard: deadline/cancellation, checked only before the charge.
+        rng_factory: one fresh DP generator per query (``new_dp_generator`` in production).
+        reuse: answer an identical public input of the same tenant from its stored release.
+        production: refuse a non-CSPRNG generator (tests of the pipeline may pass False).
+        on_charge: called with the budget state after a new charge (metrics).
+
+    Raises:
+        Cancelled, DeadlineTooShort: before the charge, nothing charged.
+        dprdm.server.ledger_api.LedgerError: refusal, replay mismatch, missing release.
+    """
+    u = _encode(plan)
+    domain = plan.served.domain
+    if not plan.charged:
+        guard.before_charge()
+        c = u.astype(np.float64)
+        if plan.profile.profile.retrieves:  # non-private index without a budget: nothing to charge
+            rng = rng_factory()
+            check_dp_generator(rng, production=production)
+            c = release(plan.profile.profile, u, _search(plan, u, rng), rng)
+        return Answer(release=c, receipt=_receipt(plan, "", None, 0.0))
+    if reuse:
+        found = ledger.find_release(domain=domain, tenant=plan.tenant, binding_hash=plan.binding)
+        if found is not None:
+            spend_id, stored, _ = found
+            state = ledger.budget_state(domain)
+            rec = _receipt(plan, spend_id, state, 0.0)
+            return Answer(release=np.asarray(stored, dtype=np.float64), receipt=replace(rec, reused=True))
+    guard.before_charge()
+    res = ledger.reserve(
+        domain=domain,
+        tenant=plan.tenant,
+        request_id=plan.args.request_id,
+        binding_hash=plan.binding,
+        profile={"name": plan.profile.name, **plan.profile.profile.to_dict()},
+        charge_rdp=plan.profile.charge,
+    )
+    guard.charged = True
+    if res.replay:
+        rec = Receipt.from_dict(res.receipt) if res.receipt else _receipt(plan, res.spend_id, res.state,
+                                                                            plan.profile.epsilon_per_query)
+        return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=replace(rec, replayed=True))
+    if on_charge is not None:
+        on_charge(res.state)
+    rng = rng_factory()
+    check_dp_generator(rng, production=production)
+    c = release(plan.profile.profile, u, _search(plan, u, rng), rng)
+    rec = _receipt(plan, res.spend_id, res.state, plan.profile.epsilon_per_query)
+    ledger.store_release(res.spend_id, c, rec.to_dict())
+    return Answer(release=c, receipt=rec)
+
+
+def _search(plan: QueryPlan, u: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    p = plan.profile.profile
+    return np.asarray(plan.served.index.search_subsampled(u, p.k, p.q, rng), dtype=np.float64)
+
+

@@ -1,0 +1,229 @@
+"""The transport-free service layer: Retrieve, Generate, GetBudget, ListIndexes.
+
+Async orchestration around :func:`dprdm.server.query.answer_query`:
+
+* ledger work and retrieval run in a small thread pool (the ledger may group-commit concurrent
+  reservations); generation runs in the bounded :class:`GenerationPool`;
+* the charge-and-release step is shielded from cancellation: once a query is submitted it runs
+  to completion (its guard stops it only BEFORE the charge), so a caller that goes away after
+  the charge leaves a stored, replayable release;
+* concurrent requests with the same (tenant, request id) are serialised: the second waits for the
+  first and is then answered as a replay (instead of seeing a reservation without its release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from dprdm.privacy import Budget, new_dp_generator
+
+from .api_types import (
+    Answer,
+    BudgetView,
+    Caller,
+    Done,
+    GenerateArgs,
+    GenerateEvent,
+    IndexView,
+    ProfileView,
+    QueryArgs,
+    QuotaView,
+    Queued,
+    Retrieved,
+    validate_name,
+)
+from .catalog import Catalog
+from .config import Limits
+from .errors import DeadlineTooShort, NotFound, Unsupported
+from .generation import GenerationJob, GenerationPool
+from .ledger_api import BudgetState, Ledger
+from .metrics import Metrics
+from .query import ChargeGuard, answer_query, plan_query
+
+__all__ = ["ServiceOptions", "DprdmService", "budget_view"]
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Operational options of the service layer (from :class:`~dprdm.server.config.ServerConfig`)."""
+
+    limits: Limits = Limits()
+    reuse_releases: bool = True
+    query_threads: int = 8
+    generation_workers: int = 1
+    generation_queue: int = 8
+    min_deadline_seconds: float = 0.05
+
+
+def budget_view(state: BudgetState, quota: QuotaView | None = None) -> BudgetView:
+    """Public view of a budget state."""
+    b: Budget = state.budget
+    return BudgetView(
+        domain=state.domain,
+        epsilon=float(b.epsilon),
+        delta=float(b.delta),
+        epsilon_spent=float(state.epsilon_spent),
+        epsilon_left=float(state.epsilon_left),
+        rule="single_profile" if b.profile is not None else "renyi_filter",
+        filter_order=float(b.filter_order or 0.0),
+        quota=quota,
+    )
+
+
+class DprdmService:
+    """The public API's service layer (no gRPC types)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        ledger: Ledger,
+        options: ServiceOptions = ServiceOptions(),
+        *,
+        metrics: Metrics | None = None,
+        rng_factory: Callable[[], np.random.Generator] = new_dp_generator,
+    ) -> None:
+        self.catalog, self.ledger, self.options = catalog, ledger, options
+        self.metrics = metrics
+        self._rng_factory = rng_factory
+        self._pool = ThreadPoolExecutor(max_workers=options.query_threads, thread_name_prefix="dprdm-query")
+        self.generation = GenerationPool(options.generation_workers, options.generation_queue)
+        self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
+
+    async def _io(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def retrieve(self, caller: Caller, args: QueryArgs, *, deadline: float | None = None) -> Answer:
+        """Charge and answer one query: the release and its receipt.
+
+        Args:
+            caller: the authenticated tenant.
+            args: validated query arguments.
+            deadline: absolute ``time.monotonic()`` deadline of the call, or None.
+
+        Raises:
+            NotFound, DeadlineTooShort, Cancelled, and the ledger's errors (refusal, replay
+            mismatch, missing release).
+        """
+        plan = plan_query(self.catalog, caller.tenant, args)
+        guard = ChargeGuard(deadline=deadline, margin=self.options.min_deadline_seconds)
+        guard.before_charge()
+        key = (caller.tenant, args.request_id)
+        while args.client_request_id and key in self._inflight:
+            await asyncio.wait([self._inflight[key]])
+        on_charge = self.metrics.budget_state if self.metrics else None
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool,
+            lambda: answer_query(plan, self.ledger, guard, rng_factory=self._rng_factory,
+                                 reuse=self.options.reuse_releases, on_charge=on_charge),
+        )
+        future.add_done_callback(_consume)
+        if args.client_request_id:
+            self._inflight[key] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            guard.cancel()  # effective only if the charge has not happened yet
+            raise
+
+    async def generate(self, caller: Caller, args: GenerateArgs, *,
+                       deadline: float | None = None) -> AsyncIterator[GenerateEvent]:
+        """Queued -> Retrieved (receipt) -> Progress... -> images -> Done.
+
+        Overload is refused with :class:`~dprdm.server.errors.Overloaded` before any charge.
+
+        Raises:
+            Unsupported: the index has no generator. Plus the errors of :meth:`retrieve`.
+        """
+        plan = plan_query(self.catalog, caller.tenant, args.query)
+        generator = plan.served.bundle.generator
+        if generator is None:
+            raise Unsupported(f"index {plan.served.name!r} has no generator; use Retrieve")
+        if deadline is not None and time.monotonic() + self.options.min_deadline_seconds >= deadline:
+            raise DeadlineTooShort()
+        slot = self.generation.admit()
+        self._gauge()
+        try:
+            yield Queued(position=slot.position)
+            answer = await self.retrieve(caller, args.query, deadline=deadline)
+            yield Retrieved(receipt=answer.receipt)
+            seed = args.seed if args.seed is not None else self.generation.new_seed()
+            job = GenerationJob(generator, answer.release.astype(np.float32), args.query.prompt,
+                                args.num_images, args.steps, seed)
+            async for event in self.generation.run(job):
+                yield event
+            yield Done(receipt=answer.receipt, seed=seed, num_images=args.num_images)
+        finally:
+            slot.release()
+            self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.generation_inside.set(self.generation.inside)
+
+    def _domain_of(self, index: str | None, domain: str | None) -> str:
+        if index is not None:
+            served = self.catalog.indexes.get(validate_name("index", index))
+            if served is None:
+                raise NotFound("index", index)
+            return served.domain
+        validate_name("domain", domain or "")
+        if domain not in self.catalog.budgets:
+            raise NotFound("domain", str(domain))
+        return str(domain)
+
+    async def get_budget(self, caller: Caller, *, index: str | None = None,
+                         domain: str | None = None) -> BudgetView:
+        """The budget of an index's domain (or of a served domain by name), with the caller's quota.
+
+        Raises:
+            InvalidArgument, NotFound.
+        """
+        name = self._domain_of(index, domain)
+        if name not in self.catalog.budgets:
+            raise NotFound("domain", name)
+        state, quotas = await self._io(_state_and_quotas, self.ledger, name)  # type: ignore[misc]
+        q = quotas.get(caller.tenant)
+        quota = None if q is None else QuotaView(caller.tenant, float(q[0]), float(q[1]))
+        if self.metrics is not None:
+            self.metrics.budget_state(state)
+        return budget_view(state, quota)
+
+    async def list_indexes(self, caller: Caller) -> list[IndexView]:
+        """Public facts about every served index (public size N̄, never the exact count)."""
+        views = []
+        for served in self.catalog.indexes.values():
+            budget = None
+            if served.domain in self.catalog.budgets:
+                budget = await self.get_budget(caller, domain=served.domain)
+            idx = served.index
+            views.append(IndexView(
+                name=served.name, domain=served.domain, version=idx.version, dimension=idx.dimension,
+                public_size=idx.public_size, encoder=idx.encoder.to_dict(),
+                profiles=tuple(ProfileView(p.name, p.profile.k, p.profile.q, p.profile.sigma, p.profile.lam,
+                                           p.epsilon_per_query) for p in served.profiles.values()),
+                budget=budget, private=served.config.private,
+                generation=served.bundle.generator is not None, bundle=served.bundle.name,
+            ))
+        return views
+
+    def close(self) -> None:
+        """Stop the worker pools (running queries finish)."""
+        self.generation.shutdown()
+        self._pool.shutdown(wait=True)
+
+
+def _consume(future: asyncio.Future[Answer]) -> None:
+    """Mark a shielded future's exception as retrieved (its caller may have gone away)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _state_and_quotas(ledger: Ledger, domain: str) -> tuple[BudgetState, dict[str, tuple[float, float]]]:
+    return ledger.budget_state(domain), ledger.tenant_quotas(domain)
