@@ -227,7 +227,7 @@ class ParquetReader(CorpusReader):
 
         cols = [c for c in (self.image_column, self.path_column, self.owner_column, self.key_column) if c]
         offset = 0
-        for f, nrows in zip(self.files, self._rows):
+        for f, nrows in zip(self.files, self._rows, strict=True):
             if offset + nrows <= start:
                 offset += nrows
                 continue
@@ -318,9 +318,14 @@ class WebDatasetReader(CorpusReader):
 
 
 def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """Stream (key, {extension: bytes}, error) from a tar shard; a corrupt tail ends with an error."""
+    """Stream (key, {extension: bytes}, error) from a tar shard; a corrupt tail ends with an error.
+
+    ``tarfile`` stops silently at a truncated header, so for uncompressed shards the
+    end-of-archive marker (two zero blocks) is checked explicitly.
+    """
     current: str | None = None
     members: dict[str, bytes] = {}
+    end = 0
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for info in tar:
@@ -337,6 +342,8 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | Non
                     current, members = key, {}
                 fh = tar.extractfile(info)
                 members[ext.lower()] = fh.read() if fh is not None else b""
+            end = tar.offset
+            compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
     except (tarfile.TarError, OSError, EOFError) as exc:
         if current is not None:
             yield current, members, None
@@ -344,6 +351,15 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | Non
         return
     if current is not None:
         yield current, members, None
+    if not compressed and not _has_end_marker(shard, end):
+        yield f"<corrupt tail after {current!r}>", {}, "corrupt shard: truncated (no end-of-archive marker)"
+
+
+def _has_end_marker(shard: Path, offset: int) -> bool:
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        tail = fh.read(1024)
+    return len(tail) == 1024 and not any(tail)
 
 
 def open_reader(

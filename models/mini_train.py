@@ -86,7 +86,7 @@ def train_encoder(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0:
             log(f"encoder step {step} loss {np.mean(losses[-100:]):.3f} ({time.time() - t0:.0f}s)")
         step += 1
@@ -208,7 +208,7 @@ def train_decoder(
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 200 == 0:
             log(f"decoder step {step} loss {np.mean(losses[-200:]):.4f} ({time.time() - t0:.0f}s)")
         step += 1

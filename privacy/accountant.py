@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .conversion import DeltaResult, EpsilonResult, delta_from_rdp, epsilon_from_rdp
+from .discrete import hardened_rdp
 from .mechanism import Profile, profile_rdp
 from .orders import DEFAULT_ORDERS, validate_orders
 from .rdp import rdp_subsampled_gaussian
@@ -32,6 +33,7 @@ __all__ = [
     "event_rdp",
     "event_from_dict",
     "RdpAccountant",
+    "retrieval_rdp",
     "curve_to_json",
     "curve_from_json",
 ]
@@ -62,25 +64,45 @@ class SubsampledGaussianEvent:
 @dataclass(frozen=True)
 class RetrievalEvent:
     """One DP-RDM release under ``profile`` (sensitivity 2/k, multiplier sigma*k/2; lambda = 0
-    costs nothing). See ``mechanism`` for the derivation."""
+    costs nothing). See ``mechanism`` for the derivation.
+
+    With ``hardened_dimension = d`` the release is the floating-point-safe discrete-Gaussian one
+    of ``discrete`` at dimension d (sensitivity widened by the lattice rounding); its curve is
+    ``discrete.hardened_rdp``."""
 
     profile: Profile
+    hardened_dimension: int | None = None
+
+    def __post_init__(self) -> None:
+        d = self.hardened_dimension
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ValueError(f"hardened_dimension must be an integer >= 1; found {d!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
-        return {"type": "retrieval", "profile": self.profile.to_dict()}
+        out: dict[str, Any] = {"type": "retrieval", "profile": self.profile.to_dict()}
+        if self.hardened_dimension is not None:
+            out["hardened_dimension"] = self.hardened_dimension
+        return out
+
+
+def retrieval_rdp(profile: Profile, orders: npt.ArrayLike, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
+    """RDP curve of one retrieval release, float (``None``) or hardened at dimension d."""
+    if hardened_dimension is None:
+        return profile_rdp(profile, orders)
+    return hardened_rdp(profile, hardened_dimension, orders)
 
 
 Event = SubsampledGaussianEvent | RetrievalEvent
 
 _RDP_TABLE: Mapping[type, Callable[[Any, npt.NDArray[np.float64]], npt.NDArray[np.float64]]] = {
     SubsampledGaussianEvent: lambda e, a: rdp_subsampled_gaussian(q=e.q, noise_multiplier=e.noise_multiplier, orders=a),
-    RetrievalEvent: lambda e, a: profile_rdp(e.profile, a),
+    RetrievalEvent: lambda e, a: retrieval_rdp(e.profile, a, e.hardened_dimension),
 }
 
 _FROM_DICT: Mapping[str, Callable[[Mapping[str, Any]], Event]] = {
     "subsampled_gaussian": lambda d: SubsampledGaussianEvent(q=d["q"], noise_multiplier=d["noise_multiplier"]),
-    "retrieval": lambda d: RetrievalEvent(profile=Profile.from_dict(d["profile"])),
+    "retrieval": lambda d: RetrievalEvent(profile=Profile.from_dict(d["profile"]), hardened_dimension=d.get("hardened_dimension")),
 }
 
 

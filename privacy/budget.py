@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp
 from .mechanism import Profile, profile_rdp
 from .orders import DEFAULT_ORDERS
@@ -138,15 +139,20 @@ class Budget:
         a = choose_filter_order(epsilon, delta, profiles) if order is None else float(order)
         return cls(epsilon=epsilon, delta=delta, filter_order=a)
 
-    def charge(self, profile: Profile) -> npt.NDArray[np.float64]:
+    def charge(self, profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
         """RDP curve (over ``DEFAULT_ORDERS``) one query of ``profile`` adds to the spend.
+
+        Args:
+            profile: the query's profile.
+            hardened_dimension: the embedding dimension when the release uses the
+                floating-point-safe discrete Gaussian (``dprdm.privacy.discrete``), else None.
 
         Raises:
             ValueError: if a single-profile budget is asked to charge another retrieving profile.
         """
         if self.profile is not None and profile.retrieves and profile != self.profile:
             raise ValueError(f"this budget serves only profile {self.profile.to_dict()}; found {profile.to_dict()}")
-        return profile_rdp(profile, DEFAULT_ORDERS)
+        return retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
 
     def admits(self, spent: npt.ArrayLike, charge: npt.ArrayLike) -> bool:
         """Whether adding ``charge`` to ``spent`` (curves over ``DEFAULT_ORDERS``) stays within budget."""

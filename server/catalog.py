@@ -59,6 +59,7 @@ class RetrievalIndex(Protocol):
         public_size: declared public size N̄ (clients see only this).
         exact_size: exact record count (operator-only).
         encoder: identity of the encoder that built the index.
+        private: whether the manifest declares the corpus private.
     """
 
     domain: str
@@ -67,9 +68,11 @@ class RetrievalIndex(Protocol):
     public_size: int
     exact_size: int
     encoder: EncoderIdentity
+    private: bool
 
     def search_subsampled(
-        self, query: npt.NDArray[np.float32], k: int, q: float, rng: np.random.Generator
+        self, query: npt.NDArray[np.float32], *, k: int, q: float, rng: np.random.Generator,
+        nprobe: int | None = None,
     ) -> npt.NDArray[np.floating[Any]]:
         """Top-k of an independent Poisson(q) subsample: the selected vectors, shape (m <= k, d)."""
         ...
@@ -100,6 +103,7 @@ class ServedProfile:
     profile: Profile
     charge: npt.NDArray[np.float64] = field(repr=False)
     epsilon_per_query: float
+    nprobe: int | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,10 @@ def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
     if gen is not None and gen.conditioning_dimension != index.dimension:
         raise StartupError(f"indexes.{cfg.name}: generator conditioning dimension {gen.conditioning_dimension} "
                            f"!= index dimension {index.dimension}")
-    profiles = {p.name: ServedProfile(p.name, p.profile, profile_rdp(p.profile, DEFAULT_ORDERS), 0.0)
+    if index.private and not cfg.private:
+        raise StartupError(f"indexes.{cfg.name}: the index manifest declares a private corpus; "
+                           f"private = false is refused")
+    profiles = {p.name: ServedProfile(p.name, p.profile, profile_rdp(p.profile, DEFAULT_ORDERS), 0.0, p.nprobe)
                 for p in cfg.profiles}
     return ServedIndex(config=cfg, index=index, bundle=bundle, profiles=profiles)
 
@@ -248,7 +255,7 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
     final: dict[str, ServedIndex] = {}
     for s in served:
         delta = budgets[s.domain].delta if s.domain in budgets else None
-        profiles = {n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta))
+        profiles = {n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe)
                     for n, p in s.profiles.items()}
         final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)
     return Catalog(indexes=final, budgets=budgets)

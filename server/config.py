@@ -35,6 +35,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     q = 0.01
     sigma = 0.2
     lambda = 0.5
+    # nprobe = 8                     # IVF indexes: fixed per profile
 
     [budgets.faces-corpus]           # keyed by privacy domain (the manifests' corpus id)
     epsilon = 10.0
@@ -52,11 +53,12 @@ import hashlib
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dprdm.privacy import Profile
 
@@ -93,6 +95,7 @@ class ProfileConfig:
 
     name: str
     profile: Profile
+    nprobe: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,11 @@ def _profiles(table: _Table, private: bool) -> tuple[ProfileConfig, ...]:
                 prof.require_private_ok()
         except ValueError as exc:
             raise ConfigError(f"{t.path}: {exc}") from None
+        nprobe = t.get("nprobe", int)
+        if nprobe is not None:
+            _positive_int(t.key("nprobe"), nprobe)
         t.done()
-        out.append(ProfileConfig(name=name, profile=prof))
+        out.append(ProfileConfig(name=name, profile=prof, nprobe=nprobe))
     if not out:
         raise ConfigError(f"{table.path}: at least one profile is required")
     return tuple(out)

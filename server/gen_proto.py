@@ -34,8 +34,11 @@ def rewrite_imports(text: str) -> str:
     return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}dprdm.v1", text)
 
 
-def generate() -> list[Path]:
-    """Run protoc (python, grpc and pyi outputs) and post-process the imports.
+def generate(out_root: Path = OUT_ROOT) -> list[Path]:
+    """Run protoc (python, grpc and pyi outputs) into ``out_root`` and post-process the imports.
+
+    Args:
+        out_root: output directory (``server/_proto``; tests use a temporary one).
 
     Returns:
         The generated files, sorted.
@@ -46,21 +49,21 @@ def generate() -> list[Path]:
     from grpc_tools import protoc  # test/dev dependency only
 
     files = proto_files()
-    for stale in OUT_ROOT.rglob("*_pb2*.py*"):
+    for stale in out_root.rglob("*_pb2*.py*"):
         stale.unlink()
     include = Path(protoc.__file__).resolve().parent / "_proto"
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
-        f"--python_out={OUT_ROOT}",
-        f"--pyi_out={OUT_ROOT}",
-        f"--grpc_python_out={OUT_ROOT}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
         *[str(f) for f in files],
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed; see the messages above")
-    generated = sorted(OUT_ROOT.rglob("*_pb2*.py*"))
+    generated = sorted(out_root.rglob("*_pb2*.py*"))
     for path in generated:
         path.write_text(rewrite_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
     return generated

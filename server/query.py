@@ -98,6 +98,7 @@ def binding_hash(served: ServedIndex, profile: ServedProfile, prompt: str) -> st
         "version": served.index.version,
         "profile": profile.name,
         "params": profile.profile.to_dict(),
+        "nprobe": profile.nprobe,
         "prompt": prompt,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -178,10 +179,12 @@ def answer_query(
     if reuse:
         found = ledger.find_release(domain=domain, tenant=plan.tenant, binding_hash=plan.binding)
         if found is not None:
-            spend_id, stored, _ = found
-            state = ledger.budget_state(domain)
-            rec = _receipt(plan, spend_id, state, 0.0)
-            return Answer(release=np.asarray(stored, dtype=np.float64), receipt=replace(rec, reused=True))
+            spend_id, stored, stored_receipt = found
+            if stored_receipt.get("request_id") == plan.args.request_id:  # a replay of that very request
+                rec = replace(Receipt.from_dict(stored_receipt), replayed=True)
+            else:
+                rec = replace(_receipt(plan, spend_id, ledger.budget_state(domain), 0.0), reused=True)
+            return Answer(release=np.asarray(stored, dtype=np.float64), receipt=rec)
     guard.before_charge()
     res = ledger.reserve(
         domain=domain,
@@ -207,7 +210,8 @@ def answer_query(
 
 
 def _search(plan: QueryPlan, u: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float64]:
-    p = plan.profile.profile
-    return np.asarray(plan.served.index.search_subsampled(u, p.k, p.q, rng), dtype=np.float64)
+    p = plan.profile
+    selected = plan.served.index.search_subsampled(u, k=p.profile.k, q=p.profile.q, rng=rng, nprobe=p.nprobe)
+    return np.asarray(selected, dtype=np.float64)
 
 

@@ -33,14 +33,14 @@ from .api_types import (
     IndexView,
     ProfileView,
     QueryArgs,
-    QuotaView,
     Queued,
+    QuotaView,
     Retrieved,
     validate_name,
 )
 from .catalog import Catalog
 from .config import Limits
-from .errors import DeadlineTooShort, NotFound, Unsupported
+from .errors import DeadlineTooShort, InvalidArgument, NotFound, Unsupported
 from .generation import GenerationJob, GenerationPool
 from .ledger_api import BudgetState, Ledger
 from .metrics import Metrics
@@ -173,7 +173,9 @@ class DprdmService:
             if served is None:
                 raise NotFound("index", index)
             return served.domain
-        validate_name("domain", domain or "")
+        if not domain:
+            raise InvalidArgument("domain", "one of index or domain is required")
+        validate_name("domain", domain)
         if domain not in self.catalog.budgets:
             raise NotFound("domain", str(domain))
         return str(domain)

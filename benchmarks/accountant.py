@@ -1,0 +1,176 @@
+"""Per-query admission cost of our accountant vs Opacus and dp-accounting (SPEC §10, issue 6).
+
+For each history size H in {1, 1e3, 1e5} queries of 3 mixed profiles (round-robin), we time ONE
+admission decision: add the next query's cost and decide whether the budget still holds.
+
+* ours: ``Budget.admits(spent_curve, charge_curve)`` with the running curve kept (what the ledger
+  does): O(#orders), independent of H. The charge curve of a profile is computed once per
+  profile (``profile_rdp`` is cached), as the server does.
+* Opacus ``RDPAccountant``: ``step()`` + ``get_epsilon(delta)``; its history list is recomputed
+  on every call, so the cost grows with H (mixed profiles defeat its run-length merging).
+* dp-accounting ``RdpAccountant``: ``compose(event)`` + ``get_epsilon(delta)``; it keeps a running
+  curve but recomputes the event's RDP on every compose.
+
+A library whose projected time for one measurement exceeds ``--max-seconds`` is not run at that H;
+the row then reports the projection (linear in H, from the largest H measured) and says so.
+
+Usage: ``python benchmarks/accountant.py [--out benchmarks/results] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile, profile_rdp
+
+PROFILES = [
+    Profile(k=16, q=0.01, sigma=0.2, lam=0.5),
+    Profile(k=8, q=0.02, sigma=0.5, lam=0.7),
+    Profile(k=32, q=0.005, sigma=0.1, lam=1.0),
+]
+HISTORY_SIZES = [1, 1_000, 100_000]
+DELTA = 1e-6
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_ours(history: int, repeats: int) -> float:
+    budget = Budget.renyi_filter(1e6, DELTA, PROFILES)
+    charges = [profile_rdp(p, DEFAULT_ORDERS) for p in PROFILES]
+    spent = np.zeros(len(DEFAULT_ORDERS))
+    for i, c in enumerate(charges):
+        spent += c * len(range(i, history, len(PROFILES)))
+    nxt = charges[history % len(PROFILES)]
+    reps = max(repeats, 200)
+    return _median_ms(lambda: budget.admits(spent, nxt), reps)
+
+
+def bench_opacus(history: int, repeats: int) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for i in range(history):
+        p = PROFILES[i % len(PROFILES)]
+        acc.history.append((p.noise_multiplier, p.q, 1))
+    nxt = PROFILES[history % len(PROFILES)]
+
+    def admit() -> None:
+        acc.step(noise_multiplier=nxt.noise_multiplier, sample_rate=nxt.q)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            acc.get_epsilon(DELTA)
+        acc.history.pop()
+
+    return _median_ms(admit, repeats)
+
+
+def bench_dp_accounting(history: int, repeats: int) -> float:
+    import dp_accounting
+    from dp_accounting import rdp
+
+    events = [dp_accounting.PoissonSampledDpEvent(p.q, dp_accounting.GaussianDpEvent(p.noise_multiplier)) for p in PROFILES]
+    acc = rdp.RdpAccountant(orders=list(DEFAULT_ORDERS))
+    for i, e in enumerate(events):
+        n = len(range(i, history, len(PROFILES)))
+        if n:
+            acc.compose(e, n)
+    nxt = events[history % len(PROFILES)]
+
+    def admit() -> None:
+        acc.compose(nxt)
+        acc.get_epsilon(DELTA)
+
+    return _median_ms(admit, repeats)
+
+
+# How the cost of one admission grows with the history, used only to plan repeats and to
+# project runs longer than --max-seconds: Opacus recomputes its whole history.
+GROWS_WITH_HISTORY = {"dprdm": False, "opacus": True, "dp_accounting": False}
+
+
+def run(repeats: int, max_seconds: float) -> dict[str, object]:
+    libs = {"dprdm": bench_ours, "opacus": bench_opacus, "dp_accounting": bench_dp_accounting}
+    rows = []
+    last: dict[str, tuple[int, float]] = {}
+    for h in HISTORY_SIZES:
+        row: dict[str, object] = {"history": h}
+        for name, fn in libs.items():
+            reps = repeats
+            if name in last:
+                h0, ms0 = last[name]
+                estimate_s = ms0 * (h / h0 if GROWS_WITH_HISTORY[name] else 1.0) / 1e3
+                if estimate_s > max_seconds:
+                    row[name + "_ms"] = estimate_s * 1e3
+                    row[name + "_projected"] = True
+                    continue
+                reps = max(1, min(repeats, int(max_seconds // max(estimate_s, 1e-9))))
+            ms = fn(h, reps)
+            last[name] = (h, ms)
+            row[name + "_ms"] = ms
+            row[name + "_projected"] = False
+        rows.append(row)
+    for row in rows:
+        for name in ("opacus", "dp_accounting"):
+            row[f"speedup_vs_{name}"] = float(row[name + "_ms"]) / float(row["dprdm_ms"])  # type: ignore[arg-type]
+    return {
+        "benchmark": "accountant",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "profiles": [p.to_dict() for p in PROFILES],
+        "delta": DELTA,
+        "orders": len(DEFAULT_ORDERS),
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def table(result: dict[str, object]) -> str:
+    lines = [
+        "| history | dprdm (ms) | opacus (ms) | dp-accounting (ms) | x opacus | x dp-accounting |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:  # type: ignore[attr-defined]
+        star = lambda n: "*" if r[n + "_projected"] else ""  # noqa: E731
+        lines.append(
+            f"| {r['history']:,} | {r['dprdm_ms']:.4f} | {r['opacus_ms']:.1f}{star('opacus')} | "
+            f"{r['dp_accounting_ms']:.2f}{star('dp_accounting')} | {r['speedup_vs_opacus']:,.0f} | "
+            f"{r['speedup_vs_dp_accounting']:,.0f} |"
+        )
+    lines.append("(* projected linearly from the largest history measured; see --max-seconds)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="skip (and project) longer runs")
+    args = parser.parse_args()
+    result = run(args.repeats, args.max_seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "accountant.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

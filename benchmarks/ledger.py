@@ -1,0 +1,206 @@
+"""Ledger benchmark (SPEC §10): durable reservations per second and latency, 1 to 64 writer threads.
+
+Measures, in one run on one local-disk temp directory:
+
+* a raw-SQLite baseline (WAL, ``synchronous=FULL``): single-row transactions per second, and rows
+  per second at 32 rows per transaction;
+* ``SqliteLedger.reserve`` (admission + durable reservation, committed before returning) with 1, 4,
+  16 and 64 concurrent writer threads, with and without group commit: reservations per second,
+  p50/p99 latency of one call, mean operations per transaction;
+* the CPU cost of one admission decision (``Budget.admits`` vs the ledger's precomputed rule).
+
+Writes ``ledger-<timestamp>.json`` to ``--out`` and prints a table. Ratios are within one run.
+
+Usage::
+
+    python benchmarks/ledger.py [--out benchmarks/results/] [--seconds 3] [--threads 1,4,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dprdm.privacy import Budget, Profile
+from dprdm.server.ledger import SqliteLedger, _Rule
+
+PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
+TARGETS = {"p99_ms": 2.0, "group_rps_at_64": 20_000.0, "single_tx_vs_raw_max_ratio": 2.0}
+
+
+def raw_sqlite(directory: Path, seconds: float) -> dict[str, float]:
+    """Single-row durable transactions per second and rows per second at 32 rows per transaction.
+
+    Args:
+        directory: where to create the database file.
+        seconds: time spent on each of the two measurements.
+
+    Returns:
+        ``{"single_tx_per_s": ..., "rows_per_s_at_32": ...}``.
+    """
+    conn = sqlite3.connect(directory / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, key TEXT UNIQUE, payload TEXT)")
+    payload = json.dumps([0.001 * i for i in range(101)])  # like a charge curve
+    out: dict[str, float] = {}
+    for name, rows in (("single_tx_per_s", 1), ("rows_per_s_at_32", 32)):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO t (key, payload) VALUES (?, ?)", [(f"{name}{n + i}", payload) for i in range(rows)])
+            conn.execute("COMMIT")
+            n += rows
+        out[name] = n / (time.perf_counter() - start)
+    conn.close()
+    return out
+
+
+def ledger_run(directory: Path, *, threads: int, group_commit: bool, seconds: float) -> dict[str, Any]:
+    """Hammer a fresh ledger with ``threads`` writers for ``seconds``.
+
+    Args:
+        directory: where to create the database file.
+        threads: concurrent writer threads, each calling ``reserve`` in a loop.
+        group_commit: the ledger's mode.
+        seconds: measurement time.
+
+    Returns:
+        Throughput, latency percentiles (ms), operations per transaction and the counts.
+    """
+    path = directory / f"ledger-{threads}-{int(group_commit)}.db"
+    led = SqliteLedger(path, group_commit=group_commit)
+    budget = Budget.single(1e9, 1e-7, PROFILE)  # never exhausted: we measure the write path
+    led.create_budget("bench", budget)
+    charge, profile = budget.charge(PROFILE), PROFILE.to_dict()
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    barrier = threading.Barrier(threads + 1)
+    stop = threading.Event()
+
+    def worker(t: int) -> None:
+        lat = latencies[t]
+        barrier.wait()
+        i = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            led.reserve(domain="bench", tenant=f"t{t}", request_id=str(i), binding_hash="b", profile=profile,
+                        charge_rdp=charge)  # fmt: skip
+            lat.append(time.perf_counter() - t0)
+            i += 1
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    before = led.stats()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for th in pool:
+        th.join()
+    elapsed = time.perf_counter() - start
+    after = led.stats()
+    led.verify()
+    led.close()
+    lat_ms = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
+    tx = after["transactions"] - before["transactions"]
+    ops = after["operations"] - before["operations"]
+    return {
+        "threads": threads,
+        "group_commit": group_commit,
+        "reservations": int(lat_ms.size),
+        "reservations_per_s": lat_ms.size / elapsed,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "ops_per_transaction": ops / tx if tx else 0.0,
+    }
+
+
+def admission_cost(repeats: int = 2000) -> dict[str, float]:
+    """Microseconds per admission decision: ``Budget.admits`` and the ledger's ``_Rule.admits``."""
+    budget = Budget.single(1.0, 1e-7, PROFILE)
+    rule = _Rule(budget)
+    charge = budget.charge(PROFILE)
+    spent = charge * 100
+    out = {}
+    for name, fn in (("budget_admits_us", budget.admits), ("ledger_rule_admits_us", rule.admits)):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(spent, charge)
+        out[name] = (time.perf_counter() - start) / repeats * 1e6
+    out["ledger_rule_is_fast_path"] = float(rule.fast)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, write the JSON result, print the table.
+
+    Args:
+        argv: command line (default ``sys.argv[1:]``).
+
+    Returns:
+        The result dict written to disk.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measurement time per configuration")
+    parser.add_argument("--threads", default="1,4,16,64", help="comma-separated writer thread counts")
+    parser.add_argument("--tmp", type=Path, default=None, help="local-disk directory for the databases")
+    args = parser.parse_args(argv)
+    thread_counts = [int(x) for x in args.threads.split(",")]
+    directory = Path(tempfile.mkdtemp(prefix="dprdm-ledger-bench-", dir=args.tmp))
+    try:
+        raw = raw_sqlite(directory, args.seconds)
+        runs = [
+            ledger_run(directory, threads=n, group_commit=group, seconds=args.seconds)
+            for group in (False, True)
+            for n in thread_counts
+        ]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    result = {
+        "benchmark": "ledger",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "sqlite": sqlite3.sqlite_version, "load_avg": os.getloadavg()},
+        "seconds_per_config": args.seconds,
+        "raw_sqlite": raw,
+        "admission": admission_cost(),
+        "ledger": runs,
+        "targets": TARGETS,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_file = args.out / f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result)
+    print(f"wrote {out_file}")
+    return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    raw, adm = result["raw_sqlite"], result["admission"]
+    print(f"raw SQLite (WAL, synchronous=FULL): {raw['single_tx_per_s']:,.0f} single-row tx/s; "
+          f"{raw['rows_per_s_at_32']:,.0f} rows/s at 32 rows/tx")  # fmt: skip
+    print(f"admission decision: Budget.admits {adm['budget_admits_us']:.1f} us, "
+          f"ledger rule {adm['ledger_rule_admits_us']:.1f} us")  # fmt: skip
+    print(f"{'mode':<8}{'threads':>8}{'res/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ops/tx':>8}{'vs raw tx':>11}")
+    for r in result["ledger"]:
+        ratio = r["reservations_per_s"] / raw["single_tx_per_s"]
+        mode = "group" if r["group_commit"] else "single"
+        print(f"{mode:<8}{r['threads']:>8}{r['reservations_per_s']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{r['ops_per_transaction']:>8.1f}{ratio:>10.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

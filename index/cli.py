@@ -1,0 +1,204 @@
+"""``dprdm index``: build, info, verify, audit-duplicates (registered by :mod:`dprdm.clients.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "resolve_encoder"]
+
+
+def _cli_error(message: str) -> Exception:
+    from dprdm.clients.cli import CliError
+
+    return CliError(message)
+
+
+def _count(text: str) -> int:
+    """An integer, also written as 1e6 or 1_000_000."""
+    try:
+        value = float(text.replace("_", "")) if any(c in text for c in "eE.") else int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; found {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected an integer; found {text!r}")
+    return int(value)
+
+
+def resolve_encoder(spec: str, device: str | None = None) -> Any:
+    """Load ``--encoder SPEC`` through the model registry (``dprdm.models.registry.load_encoder``)."""
+    try:
+        from dprdm.models.registry import load_encoder
+    except ImportError as exc:
+        raise _cli_error(
+            f"--encoder {spec!r}: the model registry (dprdm.models.registry) is not available in this build ({exc})"
+        ) from None
+    try:
+        return load_encoder(spec) if device is None else load_encoder(spec, device=device)
+    except TypeError:
+        raise _cli_error(f"--device {device!r}: the model registry does not accept a device") from None
+    except (ValueError, KeyError, LookupError, OSError) as exc:
+        raise _cli_error(f"--encoder {spec!r}: {exc}") from None
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``index`` command and its sub-commands to the ``dprdm`` parser."""
+    parser = subparsers.add_parser("index", help="build, inspect and verify private indexes",
+                                   description="Build, inspect and verify private indexes (SPEC §5).")
+    sub = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
+
+    b = sub.add_parser("build", help="embed a corpus into a new index directory")
+    b.add_argument("--input", "-i", nargs="+", required=True,
+                   help="a folder, a path-list file, parquet file(s) or webdataset .tar shard(s)")
+    b.add_argument("--input-type", default="auto", choices=["auto", "folder", "list", "parquet", "webdataset"])
+    b.add_argument("--output", "-o", required=True, type=Path, help="index directory to create")
+    b.add_argument("--corpus-id", required=True, help="privacy domain of the corpus (one ledger)")
+    b.add_argument("--public-size", required=True, type=_count, help="declared public size N̄ >= N")
+    b.add_argument("--encoder", required=True, help="model registry spec of the image encoder")
+    b.add_argument("--device", default=None, help="encoder device (e.g. cpu, cuda)")
+    b.add_argument("--image-column", help="parquet: column with image bytes")
+    b.add_argument("--path-column", help="parquet: column with image paths")
+    b.add_argument("--key-column", help="parquet: column with a stable record key")
+    b.add_argument("--owner-column", help="parquet column / webdataset member naming the owner")
+    b.add_argument("--owners", help="folder/list inputs: TSV 'key<TAB>owner' (one record per owner)")
+    b.add_argument("--index-type", default="flat", help="flat (exact) or ivf (public quantizer)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--train-vectors", type=Path, help="ivf: PUBLIC training vectors (.npy or a public index)")
+    b.add_argument("--nlist", type=_count, help="ivf: number of lists")
+    b.add_argument("--nprobe", type=_count, default=1, help="ivf: default nprobe (profiles may override)")
+    b.add_argument("--capacity-slack", type=float, default=2.0, help="ivf: public capacity rule slack")
+    b.add_argument("--min-capacity", type=_count, default=16, help="ivf: minimum list capacity")
+    b.add_argument("--batch-size", type=_count, default=64)
+    b.add_argument("--shard-size", type=_count, default=4096, help="items per checkpoint")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    b.add_argument("--public", action="store_true", help="the corpus is PUBLIC data (not a private index)")
+    b.add_argument("--keep-checkpoints", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_cmd_build)
+
+    i = sub.add_parser("info", help="print the manifest summary")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    i.set_defaults(func=_cmd_info)
+
+    v = sub.add_parser("verify", help="re-check checksums, shapes and every stored row")
+    v.add_argument("path", type=Path)
+    v.set_defaults(func=_cmd_verify)
+
+    a = sub.add_parser("audit-duplicates", help="operator-only near-duplicate report (never changes the index)")
+    a.add_argument("path", type=Path)
+    a.add_argument("--threshold", type=float, default=0.95, help="cosine similarity threshold")
+    a.add_argument("--out", type=Path, help="report file (default PATH/reports/near_duplicates.json)")
+    a.set_defaults(func=_cmd_audit)
+
+
+def _wrap(fn: Any) -> Any:
+    from dprdm.index.errors import IndexBuildError, IndexFormatError, PrivacyPolicyError
+
+    try:
+        return fn()
+    except (IndexBuildError, IndexFormatError, PrivacyPolicyError) as exc:
+        raise _cli_error(str(exc)) from None
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from dprdm.index.build import BuildConfig, build_index
+    from dprdm.index.readers import open_reader
+
+    def run() -> int:
+        config = BuildConfig(
+            output=args.output, corpus_id=args.corpus_id, public_size=args.public_size,
+            index_type=args.index_type, dtype=args.dtype, private=not args.public,
+            train_vectors=args.train_vectors, nlist=args.nlist, nprobe=args.nprobe,
+            capacity_slack=args.capacity_slack, min_capacity=args.min_capacity, batch_size=args.batch_size,
+            shard_size=args.shard_size, existing="resume" if args.resume else "overwrite" if args.overwrite else "refuse",
+            progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
+        )
+        reader = open_reader(args.input, input_type=args.input_type, image_column=args.image_column,
+                             path_column=args.path_column, owner_column=args.owner_column,
+                             key_column=args.key_column, owners_file=args.owners)
+        encoder = resolve_encoder(args.encoder, args.device)
+        result = build_index(reader, encoder, config)
+        m = result.manifest
+        print(f"built {result.path}: {m['count']} records (operator-only), public size {m['public_size']}, "
+              f"{m['dedup'].get('unreadable_or_skipped', 0)} unreadable, "
+              f"{m['dedup'].get('exact_duplicates_dropped', 0)} exact duplicates dropped")
+        return 0
+
+    return int(_wrap(run))
+
+
+def _summary(m: dict[str, Any]) -> list[str]:
+    enc = m["encoder"]
+    lines = [
+        f"index          {m.get('index_version', '?')} (format {m['format_version']})",
+        f"corpus id      {m['corpus_id']}  ({'PRIVATE' if m['private'] else 'public'})",
+        f"encoder        {enc['name']}  sha256 {enc['weights_sha256'][:16]}...  dim {enc['dimension']}",
+        f"vectors        {m['dtype']}, {m['dimension']}-d, metric {m.get('metric', 'inner_product')}",
+        f"public size N̄  {m['public_size']}",
+        f"records N      {m['count']}  (operator-only)",
+        f"record unit    {m.get('record_unit', 'image')}",
+        f"index type     {m['index_type']}  factory {m['faiss_factory']!r}",
+    ]
+    if m.get("quantizer"):
+        qz = m["quantizer"]
+        lines.append(f"quantizer      trained on {qz['trained_on']} vectors: {qz.get('kind')} {qz.get('source', '')}"
+                     f" (n={qz.get('n_train')})")
+    if m.get("ivf"):
+        ivf = m["ivf"]
+        lines.append(f"ivf            nlist {ivf['nlist']}, nprobe {ivf['nprobe']}, total capacity "
+                     f"{ivf['total_capacity']}, slack {ivf['capacity_rule']['slack']}")
+    if m.get("dedup"):
+        lines.append("dedup          " + ", ".join(f"{k} {v}" for k, v in m["dedup"].items()) + "  (operator-only)")
+    lines.append(f"preprocessing  {m.get('preprocessing', '')}")
+    for name, entry in sorted(m["files"].items()):
+        lines.append(f"file           {name}  {entry['bytes']} bytes  sha256 {entry['sha256'][:16]}...")
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from dprdm.index.format import load
+
+    def run() -> int:
+        idx = load(args.path, verify_checksums=False)
+        m = idx.manifest
+        print(json.dumps(m, indent=2, sort_keys=True) if args.json else "\n".join(_summary(m)))
+        return 0
+
+    return int(_wrap(run))
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from dprdm.index.format import verify
+
+    def run() -> int:
+        idx = verify(args.path)
+        print(f"OK {idx.path}: manifest, {len(idx.manifest['files'])} file checksums and every stored row verified")
+        return 0
+
+    return int(_wrap(run))
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dprdm.index.audit import near_duplicate_report
+    from dprdm.index.format import atomic_write_json, load
+
+    def run() -> int:
+        idx = load(args.path)
+        try:
+            report = near_duplicate_report(idx, args.threshold)
+        except ValueError as exc:
+            raise _cli_error(f"--threshold: {exc}") from None
+        out = args.out or (idx.path / "reports" / "near_duplicates.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, report)
+        print(f"{report['pairs']} near-duplicate pair(s) in {report['groups']} group(s) (largest {report['largest_group']});"
+              f" report written to {out} (operator-only)", file=sys.stdout)
+        return 0
+
+    return int(_wrap(run))

@@ -1,0 +1,254 @@
+"""Generators wrapping diffusers pipelines conditioned on CLIP image embeddings (SPEC §8).
+
+Each is loaded with ``from_pretrained(local_dir, local_files_only=True)``: nothing is downloaded.
+fp32 on CPU; bf16/fp16 on a GPU (see :func:`dprdm.models._torch.default_dtype`).
+
+- :class:`UnCLIPGenerator`: Stable unCLIP (``StableUnCLIPImg2ImgPipeline``), ``image_embeds`` plus
+  the text prompt.
+- :class:`KandinskyGenerator`: Kandinsky 2.2 decoder (``KandinskyV22Pipeline``), ``image_embeds``
+  against a negative embedding (zeros unless given); the prompt is not used by the decoder.
+- :class:`IPAdapterGenerator`: Stable Diffusion + IP-Adapter, ``ip_adapter_image_embeds`` plus the
+  text prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+
+from .base import EncoderIdentity, ProgressCallback
+from ._torch import default_device, default_dtype, sampler_generator
+from .rdm import check_request
+
+__all__ = ["UnCLIPGenerator", "KandinskyGenerator", "IPAdapterGenerator", "PIPELINE_GENERATORS"]
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    d = Path(path)
+    if not (d / "model_index.json").is_file():
+        raise FileNotFoundError(f"{what} pipeline folder needs model_index.json: {d / 'model_index.json'} not found")
+    return d
+
+
+def _dtype_kwargs(device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` dtype argument: omitted for fp32 (the default), so any diffusers >= 0.27 works."""
+    dtype = default_dtype(device)
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+
+
+def _vector(conditioning: npt.ArrayLike, dim: int) -> npt.NDArray[np.float32]:
+    c = np.asarray(conditioning, dtype=np.float32)
+    if c.shape != (dim,):
+        raise ValueError(f"conditioning must have shape ({dim},); found {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("conditioning contains non-finite values")
+    return c
+
+
+class _PipelineGenerator:
+    """Shared plumbing: device/dtype, validation, seeding and progress reporting."""
+
+    what = "diffusers"
+
+    def __init__(self, pipe: Any, dim: int, guidance_scale: float, size: int | None = None,
+                 expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None) -> None:
+        self.device = device or default_device()
+        self.dtype = default_dtype(self.device)
+        self.pipe = pipe.to(self.device, self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.dim = dim
+        self.guidance_scale = guidance_scale
+        self.size = size
+        self.expected_encoder = expected_encoder
+
+    @property
+    def conditioning_dimension(self) -> int:
+        """Dimension of the image embedding the pipeline expects."""
+        return self.dim
+
+    def _size_kwargs(self) -> dict[str, int]:
+        return {"height": self.size, "width": self.size} if self.size else {}
+
+    def _embed(self, conditioning: npt.ArrayLike) -> torch.Tensor:
+        return torch.from_numpy(_vector(conditioning, self.dim))[None].to(self.device, self.dtype)
+
+    def generate(self, conditioning: npt.NDArray[np.float32], prompt: str, n: int, steps: int,
+                 seed: int | None, progress: ProgressCallback | None = None) -> list[Image.Image]:
+        """Generate ``n`` images from one conditioning vector (see the class docstring for the prompt).
+
+        Args:
+            conditioning: the release, shape ``(dim,)``.
+            prompt: the text prompt (used by unCLIP and IP-Adapter).
+            n: images, 1..64.
+            steps: denoising steps, 1..1000.
+            seed: seeds only the diffusion sampler; ``None`` for a fresh one.
+            progress: called as ``progress(step, steps)``.
+
+        Returns:
+            ``n`` PIL RGB images.
+
+        Raises:
+            ValueError: naming a bad shape, non-finite value, ``n``, ``steps`` or ``seed``.
+        """
+        check_request(n, steps)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string; found {type(prompt).__name__}")
+        kwargs = self._call_kwargs(self._embed(conditioning), prompt)
+        kwargs.update(self._size_kwargs())
+        kwargs.update(self._progress_kwargs(progress, steps))
+        with torch.no_grad():
+            out = self.pipe(num_inference_steps=steps, num_images_per_prompt=n, generator=sampler_generator(seed),
+                            guidance_scale=self.guidance_scale, output_type="pil", **kwargs)
+        return [im.convert("RGB") for im in out.images]
+
+    def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _progress_kwargs(self, progress: ProgressCallback | None, steps: int) -> dict[str, Any]:
+        if progress is None:
+            return {}
+
+        def on_step_end(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            progress(i + 1, steps)
+            return tensors
+
+        return {"callback_on_step_end": on_step_end}
+
+
+class UnCLIPGenerator(_PipelineGenerator):
+    """Stable unCLIP: the release is the CLIP image embedding; the prompt conditions the UNet's text path."""
+
+    what = "Stable unCLIP"
+
+    @classmethod
+    def load(cls, directory: str | Path, guidance_scale: float = 10.0, size: int | None = None,
+             expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None) -> UnCLIPGenerator:
+        """Load a ``StableUnCLIPImg2ImgPipeline`` folder.
+
+        Raises:
+            FileNotFoundError: naming the missing ``model_index.json``.
+        """
+        from diffusers import StableUnCLIPImg2ImgPipeline
+
+        d = _require_dir(directory, cls.what)
+        dev = device or default_device()
+        pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(str(d), local_files_only=True,
+                                                           **_dtype_kwargs(dev))
+        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, guidance_scale: float = 10.0, size: int | None = None,
+                      expected_encoder: EncoderIdentity | None = None,
+                      device: torch.device | None = None) -> UnCLIPGenerator:
+        """Wrap an already-built pipeline (its image normalizer fixes the dimension)."""
+        dim = int(pipe.image_normalizer.mean.shape[-1])
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device)
+
+    def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
+        return {"image_embeds": embeds, "prompt": prompt}
+
+    def _progress_kwargs(self, progress: ProgressCallback | None, steps: int) -> dict[str, Any]:
+        if progress is None:
+            return {}
+        return {"callback": lambda i, _t, _latents: progress(i + 1, steps), "callback_steps": 1}
+
+
+class KandinskyGenerator(_PipelineGenerator):
+    """Kandinsky 2.2 decoder: the release replaces the prior's image embedding; the prompt is unused."""
+
+    what = "Kandinsky 2.2 decoder"
+
+    def __init__(self, pipe: Any, dim: int, guidance_scale: float, size: int | None = None,
+                 expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
+                 negative: npt.ArrayLike | None = None) -> None:
+        super().__init__(pipe, dim, guidance_scale, size, expected_encoder, device)
+        self.negative = np.zeros(dim, np.float32) if negative is None else _vector(negative, dim)
+
+    @classmethod
+    def load(cls, directory: str | Path, guidance_scale: float = 4.0, size: int | None = None,
+             expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
+             negative: npt.ArrayLike | None = None) -> KandinskyGenerator:
+        """Load a ``KandinskyV22Pipeline`` folder; ``negative`` is the unconditional image embedding.
+
+        Raises:
+            FileNotFoundError: naming the missing ``model_index.json``.
+        """
+        from diffusers import KandinskyV22Pipeline
+
+        d = _require_dir(directory, cls.what)
+        dev = device or default_device()
+        pipe = KandinskyV22Pipeline.from_pretrained(str(d), local_files_only=True, **_dtype_kwargs(dev))
+        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev, negative)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, guidance_scale: float = 4.0, size: int | None = None,
+                      expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
+                      negative: npt.ArrayLike | None = None) -> KandinskyGenerator:
+        """Wrap an already-built pipeline (the UNet's ``encoder_hid_dim`` fixes the dimension)."""
+        dim = int(pipe.unet.config.encoder_hid_dim)
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device, negative)
+
+    def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
+        neg = torch.from_numpy(self.negative)[None].to(self.device, self.dtype)
+        return {"image_embeds": embeds, "negative_image_embeds": neg}
+
+
+class IPAdapterGenerator(_PipelineGenerator):
+    """Stable Diffusion + IP-Adapter: ``ip_adapter_image_embeds`` (negative = zeros) with the text prompt."""
+
+    what = "Stable Diffusion + IP-Adapter"
+
+    @classmethod
+    def load(cls, directory: str | Path, ip_adapter: str | Path, guidance_scale: float = 7.5,
+             size: int | None = None, scale: float = 1.0, expected_encoder: EncoderIdentity | None = None,
+             device: torch.device | None = None) -> IPAdapterGenerator:
+        """Load a ``StableDiffusionPipeline`` folder and an IP-Adapter weights file (e.g. ``ip-adapter_sd15.safetensors``).
+
+        Raises:
+            FileNotFoundError: naming the missing pipeline folder or IP-Adapter file.
+        """
+        from diffusers import StableDiffusionPipeline
+
+        d = _require_dir(directory, cls.what)
+        weights = Path(ip_adapter)
+        if not weights.is_file():
+            raise FileNotFoundError(f"IP-Adapter weights not found: {weights}")
+        dev = device or default_device()
+        pipe = StableDiffusionPipeline.from_pretrained(str(d), local_files_only=True, **_dtype_kwargs(dev),
+                                                       safety_checker=None, requires_safety_checker=False)
+        pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name,
+                             image_encoder_folder=None, local_files_only=True)
+        return cls.from_pipeline(pipe, guidance_scale, size, scale, expected_encoder, dev)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, guidance_scale: float = 7.5, size: int | None = None, scale: float = 1.0,
+                      expected_encoder: EncoderIdentity | None = None,
+                      device: torch.device | None = None) -> IPAdapterGenerator:
+        """Wrap a pipeline whose UNet already has IP-Adapter weights loaded.
+
+        Raises:
+            ValueError: if the UNet has no IP-Adapter image projection.
+        """
+        proj = getattr(pipe.unet, "encoder_hid_proj", None)
+        layers = getattr(proj, "image_projection_layers", None)
+        if not layers:
+            raise ValueError("the Stable Diffusion UNet has no IP-Adapter loaded (encoder_hid_proj is empty)")
+        dim = int(layers[0].image_embeds.in_features)
+        pipe.set_ip_adapter_scale(scale)
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device)
+
+    def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
+        pair = torch.stack([torch.zeros_like(embeds), embeds]) if self.guidance_scale > 1 else embeds[None]
+        return {"ip_adapter_image_embeds": [pair], "prompt": prompt}
+
+
+PIPELINE_GENERATORS: dict[str, type[_PipelineGenerator]] = {
+    "stable-unclip": UnCLIPGenerator,
+    "kandinsky-2.2": KandinskyGenerator,
+    "sd-ip-adapter": IPAdapterGenerator,
+}

@@ -1,0 +1,338 @@
+"""Test doubles and a server harness: tiny fakes for the index, encoder, generator and ledger.
+
+Used by ``tests/test_server_*.py`` and ``tests/test_client_*.py``; not for production.
+
+* ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0``)
+  build an :class:`ArrayIndex` of random unit vectors whose search is the exact top-k of a
+  Poisson subsample (the oracle the real index is tested against).
+* bundle names ``hash-<dim>`` (encoder only) and ``hash-<dim>-gen`` (with :class:`TinyGenerator`).
+* :class:`ServerThread` runs a real server (port 0) on its own event loop thread.
+* ``python -m dprdm.server.testing --config server.toml`` serves a config with these fakes and the
+  real SQLite ledger (the crash-safety test kills it with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from dprdm.models.base import EncoderIdentity, ProgressCallback
+from dprdm.privacy import DEFAULT_ORDERS, Budget
+
+from .catalog import Bundle, Loaders
+from .config import ServerConfig
+from .ledger_api import (
+    BudgetExhausted,
+    BudgetState,
+    DomainExists,
+    QuotaExhausted,
+    ReleaseMissing,
+    ReplayMismatch,
+    Reservation,
+    Spend,
+    UnknownDomain,
+)
+
+__all__ = [
+    "HashTextEncoder",
+    "TinyGenerator",
+    "ArrayIndex",
+    "MemoryLedger",
+    "fake_loaders",
+    "ServerThread",
+    "make_config",
+    "TENANT_TOKEN",
+    "OTHER_TOKEN",
+    "ADMIN_TOKEN",
+]
+
+TENANT_TOKEN = "tenant-token-alice-0001"
+OTHER_TOKEN = "tenant-token-bob-000002"
+ADMIN_TOKEN = "admin-token-root-000003"
+DEFAULT_PROFILES = {
+    "default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5},
+    "public": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.0},
+}
+
+
+def make_config(*, indexes: dict[str, Any] | None = None, budgets: dict[str, Any] | None = None,
+                server: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
+                tokens: list[dict[str, Any]] | None = None) -> ServerConfig:
+    """A test configuration: index ``faces`` (fake, domain ``corpus-a``, d = 16, N = 200, N̄ = 400,
+    bundle with a generator), profiles ``default`` and ``public`` (lambda = 0), a budget of
+    epsilon 50, and three tokens (tenants alice and bob, admin root)."""
+    from .config import parse_config
+
+    doc: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", **(server or {})},
+        "limits": limits or {},
+        "tokens": tokens if tokens is not None else [
+            {"tenant": "alice", "role": "tenant", "token": TENANT_TOKEN},
+            {"tenant": "bob", "role": "tenant", "token": OTHER_TOKEN},
+            {"tenant": "root", "role": "admin", "token": ADMIN_TOKEN},
+        ],
+        "indexes": indexes if indexes is not None else {
+            "faces": {"path": "fake:domain=corpus-a,n=200,dim=16,public=400", "bundle": "hash-16-gen",
+                      "profiles": DEFAULT_PROFILES},
+        },
+        "budgets": budgets if budgets is not None else {"corpus-a": {"epsilon": 50.0}},
+    }
+    return parse_config(doc)
+
+
+def _unit(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _seed_of(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+class HashTextEncoder:
+    """A deterministic encoder: a text's embedding is a unit Gaussian vector seeded by its hash."""
+
+    def __init__(self, dimension: int = 16, name: str = "hash-text") -> None:
+        self._identity = EncoderIdentity(name=name, weights_sha256="0" * 64, dimension=dimension)
+
+    @property
+    def identity(self) -> EncoderIdentity:
+        return self._identity
+
+    @property
+    def dimension(self) -> int:
+        return self._identity.dimension
+
+    def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        rows = [np.random.default_rng(_seed_of(t.encode())).normal(size=self.dimension) for t in texts]
+        return _unit(np.array(rows, dtype=np.float64).reshape(len(texts), self.dimension))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        rows = [np.random.default_rng(_seed_of(im.tobytes())).normal(size=self.dimension) for im in images]
+        return _unit(np.array(rows, dtype=np.float64).reshape(len(images), self.dimension))
+
+
+class TinyGenerator:
+    """Small RGB images whose pixels depend on the conditioning and the seed.
+
+    ``gate`` (tests): when set to an Event, every step waits for it.
+    """
+
+    def __init__(self, dimension: int = 16, size: int = 8) -> None:
+        self._dimension, self.size = dimension, size
+        self.gate: threading.Event | None = None
+
+    @property
+    def conditioning_dimension(self) -> int:
+        return self._dimension
+
+    def generate(self, conditioning: npt.NDArray[np.float32], prompt: str, n: int, steps: int,
+                 seed: int | None, progress: ProgressCallback | None = None) -> list[Image.Image]:
+        c = np.asarray(conditioning, dtype=np.float64).reshape(-1)
+        rng = np.random.default_rng(seed)
+        for step in range(1, steps + 1):
+            if self.gate is not None:
+                self.gate.wait(timeout=60)
+            if progress is not None:
+                progress(step, steps)
+        base = np.resize(np.tanh(c) * 100 + 128, (self.size, self.size, 3))
+        return [Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+                for _ in range(n)]
+
+
+class ArrayIndex:
+    """An in-memory index: exact top-k (score desc, id asc) of a Poisson(q) subsample of N̄ slots.
+
+    ``gate`` (tests): when set to an Event, every search waits for it.
+    """
+
+    def __init__(self, vectors: npt.ArrayLike, *, domain: str, version: str = "v1", public_size: int | None = None,
+                 encoder: EncoderIdentity | None = None, private: bool = True) -> None:
+        self.vectors = np.asarray(vectors, dtype=np.float64)
+        self.domain, self.version, self.private = domain, version, private
+        self.exact_size, self.dimension = self.vectors.shape
+        self.public_size = int(public_size or self.exact_size)
+        self.encoder = encoder or EncoderIdentity("hash-text", "0" * 64, self.dimension)
+        self.gate: threading.Event | None = None
+
+    def search_subsampled(self, query: npt.NDArray[np.float32], *, k: int, q: float,
+                          rng: np.random.Generator, nprobe: int | None = None) -> npt.NDArray[np.float64]:
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
+        keep = np.flatnonzero(rng.random(self.public_size) < q)
+        keep = keep[keep < self.exact_size]  # padded slots score -inf
+        scores = self.vectors[keep] @ np.asarray(query, dtype=np.float64)
+        order = np.lexsort((keep, -scores))[:k]
+        return self.vectors[keep[order]]
+
+
+def _fake_index(spec: str) -> ArrayIndex:
+    params = dict(item.split("=", 1) for item in spec.removeprefix("fake:").split(",") if item)
+    n, dim = int(params.get("n", 200)), int(params.get("dim", 16))
+    rng = np.random.default_rng(int(params.get("seed", 0)))
+    return ArrayIndex(_unit(rng.normal(size=(n, dim))), domain=params.get("domain", "corpus-a"),
+                      version=params.get("version", "v1"), public_size=int(params.get("public", n)),
+                      private=params.get("private", "1") != "0")
+
+
+def _fake_bundle(name: str) -> Bundle:
+    parts = name.split("-")
+    if parts[0] != "hash" or len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"unknown fake bundle {name!r}; use hash-<dim> or hash-<dim>-gen")
+    dim = int(parts[1])
+    return Bundle(name=name, encoder=HashTextEncoder(dim), generator=TinyGenerator(dim) if name.endswith("-gen") else None)
+
+
+def fake_loaders() -> Loaders:
+    """Loaders for ``fake:`` index paths and ``hash-<dim>[-gen]`` bundles."""
+    return Loaders(index=_fake_index, bundle=_fake_bundle)
+
+
+class MemoryLedger:
+    """An in-memory :class:`~dprdm.server.ledger_api.Ledger` (same semantics, no durability)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._budgets: dict[str, Budget] = {}
+        self._spent: dict[str, npt.NDArray[np.float64]] = {}
+        self._quotas: dict[str, dict[str, list[Any]]] = {}
+        self._spends: dict[str, dict[str, Any]] = {}
+        self._by_key: dict[tuple[str, str], str] = {}
+
+    def create_budget(self, domain: str, budget: Budget, *, tenant_quotas: dict[str, float] | None = None) -> None:
+        with self._lock:
+            if domain in self._budgets:
+                raise DomainExists(domain)
+            self._budgets[domain] = budget
+            self._spent[domain] = np.zeros(len(DEFAULT_ORDERS))
+            self._quotas[domain] = {t: [q, np.zeros(len(DEFAULT_ORDERS))] for t, q in (tenant_quotas or {}).items()}
+
+    def _state(self, domain: str) -> BudgetState:
+        if domain not in self._budgets:
+            raise UnknownDomain(domain)
+        b, spent = self._budgets[domain], self._spent[domain]
+        n = sum(1 for s in self._spends.values() if s["domain"] == domain)
+        return BudgetState(domain, b, spent.copy(), n, b.spent_epsilon(spent))
+
+    def budget_state(self, domain: str) -> BudgetState:
+        with self._lock:
+            return self._state(domain)
+
+    def domains(self) -> list[str]:
+        with self._lock:
+            return sorted(self._budgets)
+
+    def reserve(self, *, domain: str, tenant: str, request_id: str, binding_hash: str, profile: dict[str, Any],
+                charge_rdp: npt.NDArray[np.float64]) -> Reservation:
+        with self._lock:
+            state = self._state(domain)
+            sid = self._by_key.get((tenant, request_id))
+            if sid is not None:
+                s = self._spends[sid]
+                if s["binding"] != binding_hash or s["domain"] != domain:
+                    raise ReplayMismatch(request_id)
+                if s["release"] is None:
+                    raise ReleaseMissing(request_id)
+                return Reservation(sid, True, state, s["release"].copy(), dict(s["receipt"]))
+            b = self._budgets[domain]
+            if not b.admits(self._spent[domain], charge_rdp):
+                raise BudgetExhausted(domain, state.epsilon_spent, b.epsilon)
+            quota = self._quotas[domain].get(tenant)
+            if quota is not None and b.spent_epsilon(quota[1] + charge_rdp) > quota[0]:
+                raise QuotaExhausted(domain, tenant, b.spent_epsilon(quota[1]), quota[0])
+            sid = uuid.uuid4().hex
+            self._spends[sid] = dict(domain=domain, tenant=tenant, request_id=request_id, binding=binding_hash,
+                                     profile=dict(profile), charge=np.asarray(charge_rdp).copy(), release=None,
+                                     receipt=None, epsilon=b.spent_epsilon(charge_rdp))
+            self._by_key[(tenant, request_id)] = sid
+            self._spent[domain] = self._spent[domain] + charge_rdp
+            if quota is not None:
+                quota[1] = quota[1] + charge_rdp
+            return Reservation(sid, False, self._state(domain))
+
+    def store_release(self, spend_id: str, release: npt.NDArray[np.float64], receipt: dict[str, Any]) -> None:
+        with self._lock:
+            s = self._spends[spend_id]
+            if s["release"] is None:
+                s["release"], s["receipt"] = np.asarray(release, dtype=np.float64).copy(), dict(receipt)
+
+    def find_release(self, *, domain: str, tenant: str,
+                     binding_hash: str) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]] | None:
+        with self._lock:
+            for sid, s in reversed(list(self._spends.items())):
+                if (s["domain"], s["tenant"], s["binding"]) == (domain, tenant, binding_hash) and s["release"] is not None:
+                    return sid, s["release"].copy(), dict(s["receipt"])
+            return None
+
+    def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
+        with self._lock:
+            rows = [(sid, s) for sid, s in self._spends.items() if s["domain"] == domain]
+            return [Spend(sid, domain, s["tenant"], s["request_id"], s["binding"], s["profile"], s["epsilon"], 0.0,
+                          "released" if s["release"] is not None else "reserved")
+                    for sid, s in rows[offset:offset + limit]]
+
+    def tenant_quotas(self, domain: str) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            b = self._budgets[domain]
+            return {t: (q[0], b.spent_epsilon(q[1])) for t, q in self._quotas.get(domain, {}).items()}
+
+    def close(self) -> None:
+        pass
+
+
+class ServerThread:
+    """A real server on port 0, on its own event loop in a daemon thread (for sync tests)."""
+
+    def __init__(self, config: ServerConfig, *, ledger: Any = None, loaders: Loaders | None = None) -> None:
+        from .app import start_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dprdm-test-server", daemon=True)
+        self._thread.start()
+        cfg = replace(config, listen=config.listen.rsplit(":", 1)[0] + ":0")
+        fut = asyncio.run_coroutine_threadsafe(start_server(cfg, ledger=ledger, loaders=loaders or fake_loaders()),
+                                               self.loop)
+        try:
+            self.running = fut.result(timeout=60)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+        self.port = self.running.port
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        """Stop the server and its loop."""
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a configuration with the fake loaders and the real ledger (crash tests)."""
+    from .app import serve
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m dprdm.server.testing")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    asyncio.run(serve(load_config(args.config), loaders=fake_loaders()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""Index building: readers, 1-stable dedup, owners, corrupt files, resume, IVF policy."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dprdm.index import (
+    BuildConfig,
+    IndexBuildError,
+    PrivacyPolicyError,
+    build_from_vectors,
+    build_index,
+    load,
+    verify,
+)
+from dprdm.index.build import owner_record_id, record_id_from_digest
+from dprdm.index.readers import FolderReader, ListReader, ParquetReader, WebDatasetReader, open_reader
+from dprdm.index.testing import FakeEncoder, make_image, random_unit_vectors, write_image_folder
+
+D = 16
+
+
+def _cfg(out, **kw):
+    kw.setdefault("corpus_id", "test-corpus")
+    kw.setdefault("public_size", 100)
+    kw.setdefault("progress", False)
+    return BuildConfig(output=out, **kw)
+
+
+def _png(seed):
+    buf = io.BytesIO()
+    make_image(seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    paths = write_image_folder(root, 24)
+    shutil.copy(paths[0], root / "a" / "dup_of_0.png")  # exact duplicate
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "b" / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root, paths
+
+
+def _embed(enc, path):
+    return enc.encode_images([Image.open(path).convert("RGB")])[0].astype(np.float64)
+
+
+def test_folder_build_dedup_and_unreadable(tmp_path, corpus):
+    root, paths = corpus
+    enc = FakeEncoder(D)
+    res = build_index(FolderReader(root), enc, _cfg(tmp_path / "idx", batch_size=5, shard_size=7))
+    idx = verify(res.path)
+    m = res.manifest
+    assert idx.count == 24 and m["dedup"]["exact_duplicates_dropped"] == 1
+    assert m["dedup"]["unreadable_or_skipped"] == 2 and m["dedup"]["items_seen"] == 27
+    report = json.loads((res.path / "reports" / "build_report.json").read_text())
+    assert sorted(e["key"] for e in report["unreadable_or_skipped"]) == ["a/broken.jpg", "b/empty.png"]
+    rid = record_id_from_digest(hashlib.sha256(paths[5].read_bytes()).digest())
+    row = int(np.flatnonzero(idx.ids == rid)[0])
+    assert np.allclose(idx.vectors[row], _embed(enc, paths[5]), atol=1e-6)
+    assert not (res.path / ".build").exists()
+    assert "1-stable" in m["preprocessing"]
+    hit = idx.search_subsampled(_embed(enc, paths[5]), k=1, q=1.0, rng=np.random.default_rng(0))
+    assert hit.ids.tolist() == [rid]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingEncoder(FakeEncoder):
+    def __init__(self, crash_at: int) -> None:
+        super().__init__(D)
+        self.crash_at = crash_at
+
+    def encode_images(self, images):
+        if self.calls + 1 == self.crash_at:
+            raise _Crash()
+        return super().encode_images(images)
+
+
+def test_resume_after_crash_gives_identical_index(tmp_path, corpus):
+    root, _ = corpus
+    fresh = build_index(FolderReader(root), FakeEncoder(D), _cfg(tmp_path / "fresh", batch_size=3, shard_size=6))
+    out = tmp_path / "crashy"
+    with pytest.raises(_Crash):
+        build_index(FolderReader(root), _CrashingEncoder(5), _cfg(out, batch_size=3, shard_size=6))
+    assert not (out / "manifest.json").exists() and list((out / ".build").glob("shard-*.meta.json"))
+    with pytest.raises(IndexBuildError, match="already exists; pass --resume"):
+        build_index(FolderReader(root), FakeEncoder(D), _cfg(out, batch_size=3, shard_size=6))
+    enc = FakeEncoder(D)
+    build_index(FolderReader(root), enc, _cfg(out, batch_size=3, shard_size=6, existing="resume"))
+    assert enc.calls < 9  # only the remaining shards were embedded
+    for name in ("vectors.npy", "ids.npy"):
+        assert (out / name).read_bytes() == (fresh.path / name).read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["dedup"] == fresh.manifest["dedup"]
+    with pytest.raises(IndexBuildError, match="finished index"):
+        build_index(FolderReader(root), FakeEncoder(D), _cfg(out, existing="resume"))
+
+
+def test_resume_refuses_changed_inputs_and_overwrite_rules(tmp_path, corpus):
+    root, _ = corpus
+    out = tmp_path / "x"
+    with pytest.raises(_Crash):
+        build_index(FolderReader(root), _CrashingEncoder(3), _cfg(out, batch_size=2, shard_size=4))
+    with pytest.raises(IndexBuildError, match="different inputs or encoder"):
+        build_index(FolderReader(root), FakeEncoder(D + 1), _cfg(out, existing="resume"))
+    build_index(FolderReader(root), FakeEncoder(D), _cfg(out, existing="overwrite"))
+    load(out)
+    stranger = tmp_path / "precious"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("keep me")
+    with pytest.raises(IndexBuildError, match="not an index directory"):
+        build_index(FolderReader(root), FakeEncoder(D), _cfg(stranger, existing="overwrite"))
+    assert (stranger / "thesis.tex").exists()
+
+
+def test_public_size_must_cover_records(tmp_path, corpus):
+    with pytest.raises(IndexBuildError, match="--public-size 10 is smaller"):
+        build_index(FolderReader(corpus[0]), FakeEncoder(D), _cfg(tmp_path / "i", public_size=10))
+
+
+def test_owner_records_are_mean_of_distinct_images(tmp_path):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    for i in range(4):
+        (img / f"{i}.png").write_bytes(_png(i))
+    (img / "copy0.png").write_bytes(_png(0))
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/0.png\talice\nimgs/1.png\talice\nimgs/copy0.png\talice\n"
+                       "imgs/0.png\tbob\nimgs/2.png\tbob\n# comment\nimgs/3.png\tcarol\n")
+    enc = FakeEncoder(D)
+    res = build_index(ListReader(listing), enc, _cfg(tmp_path / "idx"))
+    idx = load(res.path)
+    assert idx.count == 3 and res.manifest["record_unit"] == "owner"
+    assert res.manifest["dedup"]["exact_duplicates_dropped"] == 1  # copy0 within alice only
+    e = {i: _embed(enc, img / f"{i}.png") for i in range(4)}
+    for owner, members in {"alice": [0, 1], "bob": [0, 2], "carol": [3]}.items():
+        mean = sum(e[i] for i in members)
+        row = int(np.flatnonzero(idx.ids == owner_record_id(owner))[0])
+        assert np.allclose(idx.vectors[row], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_parquet_inputs(tmp_path):
+    rows = [_png(i) for i in range(6)]
+    table = pa.table({"img": [{"bytes": b} for b in rows[:5]] + [{"bytes": None}],
+                      "who": ["u1", "u1", "u2", "u3", "u3", "u4"]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    res = build_index(open_reader([str(tmp_path / "a.parquet")], image_column="img", owner_column="who"),
+                      FakeEncoder(D), _cfg(tmp_path / "i1"))
+    assert load(res.path).count == 3 and res.manifest["dedup"]["unreadable_or_skipped"] == 1
+    for i, b in enumerate(rows):
+        (tmp_path / f"p{i}.png").write_bytes(b)
+    pq.write_table(pa.table({"path": [f"p{i}.png" for i in range(6)] + ["missing.png"]}), tmp_path / "b.parquet")
+    reader = ParquetReader([tmp_path / "b.parquet"], path_column="path")
+    res2 = build_index(reader, FakeEncoder(D), _cfg(tmp_path / "i2"))
+    assert load(res2.path).count == 6 and res2.manifest["dedup"]["unreadable_or_skipped"] == 1
+    assert [it.key for it in reader.iter_from(5)] == ["p5.png", "missing.png"]
+    with pytest.raises(IndexBuildError, match="no column 'nope'"):
+        ParquetReader([tmp_path / "b.parquet"], path_column="nope")
+
+
+def test_webdataset_input_with_corrupt_tail(tmp_path):
+    shard = tmp_path / "s-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(5):
+            for ext, data in (("png", _png(i)), ("owner", f"o{i % 2}".encode())):
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    good = shard.read_bytes()
+    bad = tmp_path / "s-001.tar"
+    bad.write_bytes(good[: len(good) // 2])
+    items = list(WebDatasetReader([shard, bad], owner_field="owner").iter_from(0))
+    assert [it.owner for it in items[:5]] == ["o0", "o1", "o0", "o1", "o0"]
+    assert items[-1].error is not None and "corrupt" in items[-1].error
+    res = build_index(WebDatasetReader([shard, bad]), FakeEncoder(D), _cfg(tmp_path / "w"))
+    assert load(res.path).count == 5 and res.manifest["dedup"]["unreadable_or_skipped"] >= 1
+
+
+# -- IVF ---------------------------------------------------------------------------------------
+
+
+def test_ivf_build_matches_exact_search_when_all_lists_probed(tmp_path):
+    enc = FakeEncoder(D)
+    public = random_unit_vectors(400, D, seed=7)
+    np.save(tmp_path / "public.npy", public)
+    private = random_unit_vectors(150, D, seed=8)
+    flat = build_from_vectors(private, enc.identity, _cfg(tmp_path / "flat", public_size=200))
+    ivf = build_from_vectors(private, enc.identity, _cfg(tmp_path / "ivf", public_size=200, index_type="ivf",
+                                                          train_vectors=tmp_path / "public.npy", nlist=6, nprobe=2))
+    m = ivf.manifest
+    assert m["faiss_factory"] == "IVF6,Flat" and m["quantizer"]["trained_on"] == "public"
+    assert m["quantizer"]["kind"] == "npy" and m["ivf"]["total_capacity"] >= 400  # slack 2 * N̄
+    a, b = verify(flat.path), verify(ivf.path)
+    assert "list_offsets" not in json.dumps(b.public_info())
+    for qi in range(5):
+        u = random_unit_vectors(1, D, seed=100 + qi)[0]
+        r1 = a.search_subsampled(u, k=7, q=1.0, rng=np.random.default_rng(0))
+        r2 = b.search_subsampled(u, k=7, q=1.0, rng=np.random.default_rng(0), nprobe=6)
+        assert r1.ids.tolist() == r2.ids.tolist()
+        part = b.search_subsampled(u, k=7, q=1.0, rng=np.random.default_rng(0))  # nprobe 2
+        lists = set(b.layout.probe(u).tolist())
+        offs = b.layout.offsets
+        allowed = {int(b.ids[r]) for li in lists for r in range(offs[li], offs[li + 1])}
+        assert set(part.ids.tolist()) <= allowed
+
+
+def test_ivf_policy_refusals(tmp_path):
+    enc = FakeEncoder(D)
+    x = random_unit_vectors(50, D, seed=1)
+    with pytest.raises(PrivacyPolicyError, match="PUBLIC vectors.*amplification"):
+        _cfg(tmp_path / "a", index_type="ivf", nlist=4)
+    with pytest.raises(PrivacyPolicyError, match="refused for a private index.*amplification"):
+        _cfg(tmp_path / "a", index_type="hnsw")
+    with pytest.raises(PrivacyPolicyError, match="refused for a private index"):
+        _cfg(tmp_path / "a", index_type="HNSW32")
+    private = build_from_vectors(x, enc.identity, _cfg(tmp_path / "priv"))
+    with pytest.raises(PrivacyPolicyError, match="is a PRIVATE index"):
+        build_from_vectors(x, enc.identity, _cfg(tmp_path / "b", index_type="ivf", nlist=2,
+                                                 train_vectors=private.path))
+    public = build_from_vectors(random_unit_vectors(80, D, 3), enc.identity, _cfg(tmp_path / "pub", private=False))
+    ok = build_from_vectors(x, enc.identity, _cfg(tmp_path / "c", index_type="ivf", nlist=2,
+                                                  train_vectors=public.path))
+    assert ok.manifest["quantizer"]["kind"] == "index"
+    one_sided = np.tile(np.eye(D)[:1], (40, 1)) + random_unit_vectors(40, D, 4) * 0.01
+    np.save(tmp_path / "skewed.npy", np.vstack([one_sided, -one_sided]))
+    with pytest.raises(IndexBuildError, match="exceeds its public capacity.*--capacity-slack"):
+        build_from_vectors(np.tile(np.eye(D)[:1], (50, 1)) + x * 0.01, enc.identity,
+                           _cfg(tmp_path / "d", index_type="ivf", nlist=2, public_size=50, capacity_slack=1.0,
+                                train_vectors=tmp_path / "skewed.npy"))

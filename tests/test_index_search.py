@@ -1,0 +1,242 @@
+"""The exact Poisson-subsampled k-NN: distribution, strict order, padding, determinism."""
+
+from __future__ import annotations
+
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dprdm.index import search as S
+from dprdm.index.search import (
+    FlatLayout,
+    IvfLayout,
+    exact_scores,
+    naive_subsampled_topk,
+    poisson_positions,
+    quantize_query,
+    quantize_store,
+    subsampled_topk,
+    subsampled_topk_batch,
+)
+from dprdm.index.testing import random_unit_vectors
+
+P_MIN = 1e-4  # seeded tests: a false alarm would be deterministic, so keep the level strict
+
+
+def _store(n: int, d: int, seed: int = 0, dtype: str = "float32"):
+    x = quantize_store(random_unit_vectors(n, d, seed), dtype)
+    return x, np.arange(n, dtype=np.int64) * 7 + 3  # ids ascending with storage order
+
+
+class _CountingRng:
+    """Duck-typed generator that counts uniforms drawn (work must not depend on private data)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.drawn = 0
+
+    def random(self, n: int) -> np.ndarray:
+        self.drawn += n
+        return self.rng.random(n)
+
+
+# -- the geometric-gap sampler ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_positions_match_iid_bernoulli_pattern_law(monkeypatch, chunk):
+    if chunk is not None:  # force many rounds of the walk
+        monkeypatch.setattr(S, "_chunk_size", lambda expected: chunk)
+    n, q, trials = 5, 0.35, 20000
+    rng = np.random.default_rng(1)
+    counts = Counter(tuple(poisson_positions(n, q, rng)) for _ in range(trials))
+    patterns = [tuple(i for i in range(n) if mask >> i & 1) for mask in range(2**n)]
+    expected = np.array([q ** len(p) * (1 - q) ** (n - len(p)) for p in patterns]) * trials
+    observed = np.array([counts.get(p, 0) for p in patterns])
+    assert sum(observed) == trials  # nothing outside range(n), always sorted & unique
+    assert stats.chisquare(observed, expected).pvalue > P_MIN
+
+
+def test_positions_edge_cases():
+    rng = np.random.default_rng(0)
+    assert poisson_positions(0, 0.5, rng).size == 0
+    assert np.array_equal(poisson_positions(7, 1.0, rng), np.arange(7))
+    big = poisson_positions(10**6, 0.01, rng)
+    assert np.all(np.diff(big) > 0) and big[0] >= 0 and big[-1] < 10**6
+    assert abs(big.size - 10**4) < 6 * 100
+    # the walk reaches the end: the last tenth of the slots is sampled like the first
+    assert abs(np.count_nonzero(big >= 900_000) - np.count_nonzero(big < 100_000)) < 6 * 45
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="q must be in"):
+            poisson_positions(10, bad, rng)
+
+
+def test_work_depends_only_on_public_sizes():
+    layout = FlatLayout(count=50, public_size=400)
+    tiny = FlatLayout(count=3, public_size=400)
+    (a, ida), (b, idb) = _store(50, 8, seed=1), _store(3, 8, seed=2)
+    for seed in range(5):
+        r1, r2 = _CountingRng(seed), _CountingRng(seed)
+        subsampled_topk(a, ida, layout, a[0], k=4, q=0.05, rng=r1)
+        subsampled_topk(b, idb, tiny, a[0], k=4, q=0.05, rng=r2)
+        assert r1.drawn == r2.drawn
+
+
+# -- selection law vs the naive method -------------------------------------------------------
+
+
+def _ranked(x, ids, query):
+    qhat = quantize_query(query, x.shape[1])
+    sc = exact_scores(x, np.arange(x.shape[0]), qhat)
+    return [int(ids[i]) for i in np.lexsort((ids, -sc))]
+
+
+def test_top1_frequencies_match_exact_law_and_naive():
+    n, nbar, d, k, q, trials = 10, 14, 6, 3, 0.3, 12000
+    x, ids = _store(n, d, seed=3)
+    layout = FlatLayout(count=n, public_size=nbar)
+    query = random_unit_vectors(1, d, seed=9)[0]
+    ranked = _ranked(x, ids, query)
+    fast_rng, naive_rng = np.random.default_rng(11), np.random.default_rng(12)
+    fast, naive = Counter(), Counter()
+    fast_sets, naive_sets = Counter(), Counter()
+    for _ in range(trials):
+        r1 = subsampled_topk(x, ids, layout, query, k=k, q=q, rng=fast_rng)
+        r2 = naive_subsampled_topk(x, ids, layout, query, k=k, q=q, rng=naive_rng)
+        fast[int(r1.ids[0]) if r1.ids.size else -1] += 1
+        naive[int(r2.ids[0]) if r2.ids.size else -1] += 1
+        fast_sets[tuple(r1.ids)] += 1
+        naive_sets[tuple(r2.ids)] += 1
+    # exact law of the top-1: rank r wins with prob q (1-q)^(r-1); none survives with (1-q)^n
+    cats = [*ranked, -1]
+    exact = np.array([q * (1 - q) ** r for r in range(n)] + [(1 - q) ** n]) * trials
+    assert stats.chisquare([fast[c] for c in cats], exact).pvalue > P_MIN
+    # the whole selected tuple: two-sample chi-square against the naive method (N̄ coins)
+    keys = [t for t in set(fast_sets) | set(naive_sets) if fast_sets[t] + naive_sets[t] >= 20]
+    table = np.array([[fast_sets[t] for t in keys], [naive_sets[t] for t in keys]])
+    assert stats.chi2_contingency(table).pvalue > P_MIN
+    assert all(c in set(cats) for c in fast)  # never a dummy or -1 id
+
+
+def test_ivf_selection_matches_naive():
+    d, k, q, trials = 6, 2, 0.4, 6000
+    x, _ = _store(16, d, seed=4)
+    cents = np.eye(d)[:4]
+    lists = np.argmax(x.astype(np.float64) @ cents.T, axis=1)
+    perm = np.argsort(lists, kind="stable")
+    x, ids = x[perm], np.arange(16, dtype=np.int64)[perm] * 5
+    order = np.lexsort((ids, lists[perm]))
+    x, ids = x[order], ids[order]
+    sizes = np.bincount(lists, minlength=4)
+    layout = IvfLayout(centroids=cents, capacities=sizes + 2, offsets=np.r_[0, np.cumsum(sizes)], nprobe=2)
+    query = cents[0] * 0.6 + cents[1] * 0.8
+    c1, c2 = Counter(), Counter()
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(6)
+    for _ in range(trials):
+        c1[tuple(subsampled_topk(x, ids, layout, query, k=k, q=q, rng=r1).ids)] += 1
+        c2[tuple(naive_subsampled_topk(x, ids, layout, query, k=k, q=q, rng=r2).ids)] += 1
+    keys = [t for t in set(c1) | set(c2) if c1[t] + c2[t] >= 20]
+    assert stats.chi2_contingency(np.array([[c1[t] for t in keys], [c2[t] for t in keys]])).pvalue > P_MIN
+    probed = set(layout.probe(query).tolist())
+    allowed = {int(i) for i, li in zip(ids, np.sort(lists), strict=True) if li in probed}
+    assert all(set(t) <= allowed for t in c1)
+
+
+# -- strict order, padding, clamping ---------------------------------------------------------
+
+
+def test_q1_is_exact_topk_with_id_tiebreak():
+    base = quantize_store(np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0.6, 0.8, 0, 0]]), "float32")
+    ids = np.array([40, 10, 20, 30], dtype=np.int64)  # rows 0 and 2 tie exactly; id 20 < 40 first
+    res = subsampled_topk(base, ids, FlatLayout(4, 9), np.array([1.0, 0, 0, 0]), k=3, q=1.0,
+                          rng=np.random.default_rng(0))
+    assert res.ids.tolist() == [20, 40, 30]
+    assert res.scores[0] == res.scores[1] == 1.0
+
+
+def test_zero_padding_when_few_survive_and_no_fallback():
+    x, ids = _store(5, 8)
+    res = subsampled_topk(x, ids, FlatLayout(5, 50), x[0], k=16, q=1.0, rng=np.random.default_rng(0))
+    assert res.vectors.shape == (5, 8) and res.k == 16  # all 5 real, 45 dummies never chosen
+    assert np.allclose(res.aggregate(), res.vectors.sum(0) / 16)
+    empty = subsampled_topk(x, ids, FlatLayout(5, 50), x[0], k=4, q=1e-9, rng=np.random.default_rng(1))
+    assert empty.vectors.shape == (0, 8) and np.array_equal(empty.aggregate(), np.zeros(8))
+    assert -1 not in res.ids
+
+
+def test_vectors_clamped_in_float64_and_match_ids():
+    x = quantize_store(random_unit_vectors(30, 16, 2), "float16")
+    ids = np.arange(30, dtype=np.int64)
+    res = subsampled_topk(x, ids, FlatLayout(30, 30), x[1].astype(np.float64), k=8, q=0.7,
+                          rng=np.random.default_rng(3))
+    assert res.vectors.dtype == np.float64
+    assert np.all(np.linalg.norm(res.vectors, axis=1) <= 1.0 + 1e-15)
+    raw = x[res.ids].astype(np.float64)
+    assert np.allclose(res.vectors, raw / np.maximum(1, np.linalg.norm(raw, axis=1))[:, None], atol=0)
+    assert np.all(np.diff(res.scores) <= 0)
+
+
+def test_scores_exact_and_independent_of_batch():
+    x, _ = _store(700, 96, seed=5)
+    qhat = quantize_query(random_unit_vectors(1, 96, 6)[0], 96)
+    full = exact_scores(x, np.arange(700), qhat)
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 17, 400):
+        rows = rng.choice(700, size, replace=False)
+        assert np.array_equal(exact_scores(x, rows, qhat), full[rows])  # bitwise
+    for r in (0, 123, 699):
+        exact = sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(x[r], qhat, strict=True))
+        assert Fraction(full[r]) == exact
+
+
+def test_batch_draws_fresh_coins_per_query():
+    x, ids = _store(200, 8)
+    layout = FlatLayout(200, 256)
+    qs = np.repeat(x[:1].astype(np.float64), 6, axis=0)
+    res = subsampled_topk_batch(x, ids, layout, qs, k=5, q=0.2, rng=np.random.default_rng(0))
+    assert len({tuple(r.ids) for r in res}) > 1  # same query, different subsamples
+    rngs = [np.random.default_rng(s) for s in range(6)]
+    res2 = subsampled_topk_batch(x, ids, layout, qs, k=5, q=0.2, rng=rngs)
+    solo = subsampled_topk(x, ids, layout, qs[3], k=5, q=0.2, rng=np.random.default_rng(3))
+    assert np.array_equal(res2[3].ids, solo.ids)
+    with pytest.raises(ValueError, match="generators for"):
+        subsampled_topk_batch(x, ids, layout, qs, k=5, q=0.2, rng=rngs[:2])
+
+
+def test_validation_and_redacted_repr():
+    x, ids = _store(10, 8)
+    lay = FlatLayout(10, 10)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="k must be"):
+        subsampled_topk(x, ids, lay, x[0], k=0, q=0.5, rng=rng)
+    with pytest.raises(ValueError, match="shape"):
+        subsampled_topk(x, ids, lay, x[0][:4], k=1, q=0.5, rng=rng)
+    with pytest.raises(ValueError, match="unit vector"):
+        subsampled_topk(x, ids, lay, x[0] * 3, k=1, q=0.5, rng=rng)
+    with pytest.raises(ValueError, match="non-finite"):
+        subsampled_topk(x, ids, lay, np.full(8, np.nan), k=1, q=0.5, rng=rng)
+    res = subsampled_topk(x, ids, lay, x[0], k=3, q=1.0, rng=rng)
+    assert "redacted" in repr(res) and str(int(res.ids[0])) not in repr(res).replace("k=3", "")
+
+
+def test_ivf_padding_and_dummies():
+    d = 4
+    cents = np.eye(d)
+    x = quantize_store(np.array([[1, 0.1, 0, 0], [1, 0, 0.2, 0], [0, 1, 0, 0]]), "float32")
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    layout = IvfLayout(centroids=cents, capacities=np.array([5, 4, 3, 3]), offsets=np.array([0, 2, 3, 3, 3]),
+                       nprobe=1)
+    c = layout.candidates(quantize_query(np.array([1.0, 0, 0, 0]), d))
+    assert c.length == 5
+    rows, real = c.rows_for(np.arange(5))
+    assert real.tolist() == [True, True, False, False, False] and rows.max() < 3
+    c2 = layout.candidates(quantize_query(np.array([1.0, 0, 0, 0]), d), nprobe=4)
+    assert c2.length == 15
+    res = subsampled_topk(x, ids, layout, np.array([1.0, 0, 0, 0]), k=3, q=1.0, rng=np.random.default_rng(0),
+                          nprobe=2)
+    assert res.ids.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="nprobe"):
+        layout.candidates(np.zeros(d), nprobe=0)
