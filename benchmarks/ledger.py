@@ -39,30 +39,37 @@ PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 TARGETS = {"p99_ms": 2.0, "group_rps_at_64": 20_000.0, "single_tx_vs_raw_max_ratio": 2.0}
 
 
-def raw_sqlite(directory: Path, seconds: float) -> dict[str, float]:
-    """Single-row durable transactions per second and rows per second at 32 rows per transaction.
+def raw_sqlite(directory: Path, seconds: float, name: str = "raw") -> dict[str, float]:
+    """Single-row durable transactions per second (and their latency), rows per second at 32 rows
+    per transaction: the floor every durable ledger write pays (one fsync per commit).
 
     Args:
         directory: where to create the database file.
         seconds: time spent on each of the two measurements.
+        name: database file stem.
 
     Returns:
-        ``{"single_tx_per_s": ..., "rows_per_s_at_32": ...}``.
+        ``single_tx_per_s``, ``single_tx_p50_ms``, ``single_tx_p99_ms``, ``rows_per_s_at_32``.
     """
-    conn = sqlite3.connect(directory / "raw.db", isolation_level=None)
+    conn = sqlite3.connect(directory / f"{name}.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, key TEXT UNIQUE, payload TEXT)")
     payload = json.dumps([0.001 * i for i in range(101)])  # like a charge curve
     out: dict[str, float] = {}
-    for name, rows in (("single_tx_per_s", 1), ("rows_per_s_at_32", 32)):
-        n, start = 0, time.perf_counter()
+    for key, rows in (("single_tx_per_s", 1), ("rows_per_s_at_32", 32)):
+        n, start, lat = 0, time.perf_counter(), []
         while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO t (key, payload) VALUES (?, ?)", [(f"{name}{n + i}", payload) for i in range(rows)])
+            conn.executemany("INSERT INTO t (key, payload) VALUES (?, ?)", [(f"{key}{n + i}", payload) for i in range(rows)])
             conn.execute("COMMIT")
+            lat.append(time.perf_counter() - t0)
             n += rows
-        out[name] = n / (time.perf_counter() - start)
+        out[key] = n / (time.perf_counter() - start)
+        if rows == 1:
+            out["single_tx_p50_ms"] = float(np.percentile(lat, 50) * 1e3)
+            out["single_tx_p99_ms"] = float(np.percentile(lat, 99) * 1e3)
     conn.close()
     return out
 
@@ -79,7 +86,8 @@ def ledger_run(directory: Path, *, threads: int, group_commit: bool, seconds: fl
     Returns:
         Throughput, latency percentiles (ms), operations per transaction and the counts.
     """
-    path = directory / f"ledger-{threads}-{int(group_commit)}.db"
+    path = Path(tempfile.mkstemp(suffix=".db", prefix=f"ledger-{threads}-{int(group_commit)}-", dir=directory)[1])
+    path.unlink()  # a fresh ledger file per run
     led = SqliteLedger(path, group_commit=group_commit)
     budget = Budget.single(1e9, 1e-7, PROFILE)  # never exhausted: we measure the write path
     led.create_budget("bench", budget)
@@ -127,6 +135,31 @@ def ledger_run(directory: Path, *, threads: int, group_commit: bool, seconds: fl
     }
 
 
+def paired_single_tx(directory: Path, rounds: int, seconds: float) -> dict[str, float]:
+    """Ledger vs raw SQLite, one writer, alternating short rounds (the shared disk's speed drifts
+    within seconds, so only a paired comparison is meaningful).
+
+    Args:
+        directory: where to create the database files.
+        rounds: number of (raw, ledger) pairs.
+        seconds: time per measurement.
+
+    Returns:
+        Medians of the raw rate, the ledger rate (``group_commit=False``) and their per-round ratio.
+    """
+    raws, leds = [], []
+    for r in range(rounds):
+        raws.append(raw_sqlite(directory, seconds, f"paired-raw-{r}")["single_tx_per_s"])
+        leds.append(ledger_run(directory, threads=1, group_commit=False, seconds=seconds)["reservations_per_s"])
+    ratios = [led / raw for led, raw in zip(leds, raws, strict=True)]
+    return {
+        "rounds": rounds,
+        "raw_single_tx_per_s": float(np.median(raws)),
+        "ledger_single_tx_per_s": float(np.median(leds)),
+        "ledger_over_raw": float(np.median(ratios)),
+    }
+
+
 def admission_cost(repeats: int = 2000) -> dict[str, float]:
     """Microseconds per admission decision: ``Budget.admits`` and the ledger's ``_Rule.admits``."""
     budget = Budget.single(1.0, 1e-7, PROFILE)
@@ -161,12 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     thread_counts = [int(x) for x in args.threads.split(",")]
     directory = Path(tempfile.mkdtemp(prefix="dprdm-ledger-bench-", dir=args.tmp))
     try:
-        raw = raw_sqlite(directory, args.seconds)
+        raw_before = raw_sqlite(directory, args.seconds, "raw-before")
         runs = [
             ledger_run(directory, threads=n, group_commit=group, seconds=args.seconds)
             for group in (False, True)
             for n in thread_counts
         ]
+        raw_after = raw_sqlite(directory, args.seconds, "raw-after")  # the disk is shared: bracket the runs
+        paired = paired_single_tx(directory, rounds=5, seconds=1.0)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     result = {
@@ -175,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "sqlite": sqlite3.sqlite_version, "load_avg": os.getloadavg()},
         "seconds_per_config": args.seconds,
-        "raw_sqlite": raw,
+        "raw_sqlite": {k: (raw_before[k] + raw_after[k]) / 2 for k in raw_before},
+        "raw_sqlite_before": raw_before,
+        "raw_sqlite_after": raw_after,
+        "paired_single_writer": paired,
         "admission": admission_cost(),
         "ledger": runs,
         "targets": TARGETS,
@@ -189,17 +227,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    raw, adm = result["raw_sqlite"], result["admission"]
-    print(f"raw SQLite (WAL, synchronous=FULL): {raw['single_tx_per_s']:,.0f} single-row tx/s; "
+    raw, adm, pair = result["raw_sqlite"], result["admission"], result["paired_single_writer"]
+    print(f"raw SQLite (WAL, synchronous=FULL, mean of before/after): {raw['single_tx_per_s']:,.0f} single-row tx/s "
+          f"(p50 {raw['single_tx_p50_ms']:.2f} ms, p99 {raw['single_tx_p99_ms']:.2f} ms); "
           f"{raw['rows_per_s_at_32']:,.0f} rows/s at 32 rows/tx")  # fmt: skip
+    print(f"paired, 1 writer, {pair['rounds']} alternating rounds: raw {pair['raw_single_tx_per_s']:,.0f} tx/s, "
+          f"ledger {pair['ledger_single_tx_per_s']:,.0f} res/s, median ratio {pair['ledger_over_raw']:.2f}")  # fmt: skip
     print(f"admission decision: Budget.admits {adm['budget_admits_us']:.1f} us, "
           f"ledger rule {adm['ledger_rule_admits_us']:.1f} us")  # fmt: skip
-    print(f"{'mode':<8}{'threads':>8}{'res/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ops/tx':>8}{'vs raw tx':>11}")
+    print(f"{'mode':<8}{'threads':>8}{'res/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ops/tx':>8}{'vs raw 1-row tx':>17}")
     for r in result["ledger"]:
         ratio = r["reservations_per_s"] / raw["single_tx_per_s"]
         mode = "group" if r["group_commit"] else "single"
         print(f"{mode:<8}{r['threads']:>8}{r['reservations_per_s']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-              f"{r['ops_per_transaction']:>8.1f}{ratio:>10.2f}x")  # fmt: skip
+              f"{r['ops_per_transaction']:>8.1f}{ratio:>16.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def _faiss_flat(vectors: np.ndarray) -> Any:
     return index
 
 
+_KEEP_ALIVE: list[Any] = []
+
+
 def _faiss_ivf(idx: Any) -> Any:
     """IndexIVFFlat with exactly our public centroids and our list contents (ids = storage rows)."""
     import faiss
@@ -101,7 +104,7 @@ def _faiss_ivf(idx: Any) -> Any:
             rows = np.arange(a, b, dtype=np.int64)
             ivf.invlists.add_entries(li, b - a, faiss.swig_ptr(rows), faiss.swig_ptr(codes))
     ivf.ntotal = int(lay.offsets[-1])
-    ivf._dprdm_refs = quant  # keep the quantizer alive
+    _KEEP_ALIVE.append(quant)  # the IVF index does not own its quantizer
     return ivf
 
 
@@ -168,7 +171,7 @@ def _build(workdir: Path, kind: str, n: int, d: int, dtype: str, nlist: int, npr
     enc = FakeEncoder(d)
     out = workdir / f"{kind}-{n}-{dtype}"
     if (out / "manifest.json").exists():
-        return load(out, verify_checksums=False)
+        return load(out, verify_checksums=False, prefault=True)
     vec_path = workdir / f"vectors-{n}-{dtype}.npy"
     if not vec_path.exists():
         mm = np.lib.format.open_memmap(vec_path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
@@ -184,7 +187,7 @@ def _build(workdir: Path, kind: str, n: int, d: int, dtype: str, nlist: int, npr
             np.save(train, _unit_rows(max(40 * nlist, 20_000), d, seed + 1))
         cfg.update(index_type="ivf", nlist=nlist, nprobe=nprobe, train_vectors=train)
     build_from_vectors(vectors, enc.identity, BuildConfig(**cfg))
-    return load(out, verify_checksums=False)
+    return load(out, verify_checksums=False, prefault=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf"])
     p.add_argument("--queries", type=int, default=50, help="queries per configuration (first 2 are warm-up)")
     p.add_argument("--dtype", default="auto", help="float32, float16, or auto (float16 above 2e6 vectors)")
-    p.add_argument("--nlist", type=int, default=0, help="ivf lists (default: min(1024, sqrt(N)))")
+    p.add_argument("--nlist", type=int, default=0, help="ivf lists (default: min(1024, sqrt(N) / 4))")
     p.add_argument("--nprobe-frac", type=float, default=1 / 16, help="ivf nprobe = max(1, nlist * frac)")
     p.add_argument("--rng", default="pcg64", choices=["pcg64", "chacha"], help="coin generator for both methods")
     p.add_argument("--workdir", type=Path, default=None, help="where to store indexes (default: a temp dir)")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype = args.dtype if args.dtype != "auto" else ("float16" if n > 2_000_000 else "float32")
             queries = _unit_rows(args.queries, args.d, seed=777).astype(np.float64)
             for kind in args.kinds:
-                nlist = args.nlist or int(min(1024, max(4, round(n**0.5))))
+                nlist = args.nlist or int(min(1024, max(4, round(n**0.5 / 4))))
                 nprobe = max(1, int(nlist * args.nprobe_frac))
                 t0 = time.perf_counter()
                 idx = _build(workdir, kind, n, args.d, dtype, nlist, nprobe, seed=n % 1000)

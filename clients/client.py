@@ -43,8 +43,14 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class DprdmError(Exception):
     """A failed call: status ``code`` name, ``message``, ``reason`` (ErrorInfo) and decoded details."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "",
-                 metadata: dict[str, str] | None = None, details: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        details: Sequence[Any] = (),
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code, self.message, self.reason = code, message, reason
         self.metadata = dict(metadata or {})
@@ -59,8 +65,14 @@ class DprdmError(Exception):
         reason, meta = "", {}
         status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
         for packed in status.details if status is not None else ():
-            for kind in (error_details_pb2.ErrorInfo, error_details_pb2.QuotaFailure, error_details_pb2.BadRequest,
-                         error_details_pb2.RetryInfo, error_details_pb2.RequestInfo, error_details_pb2.ResourceInfo):
+            for kind in (
+                error_details_pb2.ErrorInfo,
+                error_details_pb2.QuotaFailure,
+                error_details_pb2.BadRequest,
+                error_details_pb2.RetryInfo,
+                error_details_pb2.RequestInfo,
+                error_details_pb2.ResourceInfo,
+            ):
                 if packed.Is(kind.DESCRIPTOR):
                     msg = kind()
                     packed.Unpack(msg)
@@ -104,7 +116,9 @@ class ChannelSettings:
     server_name: str | None = None
 
     @classmethod
-    def from_env(cls, address: str | None = None, token: str | None = None, **tls: str | None) -> ChannelSettings:
+    def from_env(
+        cls, address: str | None = None, token: str | None = None, **tls: str | None
+    ) -> ChannelSettings:
         """Fill unset fields from ``DPRDM_ADDRESS``, ``DPRDM_TOKEN``, ``DPRDM_CA_CERT``, ..."""
         env = os.environ
         return cls(
@@ -118,8 +132,10 @@ class ChannelSettings:
 
     def options(self) -> list[tuple[str, Any]]:
         """Channel options (raised message limits, TLS name override)."""
-        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts
@@ -137,32 +153,63 @@ class ChannelSettings:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
-def _retrieve_request(index: str, prompt: str, profile: str, request_id: str | None) -> dprdm_pb2.RetrieveRequest:
-    return dprdm_pb2.RetrieveRequest(index=index, profile=profile, prompt=prompt,
-                                     request_id=request_id or uuid.uuid4().hex)
+def _retrieve_request(
+    index: str, prompt: str, profile: str, request_id: str | None
+) -> dprdm_pb2.RetrieveRequest:
+    return dprdm_pb2.RetrieveRequest(
+        index=index, profile=profile, prompt=prompt, request_id=request_id or uuid.uuid4().hex
+    )
 
 
-def _generate_request(index: str, prompt: str, profile: str, request_id: str | None, num_images: int,
-                      steps: int, seed: int | None) -> dprdm_pb2.GenerateRequest:
-    req = dprdm_pb2.GenerateRequest(index=index, profile=profile, prompt=prompt, num_images=num_images,
-                                    steps=steps, request_id=request_id or uuid.uuid4().hex)
+def _generate_request(
+    index: str,
+    prompt: str,
+    profile: str,
+    request_id: str | None,
+    num_images: int,
+    steps: int,
+    seed: int | None,
+) -> dprdm_pb2.GenerateRequest:
+    req = dprdm_pb2.GenerateRequest(
+        index=index,
+        profile=profile,
+        prompt=prompt,
+        num_images=num_images,
+        steps=steps,
+        request_id=request_id or uuid.uuid4().hex,
+    )
     if seed is not None:
         req.seed = seed
     return req
 
 
 def _budget_request(index: str | None, domain: str | None) -> dprdm_pb2.GetBudgetRequest:
-    return dprdm_pb2.GetBudgetRequest(domain=domain) if domain else dprdm_pb2.GetBudgetRequest(index=index or "")
+    return (
+        dprdm_pb2.GetBudgetRequest(domain=domain) if domain else dprdm_pb2.GetBudgetRequest(index=index or "")
+    )
 
 
-def _create_budget_request(domain: str, epsilon: float, delta: float, profiles: Sequence[dict[str, float]],
-                           renyi_filter: bool, filter_order: float | None,
-                           quotas: dict[str, float] | None) -> admin_pb2.CreateBudgetRequest:
+def _create_budget_request(
+    domain: str,
+    epsilon: float,
+    delta: float,
+    profiles: Sequence[dict[str, float]],
+    renyi_filter: bool,
+    filter_order: float | None,
+    quotas: dict[str, float] | None,
+) -> admin_pb2.CreateBudgetRequest:
     return admin_pb2.CreateBudgetRequest(
-        domain=domain, epsilon=epsilon, delta=delta, renyi_filter=renyi_filter, filter_order=filter_order or 0.0,
+        domain=domain,
+        epsilon=epsilon,
+        delta=delta,
+        renyi_filter=renyi_filter,
+        filter_order=filter_order or 0.0,
         tenant_quotas=quotas or {},
-        profiles=[admin_pb2.ProfileParams(k=int(p["k"]), q=p["q"], sigma=p["sigma"], **{"lambda": p["lambda"]})
-                  for p in profiles])
+        profiles=[
+            admin_pb2.ProfileParams(k=int(p["k"]), q=p["q"], sigma=p["sigma"], **{"lambda": p["lambda"]})
+            for p in profiles
+        ],
+    )
 
 
 def _fold(result: GenerateResult, event: dprdm_pb2.GenerateEvent) -> None:
@@ -178,13 +225,22 @@ def _fold(result: GenerateResult, event: dprdm_pb2.GenerateEvent) -> None:
 class Client:
     """Synchronous client. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, address: str | None = None, token: str | None = None, *, timeout: float | None = 60.0,
-                 **tls: str | None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        **tls: str | None,
+    ) -> None:
         self.settings = ChannelSettings.from_env(address, token, **tls)
         creds = self.settings.credentials()
         opts = self.settings.options()
-        self._channel = (grpc.secure_channel(self.settings.address, creds, options=opts) if creds
-                         else grpc.insecure_channel(self.settings.address, options=opts))
+        self._channel = (
+            grpc.secure_channel(self.settings.address, creds, options=opts)
+            if creds
+            else grpc.insecure_channel(self.settings.address, options=opts)
+        )
         self._stub = dprdm_pb2_grpc.DprdmStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self.timeout = timeout
@@ -195,24 +251,48 @@ class Client:
         except grpc.RpcError as err:
             raise DprdmError.from_rpc(err) from None
 
-    def retrieve(self, index: str, prompt: str, *, profile: str = "default", request_id: str | None = None,
-                 timeout: float | None = None) -> RetrieveResult:
+    def retrieve(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        profile: str = "default",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RetrieveResult:
         """The private conditioning vector for ``prompt`` and its receipt."""
         resp = self._call(self._stub.Retrieve, _retrieve_request(index, prompt, profile, request_id), timeout)
         return RetrieveResult(np.asarray(resp.embedding, dtype=np.float64), resp.receipt)
 
-    def generate_events(self, index: str, prompt: str, *, profile: str = "default", num_images: int = 1,
-                        steps: int = 0, seed: int | None = None, request_id: str | None = None,
-                        timeout: float | None = None) -> Iterator[dprdm_pb2.GenerateEvent]:
+    def generate_events(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        profile: str = "default",
+        num_images: int = 1,
+        steps: int = 0,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[dprdm_pb2.GenerateEvent]:
         """The raw event stream of ``Generate``."""
         req = _generate_request(index, prompt, profile, request_id, num_images, steps, seed)
         try:
-            yield from self._stub.Generate(req, metadata=self.settings.metadata(), timeout=timeout or self.timeout)
+            yield from self._stub.Generate(
+                req, metadata=self.settings.metadata(), timeout=timeout or self.timeout
+            )
         except grpc.RpcError as err:
             raise DprdmError.from_rpc(err) from None
 
-    def generate(self, index: str, prompt: str, *, on_event: Callable[[dprdm_pb2.GenerateEvent], None] | None = None,
-                 **kwargs: Any) -> GenerateResult:
+    def generate(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        on_event: Callable[[dprdm_pb2.GenerateEvent], None] | None = None,
+        **kwargs: Any,
+    ) -> GenerateResult:
         """Generate images; ``on_event`` sees every event (progress display)."""
         result = GenerateResult()
         for event in self.generate_events(index, prompt, **kwargs):
@@ -229,9 +309,17 @@ class Client:
         """Public facts about the served indexes."""
         return list(self._call(self._stub.ListIndexes, dprdm_pb2.ListIndexesRequest()).indexes)
 
-    def create_budget(self, domain: str, epsilon: float, delta: float, profiles: Sequence[dict[str, float]], *,
-                      renyi_filter: bool = False, filter_order: float | None = None,
-                      quotas: dict[str, float] | None = None) -> types_pb2.BudgetInfo:
+    def create_budget(
+        self,
+        domain: str,
+        epsilon: float,
+        delta: float,
+        profiles: Sequence[dict[str, float]],
+        *,
+        renyi_filter: bool = False,
+        filter_order: float | None = None,
+        quotas: dict[str, float] | None = None,
+    ) -> types_pb2.BudgetInfo:
         """Admin: create a domain budget."""
         req = _create_budget_request(domain, epsilon, delta, profiles, renyi_filter, filter_order, quotas)
         return self._call(self._admin.CreateBudget, req).budget
@@ -263,13 +351,22 @@ class Client:
 class AsyncClient:
     """asyncio client (``grpc.aio``); same methods as :class:`Client`, awaitable."""
 
-    def __init__(self, address: str | None = None, token: str | None = None, *, timeout: float | None = 60.0,
-                 **tls: str | None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        **tls: str | None,
+    ) -> None:
         self.settings = ChannelSettings.from_env(address, token, **tls)
         creds = self.settings.credentials()
         opts = self.settings.options()
-        self._channel = (grpc.aio.secure_channel(self.settings.address, creds, options=opts) if creds
-                         else grpc.aio.insecure_channel(self.settings.address, options=opts))
+        self._channel = (
+            grpc.aio.secure_channel(self.settings.address, creds, options=opts)
+            if creds
+            else grpc.aio.insecure_channel(self.settings.address, options=opts)
+        )
         self._stub = dprdm_pb2_grpc.DprdmStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self.timeout = timeout
@@ -280,15 +377,33 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise DprdmError.from_rpc(err) from None
 
-    async def retrieve(self, index: str, prompt: str, *, profile: str = "default", request_id: str | None = None,
-                       timeout: float | None = None) -> RetrieveResult:
+    async def retrieve(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        profile: str = "default",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RetrieveResult:
         """The private conditioning vector for ``prompt`` and its receipt."""
-        resp = await self._call(self._stub.Retrieve, _retrieve_request(index, prompt, profile, request_id), timeout)
+        resp = await self._call(
+            self._stub.Retrieve, _retrieve_request(index, prompt, profile, request_id), timeout
+        )
         return RetrieveResult(np.asarray(resp.embedding, dtype=np.float64), resp.receipt)
 
-    async def generate_events(self, index: str, prompt: str, *, profile: str = "default", num_images: int = 1,
-                              steps: int = 0, seed: int | None = None, request_id: str | None = None,
-                              timeout: float | None = None) -> AsyncIterator[dprdm_pb2.GenerateEvent]:
+    async def generate_events(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        profile: str = "default",
+        num_images: int = 1,
+        steps: int = 0,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[dprdm_pb2.GenerateEvent]:
         """The raw event stream of ``Generate``."""
         req = _generate_request(index, prompt, profile, request_id, num_images, steps, seed)
         call = self._stub.Generate(req, metadata=self.settings.metadata(), timeout=timeout or self.timeout)
@@ -298,9 +413,14 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise DprdmError.from_rpc(err) from None
 
-    async def generate(self, index: str, prompt: str, *,
-                       on_event: Callable[[dprdm_pb2.GenerateEvent], None] | None = None,
-                       **kwargs: Any) -> GenerateResult:
+    async def generate(
+        self,
+        index: str,
+        prompt: str,
+        *,
+        on_event: Callable[[dprdm_pb2.GenerateEvent], None] | None = None,
+        **kwargs: Any,
+    ) -> GenerateResult:
         """Generate images; ``on_event`` sees every event."""
         result = GenerateResult()
         async for event in self.generate_events(index, prompt, **kwargs):
@@ -317,9 +437,17 @@ class AsyncClient:
         """Public facts about the served indexes."""
         return list((await self._call(self._stub.ListIndexes, dprdm_pb2.ListIndexesRequest())).indexes)
 
-    async def create_budget(self, domain: str, epsilon: float, delta: float, profiles: Sequence[dict[str, float]],
-                            *, renyi_filter: bool = False, filter_order: float | None = None,
-                            quotas: dict[str, float] | None = None) -> types_pb2.BudgetInfo:
+    async def create_budget(
+        self,
+        domain: str,
+        epsilon: float,
+        delta: float,
+        profiles: Sequence[dict[str, float]],
+        *,
+        renyi_filter: bool = False,
+        filter_order: float | None = None,
+        quotas: dict[str, float] | None = None,
+    ) -> types_pb2.BudgetInfo:
         """Admin: create a domain budget."""
         req = _create_budget_request(domain, epsilon, delta, profiles, renyi_filter, filter_order, quotas)
         return (await self._call(self._admin.CreateBudget, req)).budget
@@ -335,7 +463,9 @@ class AsyncClient:
 
     async def quotas(self, domain: str) -> list[types_pb2.TenantQuota]:
         """Admin: tenants' quotas on a domain."""
-        return list((await self._call(self._admin.ListQuotas, admin_pb2.ListQuotasRequest(domain=domain))).quotas)
+        return list(
+            (await self._call(self._admin.ListQuotas, admin_pb2.ListQuotasRequest(domain=domain))).quotas
+        )
 
     async def close(self) -> None:
         """Close the channel."""

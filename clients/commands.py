@@ -33,8 +33,15 @@ def _client(args: argparse.Namespace) -> Any:
     from .client import Client
 
     try:
-        c = Client(args.address, args.token, timeout=args.timeout, ca_cert=args.ca_cert,
-                   client_cert=args.client_cert, client_key=args.client_key, server_name=args.server_name)
+        c = Client(
+            args.address,
+            args.token,
+            timeout=args.timeout,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+        )
     except OSError as exc:
         raise CliError(f"cannot read TLS file {exc.filename!r}: {exc.strerror}") from None
     if not c.settings.token:
@@ -57,9 +64,11 @@ def _receipt_text(r: Any) -> str:
     if not r.spend_id:
         return f"charged epsilon 0 (profile {r.profile!r}: nothing private was used)"
     how = " (replayed: no new charge)" if r.replayed else " (reused: charged 0)" if r.reused else ""
-    return (f"spend {r.spend_id}{how}: profile {r.profile!r} on domain {r.domain!r}, epsilon charged "
-            f"{r.epsilon_charged:.4g} at delta {r.delta:.3g}; spent {r.epsilon_spent:.4g} of "
-            f"{r.epsilon_budget:.4g}, left {r.epsilon_left:.4g}")
+    return (
+        f"spend {r.spend_id}{how}: profile {r.profile!r} on domain {r.domain!r}, epsilon charged "
+        f"{r.epsilon_charged:.4g} at delta {r.delta:.3g}; spent {r.epsilon_spent:.4g} of "
+        f"{r.epsilon_budget:.4g}, left {r.epsilon_left:.4g}"
+    )
 
 
 def _guard(fn: Any) -> Any:
@@ -70,6 +79,7 @@ def _guard(fn: Any) -> Any:
             return int(fn(args) or 0)
         except DprdmError as exc:
             raise CliError(f"{exc.code.name}: {exc.message}") from None
+
     return run
 
 
@@ -98,8 +108,12 @@ def _progress(event: Any) -> None:
         width = 30
         done = int(width * p.step / max(1, p.total_steps))
         end = "\n" if p.step >= p.total_steps else ""
-        print(f"\rdenoising [{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps}", end=end,
-              file=sys.stderr, flush=True)
+        print(
+            f"\rdenoising [{'#' * done}{'.' * (width - done)}] {p.step}/{p.total_steps}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @_guard
@@ -107,9 +121,16 @@ def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with _client(args) as c:
-        res = c.generate(args.index, args.prompt, profile=args.profile, num_images=args.num_images,
-                         steps=args.steps, seed=args.seed, request_id=args.request_id,
-                         on_event=None if args.json else _progress)
+        res = c.generate(
+            args.index,
+            args.prompt,
+            profile=args.profile,
+            num_images=args.num_images,
+            steps=args.steps,
+            seed=args.seed,
+            request_id=args.request_id,
+            on_event=None if args.json else _progress,
+        )
     stem = res.receipt.request_id if res.receipt is not None and res.receipt.request_id else "image"
     paths = []
     for i, png in enumerate(res.images):
@@ -124,8 +145,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _budget_text(b: Any) -> str:
     rule = f"Rényi filter at order {b.filter_order:g}" if b.rule == "renyi_filter" else "single profile"
-    lines = [f"domain {b.domain}: epsilon {b.epsilon_spent:.4g} spent of {b.epsilon:.4g} (left {b.epsilon_left:.4g}) "
-             f"at delta {b.delta:.3g}; {rule}; neighbouring: {b.neighbouring}"]
+    lines = [
+        f"domain {b.domain}: epsilon {b.epsilon_spent:.4g} spent of {b.epsilon:.4g} (left {b.epsilon_left:.4g}) "
+        f"at delta {b.delta:.3g}; {rule}; neighbouring: {b.neighbouring}"
+    ]
     if b.HasField("quota"):
         q = b.quota
         lines.append(f"  your quota ({q.tenant}): {q.epsilon_spent:.4g} spent of {q.epsilon_quota:.4g}")
@@ -169,20 +192,32 @@ def _parse_quota(text: str) -> tuple[str, float]:
 def _admin(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.admin_command == "create-budget":
-            b = c.create_budget(args.domain, args.epsilon, args.delta, args.profile, renyi_filter=args.filter,
-                                filter_order=args.filter_order, quotas=dict(args.quota or []))
+            b = c.create_budget(
+                args.domain,
+                args.epsilon,
+                args.delta,
+                args.profile,
+                renyi_filter=args.filter,
+                filter_order=args.filter_order,
+                quotas=dict(args.quota or []),
+            )
             _print(args, _dict(b), _budget_text(b))
         elif args.admin_command == "audit":
             spends = c.audit_trail(args.domain, limit=args.limit, offset=args.offset)
-            rows = [f"{s.spend_id} {s.status:8} tenant={s.tenant} request={s.request_id} "
-                    f"eps={s.epsilon_charged:.4g} k={s.profile.k} q={s.profile.q:g} sigma={s.profile.sigma:g} "
-                    f"lambda={getattr(s.profile, 'lambda'):g}" for s in spends]
+            rows = [
+                f"{s.spend_id} {s.status:8} tenant={s.tenant} request={s.request_id} "
+                f"eps={s.epsilon_charged:.4g} k={s.profile.k} q={s.profile.q:g} sigma={s.profile.sigma:g} "
+                f"lambda={getattr(s.profile, 'lambda'):g}"
+                for s in spends
+            ]
             _print(args, [_dict(s) for s in spends], "\n".join(rows) or "no spends")
         elif args.admin_command == "counts":
             r = c.counts(args.domain)
             text = [f"domain {r.domain}: {r.spends} spends", _budget_text(r.budget)]
-            text += [f"  index {i.name} ({i.version}): exact size {i.exact_size}, public size {i.public_size}"
-                     for i in r.indexes]
+            text += [
+                f"  index {i.name} ({i.version}): exact size {i.exact_size}, public size {i.public_size}"
+                for i in r.indexes
+            ]
             _print(args, _dict(r), "\n".join(text))
         else:
             quotas = c.quotas(args.domain)
@@ -226,10 +261,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     cb.add_argument("domain")
     cb.add_argument("--epsilon", type=float, required=True)
     cb.add_argument("--delta", type=float, required=True)
-    cb.add_argument("--profile", type=_parse_profile, action="append", required=True, metavar="K,Q,SIGMA,LAMBDA",
-                    help="a profile the budget serves (repeat for several: Rényi filter)")
+    cb.add_argument(
+        "--profile",
+        type=_parse_profile,
+        action="append",
+        required=True,
+        metavar="K,Q,SIGMA,LAMBDA",
+        help="a profile the budget serves (repeat for several: Rényi filter)",
+    )
     cb.add_argument("--filter", action="store_true", help="use a Rényi filter even for one profile")
-    cb.add_argument("--filter-order", type=float, help="the filter order a* (default: chosen from the profiles)")
+    cb.add_argument(
+        "--filter-order", type=float, help="the filter order a* (default: chosen from the profiles)"
+    )
     cb.add_argument("--quota", type=_parse_quota, action="append", metavar="TENANT=EPSILON")
     audit = sub.add_parser("audit", help="the audit trail of spends")
     audit.add_argument("domain")

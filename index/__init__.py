@@ -25,8 +25,13 @@ from dprdm.index.search import (
     subsampled_topk_batch,
 )
 
-search_subsampled = subsampled_topk
-"""Alias: ``search_subsampled(vectors, ids, layout, query, *, k, q, rng)``; see :mod:`.search`."""
+
+def search_subsampled(
+    index: PrivateIndex, query: object, *, k: int, q: float, rng: object, nprobe: int | None = None
+) -> SubsampledNeighbors:
+    """``index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe)``; see :mod:`dprdm.index.search`."""
+    return index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe)  # type: ignore[arg-type]
+
 
 __all__ = [
     "FORMAT_VERSION",

@@ -124,6 +124,8 @@ class BuildConfig:
             raise IndexBuildError(f"index type {self.index_type!r} is not supported by this build (flat, ivf)")
         if kind not in ("flat", "ivf"):
             raise IndexBuildError(f"--index-type must be flat or ivf; found {self.index_type!r}")
+        object.__setattr__(self, "index_type", kind)
+        object.__setattr__(self, "output", Path(self.output))
         if self.dtype not in ("float32", "float16"):
             raise IndexBuildError(f"--dtype must be float32 or float16; found {self.dtype!r}")
         if self.existing not in ("refuse", "resume", "overwrite"):

@@ -297,11 +297,23 @@ class PrivateIndex:
         return f"PrivateIndex({str(self.path)!r}, corpus_id={self.corpus_id!r}, public_size={self.public_size})"
 
 
+def _prefault(arr: np.ndarray, page: int = 4096) -> None:
+    """Touch one byte per page so the mapping is populated before serving.
+
+    Per-query gathers then pay no first-touch page faults (2-5x slower gathers otherwise), and a
+    query's latency no longer depends on which pages earlier queries happened to touch.
+    """
+    flat = arr.reshape(-1).view(np.uint8)
+    for s in range(0, flat.size, 1 << 30):
+        int(flat[s : s + (1 << 30) : page].sum())
+
+
 def load(
     path: str | os.PathLike[str],
     *,
     verify_checksums: bool = True,
     expected_encoder: EncoderIdentity | None = None,
+    prefault: bool = True,
 ) -> PrivateIndex:
     """Open an index directory, verifying the manifest and every data file.
 
@@ -310,6 +322,7 @@ def load(
         verify_checksums: re-hash every data file (reads the whole vector file once). Sizes,
             shapes and dtypes are always checked.
         expected_encoder: if given, refuse an index built with a different encoder.
+        prefault: populate the memory mapping of the vectors now (reads them into the page cache).
 
     Returns:
         The :class:`PrivateIndex`.
@@ -327,6 +340,9 @@ def load(
         )
     n, d = int(m["count"]), int(m["dimension"])
     vectors = _npy(_check_file(root, m, "vectors.npy", verify_checksums), (n, d), m["dtype"], mmap=True)
+    vectors = vectors.view(np.ndarray)  # plain ndarray over the mapping: no memmap indexing overhead
+    if prefault and vectors.size:
+        _prefault(vectors)
     ids = _npy(_check_file(root, m, "ids.npy", verify_checksums), (n,), "int64")
     layout: FlatLayout | IvfLayout
     if m["index_type"] == "flat":

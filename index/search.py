@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -84,7 +84,7 @@ class SubsampledNeighbors:
     vectors: FloatArray
     ids: IntArray
     scores: FloatArray
-    k: int = field(default=1)
+    k: int
 
     def aggregate(self) -> FloatArray:
         """``v = (1/k) * sum(vectors)``: zero padding when fewer than ``k`` survived (SPEC §4.3)."""
@@ -260,9 +260,9 @@ def quantize_query(query: npt.ArrayLike, dimension: int) -> FloatArray:
     u = np.asarray(query, dtype=np.float64)
     if u.shape != (dimension,):
         raise ValueError(f"query must have shape ({dimension},); found {u.shape}")
-    if not np.all(np.isfinite(u)):
-        raise ValueError("query contains non-finite values")
     norm = float(np.sqrt(np.dot(u, u)))
+    if not math.isfinite(norm):
+        raise ValueError("query contains non-finite values")
     if norm > _QUERY_NORM_LIMIT:
         raise ValueError(f"query must be a unit vector (norm <= {_QUERY_NORM_LIMIT}); found norm {norm:.6g}")
     return np.ldexp(np.round(np.ldexp(u, QUERY_GRID_BITS)), -QUERY_GRID_BITS)

@@ -173,8 +173,8 @@ def tiny_kandinsky_pipeline(dim: int = 32) -> Any:
         resnet_time_scale_shift="scale_shift", class_embed_type=None,
     ).eval()
     torch.manual_seed(0)
-    movq = VQModel(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4, norm_type="spatial",
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
                    num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
                    vq_embed_dim=4).eval()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
@@ -193,7 +193,7 @@ def tiny_sd_ip_adapter_pipeline(tmp: str | Path) -> Any:
         norm_num_groups=2, cross_attention_dim=32, attention_head_dim=2,
     ).eval()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False)
+                          set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=_tiny_text_encoder(),
                                    tokenizer=tiny_clip_tokenizer(Path(tmp) / "tokenizer_src"), unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,

@@ -36,10 +36,19 @@ class IndexAdapter:
         self.exact_size: int = int(index.count)  # operator-only (admin GetCounts)
         self.private: bool = bool(index.private)
         enc = index.encoder
-        self.encoder: EncoderIdentity = enc if isinstance(enc, EncoderIdentity) else EncoderIdentity.from_dict(enc)
+        self.encoder: EncoderIdentity = (
+            enc if isinstance(enc, EncoderIdentity) else EncoderIdentity.from_dict(enc)
+        )
 
-    def search_subsampled(self, query: npt.NDArray[np.float32], *, k: int, q: float, rng: np.random.Generator,
-                          nprobe: int | None = None) -> npt.NDArray[np.float64]:
+    def search_subsampled(
+        self,
+        query: npt.NDArray[np.float32],
+        *,
+        k: int,
+        q: float,
+        rng: np.random.Generator,
+        nprobe: int | None = None,
+    ) -> npt.NDArray[np.float64]:
         """The top-k survivors' vectors (m <= k rows, clamped to norm <= 1)."""
         return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).vectors)
 

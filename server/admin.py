@@ -130,7 +130,9 @@ class AdminService:
         if offset < 0 or offset > 2**62:
             raise InvalidArgument("offset", "must be in [0, 2^62]")
         await self._io(self.ledger.budget_state, domain)  # UnknownDomain -> NOT_FOUND
-        return list(await self._io(lambda: self.ledger.audit_trail(domain, limit=limit or 100, offset=offset)))
+        return list(
+            await self._io(lambda: self.ledger.audit_trail(domain, limit=limit or 100, offset=offset))
+        )
 
     async def counts(self, domain: str) -> Counts:
         """Exact spend count and exact index sizes of a domain.
@@ -142,7 +144,8 @@ class AdminService:
         state = await self._io(self.ledger.budget_state, domain)
         indexes = tuple(
             IndexCount(s.name, s.index.version, int(s.index.exact_size), int(s.index.public_size))
-            for s in self.catalog.indexes.values() if s.domain == domain
+            for s in self.catalog.indexes.values()
+            if s.domain == domain
         )
         return Counts(domain=domain, spends=int(state.spends), budget=budget_view(state), indexes=indexes)
 

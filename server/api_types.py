@@ -247,7 +247,9 @@ def validate_query(index: str, profile: str, prompt: str, request_id: str, limit
     return QueryArgs(index, profile, prompt, rid, client_request_id=bool(request_id))
 
 
-def validate_generate(query: QueryArgs, num_images: int, steps: int, seed: int | None, limits: Limits) -> GenerateArgs:
+def validate_generate(
+    query: QueryArgs, num_images: int, steps: int, seed: int | None, limits: Limits
+) -> GenerateArgs:
     """Validate the generation fields (0 means the default for ``num_images`` and ``steps``).
 
     Raises:

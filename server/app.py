@@ -85,11 +85,14 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         ca = Path(tls.client_ca).read_bytes() if tls.client_ca else None
     except OSError as exc:
         raise StartupError(f"tls: cannot read {exc.filename!r}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
-async def start_server(config: ServerConfig, *, ledger: Ledger | None = None,
-                       loaders: Loaders | None = None) -> RunningServer:
+async def start_server(
+    config: ServerConfig, *, ledger: Ledger | None = None, loaders: Loaders | None = None
+) -> RunningServer:
     """Build, check and start a server (the port in ``config.listen`` may be 0).
 
     Raises:
@@ -104,26 +107,37 @@ async def start_server(config: ServerConfig, *, ledger: Ledger | None = None,
         ledger.close()
         raise
     metrics = Metrics()
-    options = ServiceOptions(limits=config.limits, reuse_releases=config.reuse_releases,
-                             query_threads=config.query_threads, generation_workers=config.generation_workers,
-                             generation_queue=config.generation_queue,
-                             min_deadline_seconds=config.min_deadline_seconds)
+    options = ServiceOptions(
+        limits=config.limits,
+        reuse_releases=config.reuse_releases,
+        query_threads=config.query_threads,
+        generation_workers=config.generation_workers,
+        generation_queue=config.generation_queue,
+        min_deadline_seconds=config.min_deadline_seconds,
+        fixed_response_seconds=config.fixed_response_seconds,
+    )
     service = DprdmService(catalog, ledger, options, metrics=metrics)
     admin = AdminService(catalog, ledger, service._pool)
     for domain in catalog.budgets:
         metrics.budget_state(ledger.budget_state(domain))
-    interceptor = AuthInterceptor(Authenticator(config.tokens), on_reject=lambda m, c: metrics.request(m, c.name))
+    interceptor = AuthInterceptor(
+        Authenticator(config.tokens), on_reject=lambda m, c: metrics.request(m, c.name)
+    )
     server = grpc.aio.server(
         interceptors=[interceptor],
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                 ("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     dprdm_pb2_grpc.add_DprdmServicer_to_server(DprdmServicer(service, metrics), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     creds = _credentials(config)
     port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
     if port == 0:
@@ -138,8 +152,13 @@ async def start_server(config: ServerConfig, *, ledger: Ledger | None = None,
     return RunningServer(server, port, service, ledger, catalog, metrics, health_servicer, metrics_port)
 
 
-async def serve(config: ServerConfig, *, ledger: Ledger | None = None, loaders: Loaders | None = None,
-                ready: asyncio.Event | None = None) -> None:
+async def serve(
+    config: ServerConfig,
+    *,
+    ledger: Ledger | None = None,
+    loaders: Loaders | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Run a server until SIGINT or SIGTERM, then stop gracefully."""
     running = await start_server(config, ledger=ledger, loaders=loaders)
     print(f"dprdm: listening on port {running.port}", flush=True)
@@ -151,4 +170,3 @@ async def serve(config: ServerConfig, *, ledger: Ledger | None = None, loaders: 
         ready.set()
     await stop.wait()
     await running.stop(grace=5.0)
-

@@ -85,23 +85,29 @@ def _method_name(path: str) -> str:
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any, bool], Any]) -> grpc.RpcMethodHandler:
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    )
     for attr, factory, streaming in kinds:
         behaviour = getattr(handler, attr)
         if behaviour is not None:
-            return factory(wrap(behaviour, streaming), request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+            return factory(
+                wrap(behaviour, streaming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     return handler
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call; ``on_reject(method, code)`` counts refusals (metrics)."""
 
-    def __init__(self, authenticator: Authenticator,
-                 on_reject: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+    def __init__(
+        self, authenticator: Authenticator, on_reject: Callable[[str, grpc.StatusCode], None] | None = None
+    ) -> None:
         self._auth = authenticator
         self._on_reject = on_reject
 

@@ -13,6 +13,7 @@ here, before the port opens:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,12 @@ class RetrievalIndex(Protocol):
     private: bool
 
     def search_subsampled(
-        self, query: npt.NDArray[np.float32], *, k: int, q: float, rng: np.random.Generator,
+        self,
+        query: npt.NDArray[np.float32],
+        *,
+        k: int,
+        q: float,
+        rng: np.random.Generator,
         nprobe: int | None = None,
     ) -> npt.NDArray[np.floating[Any]]:
         """Top-k of an independent Poisson(q) subsample: the selected vectors, shape (m <= k, d)."""
@@ -163,7 +169,9 @@ def budget_from_config(cfg: BudgetConfig, profiles: Sequence[Profile], public_si
     try:
         if rule == "single":
             if len(profiles) != 1:
-                raise ValueError(f"rule 'single' needs exactly one retrieving profile; the domain serves {len(profiles)}")
+                raise ValueError(
+                    f"rule 'single' needs exactly one retrieving profile; the domain serves {len(profiles)}"
+                )
             return Budget.single(cfg.epsilon, delta, profiles[0])
         return Budget.renyi_filter(cfg.epsilon, delta, profiles, order=cfg.filter_order)
     except ValueError as exc:
@@ -171,12 +179,18 @@ def budget_from_config(cfg: BudgetConfig, profiles: Sequence[Profile], public_si
 
 
 def _same_budget(a: Budget, b: Budget) -> bool:
-    return (math.isclose(a.epsilon, b.epsilon, rel_tol=1e-12) and math.isclose(a.delta, b.delta, rel_tol=1e-12)
-            and a.profile == b.profile and a.filter_order == b.filter_order)
+    return (
+        math.isclose(a.epsilon, b.epsilon, rel_tol=1e-12)
+        and math.isclose(a.delta, b.delta, rel_tol=1e-12)
+        and a.profile == b.profile
+        and a.filter_order == b.filter_order
+    )
 
 
 def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[ServedIndex]) -> Budget:
-    profiles = list(dict.fromkeys(p.profile for s in served for p in s.profiles.values() if p.profile.retrieves))
+    profiles = list(
+        dict.fromkeys(p.profile for s in served for p in s.profiles.values() if p.profile.retrieves)
+    )
     cfg = config.budget_for(domain)
     wanted = None
     if cfg is not None and profiles:
@@ -201,10 +215,22 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
         try:
             check_delta_for_size(budget.delta, s.index.public_size)
             for p in s.profiles.values():
-                budget.charge(p.profile)
+                if budget.profile is not None and p.profile.retrieves and p.profile != budget.profile:
+                    raise ValueError(
+                        f"the budget serves only profile {budget.profile.to_dict()}; "
+                        f"profile {p.name!r} is {p.profile.to_dict()}"
+                    )
         except ValueError as exc:
             raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None
     return budget
+
+
+@functools.lru_cache(maxsize=256)
+def _charge(profile: Profile) -> npt.NDArray[np.float64]:
+    """The RDP curve of one query (computed once per distinct profile; read-only)."""
+    curve = profile_rdp(profile, DEFAULT_ORDERS)
+    curve.flags.writeable = False
+    return curve
 
 
 def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
@@ -225,13 +251,17 @@ def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
         raise StartupError(f"indexes.{cfg.name}: index dimension {index.dimension} != encoder dimension")
     gen = bundle.generator
     if gen is not None and gen.conditioning_dimension != index.dimension:
-        raise StartupError(f"indexes.{cfg.name}: generator conditioning dimension {gen.conditioning_dimension} "
-                           f"!= index dimension {index.dimension}")
+        raise StartupError(
+            f"indexes.{cfg.name}: generator conditioning dimension {gen.conditioning_dimension} "
+            f"!= index dimension {index.dimension}"
+        )
     if index.private and not cfg.private:
-        raise StartupError(f"indexes.{cfg.name}: the index manifest declares a private corpus; "
-                           f"private = false is refused")
-    profiles = {p.name: ServedProfile(p.name, p.profile, profile_rdp(p.profile, DEFAULT_ORDERS), 0.0, p.nprobe)
-                for p in cfg.profiles}
+        raise StartupError(
+            f"indexes.{cfg.name}: the index manifest declares a private corpus; private = false is refused"
+        )
+    profiles = {
+        p.name: ServedProfile(p.name, p.profile, _charge(p.profile), 0.0, p.nprobe) for p in cfg.profiles
+    }
     return ServedIndex(config=cfg, index=index, bundle=bundle, profiles=profiles)
 
 
@@ -255,7 +285,9 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
     final: dict[str, ServedIndex] = {}
     for s in served:
         delta = budgets[s.domain].delta if s.domain in budgets else None
-        profiles = {n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe)
-                    for n, p in s.profiles.items()}
+        profiles = {
+            n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe)
+            for n, p in s.profiles.items()
+        }
         final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)
     return Catalog(indexes=final, budgets=budgets)

@@ -16,13 +16,18 @@ __all__ = ["register", "run"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``serve`` sub-command."""
-    p = subparsers.add_parser("serve", help="run the gRPC server",
-                              description="Serve private indexes over gRPC with a durable privacy ledger.")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Serve private indexes over gRPC with a durable privacy ledger.",
+    )
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.add_argument("--listen", help="HOST:PORT to bind (overrides server.listen)")
     p.add_argument("--data-dir", help="directory of the ledger (overrides server.data_dir)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (overrides server.metrics_port)")
-    p.add_argument("--no-reuse", action="store_true", help="never answer from a stored release of the same input")
+    p.add_argument(
+        "--no-reuse", action="store_true", help="never answer from a stored release of the same input"
+    )
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
@@ -31,8 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _config(args: argparse.Namespace) -> ServerConfig:
     try:
         cfg = load_config(args.config)
-        return cfg.with_overrides(listen=args.listen, data_dir=args.data_dir, metrics_port=args.metrics_port,
-                                  reuse_releases=False if args.no_reuse else None)
+        return cfg.with_overrides(
+            listen=args.listen,
+            data_dir=args.data_dir,
+            metrics_port=args.metrics_port,
+            reuse_releases=False if args.no_reuse else None,
+        )
     except ConfigError as exc:
         raise CliError(str(exc)) from None
 
@@ -45,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .app import serve  # grpc is imported only when serving
-
     from .ledger_api import LedgerError
 
     try:

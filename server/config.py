@@ -9,6 +9,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     reuse_releases = true            # identical public input of a tenant answered "charged 0"
     generation_workers = 1
     generation_queue = 8
+    # fixed_response_seconds = 0.5   # answer at a fixed time after admission (timing is a release)
 
     [limits]
     max_prompt_chars = 1000
@@ -167,6 +168,7 @@ class ServerConfig:
     generation_workers: int = 1
     generation_queue: int = 8
     min_deadline_seconds: float = 0.05
+    fixed_response_seconds: float | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     limits: Limits = Limits()
     tls: TlsConfig | None = None
@@ -235,10 +237,16 @@ def _profiles(table: _Table, private: bool) -> tuple[ProfileConfig, ...]:
         _check_name(table.key(name), name)
         t = table.sub(name)
         try:
-            prof = Profile(k=t.require("k", int), q=t.require("q", float), sigma=t.require("sigma", float),
-                           lam=t.require("lambda", float))
+            prof = Profile(
+                k=t.require("k", int),
+                q=t.require("q", float),
+                sigma=t.require("sigma", float),
+                lam=t.require("lambda", float),
+            )
             if private:
                 prof.require_private_ok()
+        except ConfigError:
+            raise
         except ValueError as exc:
             raise ConfigError(f"{t.path}: {exc}") from None
         nprobe = t.get("nprobe", int)
@@ -330,8 +338,13 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
     for key in ("query_threads", "generation_workers", "generation_queue"):
         _positive_int(f"server.{key}", getattr(cfg, key), 0 if key == "generation_queue" else 1)
     _positive_int("server.max_message_bytes", cfg.max_message_bytes, 4 * 1024 * 1024)
+    fixed = cfg.fixed_response_seconds
+    if fixed is not None and not (0.0 < fixed <= 600):
+        raise ConfigError(f"server.fixed_response_seconds: must be in (0, 600]; found {fixed!r}")
     if not (0.0 <= cfg.min_deadline_seconds < 3600):
-        raise ConfigError(f"server.min_deadline_seconds: must be in [0, 3600); found {cfg.min_deadline_seconds!r}")
+        raise ConfigError(
+            f"server.min_deadline_seconds: must be in [0, 3600); found {cfg.min_deadline_seconds!r}"
+        )
     lim = cfg.limits
     for key in ("max_prompt_chars", "max_images", "max_steps", "default_steps"):
         _positive_int(f"limits.{key}", getattr(lim, key))
@@ -346,8 +359,9 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
     return cfg
 
 
-def parse_config(data: Mapping[str, Any], *, base_dir: str | Path = ".",
-                 env: Mapping[str, str] | None = None) -> ServerConfig:
+def parse_config(
+    data: Mapping[str, Any], *, base_dir: str | Path = ".", env: Mapping[str, str] | None = None
+) -> ServerConfig:
     """Build a validated :class:`ServerConfig` from parsed TOML.
 
     Args:
@@ -364,22 +378,36 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path = ".",
     s, lim_t, tls_t = root.sub("server"), root.sub("limits"), root.sub("tls")
     tls = None
     if tls_t.data:
-        tls = TlsConfig(cert=str(_path(tls_t.require("cert", str), base)),
-                        key=str(_path(tls_t.require("key", str), base)),
-                        client_ca=_path(tls_t.get("client_ca", str), base))
+        tls = TlsConfig(
+            cert=str(_path(tls_t.require("cert", str), base)),
+            key=str(_path(tls_t.require("key", str), base)),
+            client_ca=_path(tls_t.get("client_ca", str), base),
+        )
         tls_t.done()
     limits = Limits(**{k: lim_t.get(k, int, getattr(Limits(), k)) for k in Limits.__dataclass_fields__})
     lim_t.done()
     defaults = ServerConfig()
-    simple = {k: s.get(k, type(getattr(defaults, k)), getattr(defaults, k))
-              for k in ("listen", "metrics_host", "reuse_releases", "group_commit", "query_threads",
-                        "generation_workers", "generation_queue", "min_deadline_seconds", "max_message_bytes")}
+    simple = {
+        k: s.get(k, type(getattr(defaults, k)), getattr(defaults, k))
+        for k in (
+            "listen",
+            "metrics_host",
+            "reuse_releases",
+            "group_commit",
+            "query_threads",
+            "generation_workers",
+            "generation_queue",
+            "min_deadline_seconds",
+            "max_message_bytes",
+        )
+    }
     tokens_raw = root.get("tokens", list, [])
     idx_t, bud_t = root.sub("indexes"), root.sub("budgets")
     cfg = ServerConfig(
         **simple,
         data_dir=str(_path(s.get("data_dir", str, defaults.data_dir), base)),
         metrics_port=s.get("metrics_port", int),
+        fixed_response_seconds=s.get("fixed_response_seconds", float),
         limits=limits,
         tls=tls,
         tokens=tuple(_token(i, _Table(t, f"tokens[{i}]"), env) for i, t in enumerate(tokens_raw)),

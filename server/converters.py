@@ -61,16 +61,25 @@ def receipt_pb(r: Receipt) -> types_pb2.Receipt:
 
 def quota_pb(q: QuotaView) -> types_pb2.TenantQuota:
     """TenantQuota message."""
-    return types_pb2.TenantQuota(tenant=q.tenant, epsilon_quota=q.epsilon_quota, epsilon_spent=q.epsilon_spent)
+    return types_pb2.TenantQuota(
+        tenant=q.tenant, epsilon_quota=q.epsilon_quota, epsilon_spent=q.epsilon_spent
+    )
 
 
 def budget_pb(b: BudgetView) -> types_pb2.BudgetInfo:
     """BudgetInfo message (with the neighbouring relation the guarantee is stated for)."""
     from .api_types import NEIGHBOURING
 
-    msg = types_pb2.BudgetInfo(domain=b.domain, epsilon=b.epsilon, delta=b.delta, epsilon_spent=b.epsilon_spent,
-                               epsilon_left=b.epsilon_left, rule=b.rule, filter_order=b.filter_order,
-                               neighbouring=NEIGHBOURING)
+    msg = types_pb2.BudgetInfo(
+        domain=b.domain,
+        epsilon=b.epsilon,
+        delta=b.delta,
+        epsilon_spent=b.epsilon_spent,
+        epsilon_left=b.epsilon_left,
+        rule=b.rule,
+        filter_order=b.filter_order,
+        neighbouring=NEIGHBOURING,
+    )
     if b.quota is not None:
         msg.quota.CopyFrom(quota_pb(b.quota))
     return msg
@@ -90,11 +99,13 @@ def generate_event(ev: GenerateEvent) -> dprdm_pb2.GenerateEvent:
     if isinstance(ev, Progress):
         return dprdm_pb2.GenerateEvent(progress=dprdm_pb2.Progress(step=ev.step, total_steps=ev.total_steps))
     if isinstance(ev, ImageOut):
-        return dprdm_pb2.GenerateEvent(image=dprdm_pb2.GeneratedImage(index=ev.index, png=ev.png, width=ev.width,
-                                                                      height=ev.height))
+        return dprdm_pb2.GenerateEvent(
+            image=dprdm_pb2.GeneratedImage(index=ev.index, png=ev.png, width=ev.width, height=ev.height)
+        )
     if isinstance(ev, Done):
-        return dprdm_pb2.GenerateEvent(done=dprdm_pb2.Done(receipt=receipt_pb(ev.receipt), seed=ev.seed,
-                                                           num_images=ev.num_images))
+        return dprdm_pb2.GenerateEvent(
+            done=dprdm_pb2.Done(receipt=receipt_pb(ev.receipt), seed=ev.seed, num_images=ev.num_images)
+        )
     raise TypeError(f"unknown generation event {type(ev).__name__}")
 
 
@@ -102,14 +113,32 @@ def list_indexes_response(views: Iterable[IndexView]) -> dprdm_pb2.ListIndexesRe
     """ListIndexesResponse (public facts only)."""
     out = dprdm_pb2.ListIndexesResponse()
     for v in views:
-        info = out.indexes.add(name=v.name, domain=v.domain, dimension=v.dimension, public_size=v.public_size,
-                               version=v.version, private=v.private, generation=v.generation, bundle=v.bundle)
-        info.encoder.CopyFrom(dprdm_pb2.EncoderInfo(name=str(v.encoder["name"]),
-                                                    weights_sha256=str(v.encoder["weights_sha256"]),
-                                                    dimension=int(v.encoder["dimension"])))
+        info = out.indexes.add(
+            name=v.name,
+            domain=v.domain,
+            dimension=v.dimension,
+            public_size=v.public_size,
+            version=v.version,
+            private=v.private,
+            generation=v.generation,
+            bundle=v.bundle,
+        )
+        info.encoder.CopyFrom(
+            dprdm_pb2.EncoderInfo(
+                name=str(v.encoder["name"]),
+                weights_sha256=str(v.encoder["weights_sha256"]),
+                dimension=int(v.encoder["dimension"]),
+            )
+        )
         for p in v.profiles:
-            info.profiles.add(name=p.name, k=p.k, q=p.q, sigma=p.sigma, epsilon_per_query=p.epsilon_per_query,
-                              **{"lambda": p.lam})
+            info.profiles.add(
+                name=p.name,
+                k=p.k,
+                q=p.q,
+                sigma=p.sigma,
+                epsilon_per_query=p.epsilon_per_query,
+                **{"lambda": p.lam},
+            )
         if v.budget is not None:
             info.budget.CopyFrom(budget_pb(v.budget))
     return out
@@ -118,27 +147,51 @@ def list_indexes_response(views: Iterable[IndexView]) -> dprdm_pb2.ListIndexesRe
 def create_budget_args(r: admin_pb2.CreateBudgetRequest) -> CreateBudgetArgs:
     """CreateBudgetArgs (profile parameters validated by the admin service)."""
     profiles = [{"k": p.k, "q": p.q, "sigma": p.sigma, "lambda": getattr(p, "lambda")} for p in r.profiles]
-    return CreateBudgetArgs(domain=r.domain, epsilon=r.epsilon, delta=r.delta, profiles=profiles,
-                            renyi_filter=r.renyi_filter, filter_order=r.filter_order or None,
-                            tenant_quotas=dict(r.tenant_quotas))
+    return CreateBudgetArgs(
+        domain=r.domain,
+        epsilon=r.epsilon,
+        delta=r.delta,
+        profiles=profiles,
+        renyi_filter=r.renyi_filter,
+        filter_order=r.filter_order or None,
+        tenant_quotas=dict(r.tenant_quotas),
+    )
 
 
 def spend_pb(s: Spend) -> admin_pb2.Spend:
     """Spend message of the audit trail."""
     p = s.profile
-    params = admin_pb2.ProfileParams(k=int(p.get("k", 0)), q=float(p.get("q", 0.0)),
-                                     sigma=float(p.get("sigma", 0.0)), **{"lambda": float(p.get("lambda", 0.0))})
-    return admin_pb2.Spend(spend_id=s.spend_id, tenant=s.tenant, request_id=s.request_id,
-                           binding_hash=s.binding_hash, profile=params, epsilon_charged=s.epsilon_charged,
-                           created_at=s.created_at, status=s.status)
+    params = admin_pb2.ProfileParams(
+        k=int(p.get("k", 0)),
+        q=float(p.get("q", 0.0)),
+        sigma=float(p.get("sigma", 0.0)),
+        **{"lambda": float(p.get("lambda", 0.0))},
+    )
+    return admin_pb2.Spend(
+        spend_id=s.spend_id,
+        tenant=s.tenant,
+        request_id=s.request_id,
+        binding_hash=s.binding_hash,
+        profile=params,
+        epsilon_charged=s.epsilon_charged,
+        created_at=s.created_at,
+        status=s.status,
+    )
 
 
 def counts_response(c: Counts) -> admin_pb2.GetCountsResponse:
     """GetCountsResponse (operator-only exact counts)."""
     return admin_pb2.GetCountsResponse(
-        domain=c.domain, spends=c.spends, budget=budget_pb(c.budget),
-        indexes=[admin_pb2.IndexCount(name=i.name, version=i.version, exact_size=i.exact_size,
-                                      public_size=i.public_size) for i in c.indexes])
+        domain=c.domain,
+        spends=c.spends,
+        budget=budget_pb(c.budget),
+        indexes=[
+            admin_pb2.IndexCount(
+                name=i.name, version=i.version, exact_size=i.exact_size, public_size=i.public_size
+            )
+            for i in c.indexes
+        ],
+    )
 
 
 def quotas_response(quotas: Iterable[QuotaView]) -> admin_pb2.ListQuotasResponse:

@@ -136,7 +136,9 @@ def _generate(job: GenerationJob, stop: threading.Event, put: object) -> list[Im
             raise _Stop()
         put(Progress(step=int(step), total_steps=int(total)))  # type: ignore[operator]
 
-    images = job.generator.generate(job.conditioning, job.prompt, job.num_images, job.steps, job.seed, progress)
+    images = job.generator.generate(
+        job.conditioning, job.prompt, job.num_images, job.steps, job.seed, progress
+    )
     out = []
     for i, img in enumerate(images):
         buf = io.BytesIO()

@@ -537,7 +537,7 @@ class SqliteLedger:
         curve_id, charge_json, eps_charged = rule.charge_info(charge, key)
         if curve_id not in self._curves:
             tx.new_curves[curve_id] = charge_json
-        spend_id = os.urandom(16).hex()
+        spend_id = f"{time.time_ns():016x}{os.urandom(8).hex()}"  # time-ordered: appends to its index
         tx.new_spends.append((spend_id, domain, tenant, request_id, binding, profile, curve_id, eps_charged, time.time()))
         tx.known[(tenant, request_id)] = [spend_id, domain, binding, None, None, None]
         st.spent = st.spent + charge

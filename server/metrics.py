@@ -22,14 +22,21 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("dprdm_requests", "Requests by method and status code", ["method", "code"],
-                                registry=self.registry)
-        self.budget = Gauge("dprdm_budget_epsilon", "Budget epsilon of a privacy domain", ["domain"],
-                            registry=self.registry)
-        self.spent = Gauge("dprdm_budget_epsilon_spent", "Epsilon spent on a privacy domain (informational)",
-                           ["domain"], registry=self.registry)
-        self.generation_inside = Gauge("dprdm_generation_inside", "Generation requests queued or running",
-                                       registry=self.registry)
+        self.requests = Counter(
+            "dprdm_requests", "Requests by method and status code", ["method", "code"], registry=self.registry
+        )
+        self.budget = Gauge(
+            "dprdm_budget_epsilon", "Budget epsilon of a privacy domain", ["domain"], registry=self.registry
+        )
+        self.spent = Gauge(
+            "dprdm_budget_epsilon_spent",
+            "Epsilon spent on a privacy domain (informational)",
+            ["domain"],
+            registry=self.registry,
+        )
+        self.generation_inside = Gauge(
+            "dprdm_generation_inside", "Generation requests queued or running", registry=self.registry
+        )
 
     def request(self, method: str, code: str) -> None:
         """Count one finished request."""

@@ -116,8 +116,14 @@ def plan_query(catalog: Catalog, tenant: str, args: QueryArgs) -> QueryPlan:
     prof = served.profiles.get(args.profile)
     if prof is None:
         raise NotFound("profile", args.profile)
-    return QueryPlan(tenant, args, served, prof, binding_hash(served, prof, args.prompt),
-                     catalog.budgets.get(served.domain))
+    return QueryPlan(
+        tenant,
+        args,
+        served,
+        prof,
+        binding_hash(served, prof, args.prompt),
+        catalog.budgets.get(served.domain),
+    )
 
 
 def _receipt(plan: QueryPlan, spend_id: str, state: BudgetState | None, epsilon_charged: float) -> Receipt:
@@ -196,8 +202,11 @@ def answer_query(
     )
     guard.charged = True
     if res.replay:
-        rec = Receipt.from_dict(res.receipt) if res.receipt else _receipt(plan, res.spend_id, res.state,
-                                                                            plan.profile.epsilon_per_query)
+        rec = (
+            Receipt.from_dict(res.receipt)
+            if res.receipt
+            else _receipt(plan, res.spend_id, res.state, plan.profile.epsilon_per_query)
+        )
         return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=replace(rec, replayed=True))
     if on_charge is not None:
         on_charge(res.state)
@@ -213,5 +222,3 @@ def _search(plan: QueryPlan, u: npt.NDArray[np.float32], rng: np.random.Generato
     p = plan.profile
     selected = plan.served.index.search_subsampled(u, k=p.profile.k, q=p.profile.q, rng=rng, nprobe=p.nprobe)
     return np.asarray(selected, dtype=np.float64)
-
-

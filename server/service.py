@@ -7,6 +7,8 @@ Async orchestration around :func:`dprdm.server.query.answer_query`:
 * the charge-and-release step is shielded from cancellation: once a query is submitted it runs
   to completion (its guard stops it only BEFORE the charge), so a caller that goes away after
   the charge leaves a stored, replayable release;
+* with ``fixed_response_seconds``, answers leave at a fixed time after admission, so the
+  response time does not depend on the private data (unless the work overran it);
 * concurrent requests with the same (tenant, request id) are serialised: the second waits for the
   first and is then answered as a replay (instead of seeing a reservation without its release).
 """
@@ -59,6 +61,7 @@ class ServiceOptions:
     generation_workers: int = 1
     generation_queue: int = 8
     min_deadline_seconds: float = 0.05
+    fixed_response_seconds: float | None = None
 
 
 def budget_view(state: BudgetState, quota: QuotaView | None = None) -> BudgetView:
@@ -110,8 +113,10 @@ class DprdmService:
             NotFound, DeadlineTooShort, Cancelled, and the ledger's errors (refusal, replay
             mismatch, missing release).
         """
+        start = time.monotonic()
         plan = plan_query(self.catalog, caller.tenant, args)
-        guard = ChargeGuard(deadline=deadline, margin=self.options.min_deadline_seconds)
+        fixed = self.options.fixed_response_seconds
+        guard = ChargeGuard(deadline=deadline, margin=max(self.options.min_deadline_seconds, fixed or 0.0))
         guard.before_charge()
         key = (caller.tenant, args.request_id)
         while args.client_request_id and key in self._inflight:
@@ -119,21 +124,31 @@ class DprdmService:
         on_charge = self.metrics.budget_state if self.metrics else None
         future = asyncio.get_running_loop().run_in_executor(
             self._pool,
-            lambda: answer_query(plan, self.ledger, guard, rng_factory=self._rng_factory,
-                                 reuse=self.options.reuse_releases, on_charge=on_charge),
+            lambda: answer_query(
+                plan,
+                self.ledger,
+                guard,
+                rng_factory=self._rng_factory,
+                reuse=self.options.reuse_releases,
+                on_charge=on_charge,
+            ),
         )
         future.add_done_callback(_consume)
         if args.client_request_id:
             self._inflight[key] = future
             future.add_done_callback(lambda _f: self._inflight.pop(key, None))
         try:
-            return await asyncio.shield(future)
+            answer = await asyncio.shield(future)
         except asyncio.CancelledError:
             guard.cancel()  # effective only if the charge has not happened yet
             raise
+        if fixed is not None:  # timing is a release: answer at a fixed time after admission (SPEC §3)
+            await asyncio.sleep(max(0.0, start + fixed - time.monotonic()))
+        return answer
 
-    async def generate(self, caller: Caller, args: GenerateArgs, *,
-                       deadline: float | None = None) -> AsyncIterator[GenerateEvent]:
+    async def generate(
+        self, caller: Caller, args: GenerateArgs, *, deadline: float | None = None
+    ) -> AsyncIterator[GenerateEvent]:
         """Queued -> Retrieved (receipt) -> Progress... -> images -> Done.
 
         Overload is refused with :class:`~dprdm.server.errors.Overloaded` before any charge.
@@ -154,8 +169,14 @@ class DprdmService:
             answer = await self.retrieve(caller, args.query, deadline=deadline)
             yield Retrieved(receipt=answer.receipt)
             seed = args.seed if args.seed is not None else self.generation.new_seed()
-            job = GenerationJob(generator, answer.release.astype(np.float32), args.query.prompt,
-                                args.num_images, args.steps, seed)
+            job = GenerationJob(
+                generator,
+                answer.release.astype(np.float32),
+                args.query.prompt,
+                args.num_images,
+                args.steps,
+                seed,
+            )
             async for event in self.generation.run(job):
                 yield event
             yield Done(receipt=answer.receipt, seed=seed, num_images=args.num_images)
@@ -180,8 +201,9 @@ class DprdmService:
             raise NotFound("domain", str(domain))
         return str(domain)
 
-    async def get_budget(self, caller: Caller, *, index: str | None = None,
-                         domain: str | None = None) -> BudgetView:
+    async def get_budget(
+        self, caller: Caller, *, index: str | None = None, domain: str | None = None
+    ) -> BudgetView:
         """The budget of an index's domain (or of a served domain by name), with the caller's quota.
 
         Raises:
@@ -205,14 +227,31 @@ class DprdmService:
             if served.domain in self.catalog.budgets:
                 budget = await self.get_budget(caller, domain=served.domain)
             idx = served.index
-            views.append(IndexView(
-                name=served.name, domain=served.domain, version=idx.version, dimension=idx.dimension,
-                public_size=idx.public_size, encoder=idx.encoder.to_dict(),
-                profiles=tuple(ProfileView(p.name, p.profile.k, p.profile.q, p.profile.sigma, p.profile.lam,
-                                           p.epsilon_per_query) for p in served.profiles.values()),
-                budget=budget, private=served.config.private,
-                generation=served.bundle.generator is not None, bundle=served.bundle.name,
-            ))
+            views.append(
+                IndexView(
+                    name=served.name,
+                    domain=served.domain,
+                    version=idx.version,
+                    dimension=idx.dimension,
+                    public_size=idx.public_size,
+                    encoder=idx.encoder.to_dict(),
+                    profiles=tuple(
+                        ProfileView(
+                            p.name,
+                            p.profile.k,
+                            p.profile.q,
+                            p.profile.sigma,
+                            p.profile.lam,
+                            p.epsilon_per_query,
+                        )
+                        for p in served.profiles.values()
+                    ),
+                    budget=budget,
+                    private=served.config.private,
+                    generation=served.bundle.generator is not None,
+                    bundle=served.bundle.name,
+                )
+            )
         return views
 
     def close(self) -> None:

@@ -47,8 +47,9 @@ class _Call:
     async def __aenter__(self) -> _Call:
         return self
 
-    async def __aexit__(self, etype: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool:
+    async def __aexit__(
+        self, etype: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         if exc is None:
             self._count("OK")
             return False
@@ -79,20 +80,29 @@ class DprdmServicer(dprdm_pb2_grpc.DprdmServicer):
             answer = await self.service.retrieve(call.caller, args, deadline=call.deadline)
             return conv.retrieve_response(answer)
 
-    async def Generate(self, request: dprdm_pb2.GenerateRequest, context: Any) -> AsyncIterator[dprdm_pb2.GenerateEvent]:
+    async def Generate(
+        self, request: dprdm_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[dprdm_pb2.GenerateEvent]:
         async with _Call(context, "Generate", self.metrics) as call:
             args = conv.generate_args(request, self.limits)
             async for event in self.service.generate(call.caller, args, deadline=call.deadline):
                 yield conv.generate_event(event)
 
-    async def GetBudget(self, request: dprdm_pb2.GetBudgetRequest, context: Any) -> dprdm_pb2.GetBudgetResponse:
+    async def GetBudget(
+        self, request: dprdm_pb2.GetBudgetRequest, context: Any
+    ) -> dprdm_pb2.GetBudgetResponse:
         async with _Call(context, "GetBudget", self.metrics) as call:
             target = request.WhichOneof("target")
-            view = await self.service.get_budget(call.caller, index=request.index if target == "index" else None,
-                                                 domain=request.domain if target != "index" else None)
+            view = await self.service.get_budget(
+                call.caller,
+                index=request.index if target == "index" else None,
+                domain=request.domain if target != "index" else None,
+            )
             return dprdm_pb2.GetBudgetResponse(budget=conv.budget_pb(view))
 
-    async def ListIndexes(self, request: dprdm_pb2.ListIndexesRequest, context: Any) -> dprdm_pb2.ListIndexesResponse:
+    async def ListIndexes(
+        self, request: dprdm_pb2.ListIndexesRequest, context: Any
+    ) -> dprdm_pb2.ListIndexesResponse:
         async with _Call(context, "ListIndexes", self.metrics) as call:
             return conv.list_indexes_response(await self.service.list_indexes(call.caller))
 
@@ -103,20 +113,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, service: AdminService, metrics: Metrics | None = None) -> None:
         self.service, self.metrics = service, metrics
 
-    async def CreateBudget(self, request: admin_pb2.CreateBudgetRequest, context: Any) -> admin_pb2.CreateBudgetResponse:
+    async def CreateBudget(
+        self, request: admin_pb2.CreateBudgetRequest, context: Any
+    ) -> admin_pb2.CreateBudgetResponse:
         async with _Call(context, "CreateBudget", self.metrics):
             view = await self.service.create_budget(conv.create_budget_args(request))
             return admin_pb2.CreateBudgetResponse(budget=conv.budget_pb(view))
 
-    async def GetAuditTrail(self, request: admin_pb2.GetAuditTrailRequest, context: Any) -> admin_pb2.GetAuditTrailResponse:
+    async def GetAuditTrail(
+        self, request: admin_pb2.GetAuditTrailRequest, context: Any
+    ) -> admin_pb2.GetAuditTrailResponse:
         async with _Call(context, "GetAuditTrail", self.metrics):
             spends = await self.service.audit_trail(request.domain, request.limit, request.offset)
             return admin_pb2.GetAuditTrailResponse(spends=[conv.spend_pb(s) for s in spends])
 
-    async def GetCounts(self, request: admin_pb2.GetCountsRequest, context: Any) -> admin_pb2.GetCountsResponse:
+    async def GetCounts(
+        self, request: admin_pb2.GetCountsRequest, context: Any
+    ) -> admin_pb2.GetCountsResponse:
         async with _Call(context, "GetCounts", self.metrics):
             return conv.counts_response(await self.service.counts(request.domain))
 
-    async def ListQuotas(self, request: admin_pb2.ListQuotasRequest, context: Any) -> admin_pb2.ListQuotasResponse:
+    async def ListQuotas(
+        self, request: admin_pb2.ListQuotasRequest, context: Any
+    ) -> admin_pb2.ListQuotasResponse:
         async with _Call(context, "ListQuotas", self.metrics):
             return conv.quotas_response(await self.service.quotas(request.domain))

@@ -45,8 +45,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
 
 _MESSAGES: dict[type[BaseException], str] = {
     L.ReplayMismatch: "request_id was already used with a different index version, profile or prompt",
-    L.ReleaseMissing: ("request_id has a committed charge but no stored release (the server stopped in "
-                       "between); the charge is kept and no fresh release will be drawn for it"),
+    L.ReleaseMissing: (
+        "request_id has a committed charge but no stored release (the server stopped in "
+        "between); the charge is kept and no fresh release will be drawn for it"
+    ),
 }
 
 
@@ -61,27 +63,56 @@ def _details(exc: BaseException, reason: str) -> list[Any]:
     extra: list[Any] = []
     if isinstance(exc, E.InvalidArgument):
         meta["field"] = exc.field
-        extra.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]))
+        extra.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+                ]
+            )
+        )
     elif isinstance(exc, E.NotFound):
         meta["field"] = exc.field
         extra.append(error_details_pb2.ResourceInfo(resource_type=exc.field, resource_name=exc.name))
     elif isinstance(exc, L.BudgetExhausted):
-        meta.update(privacy_domain=exc.domain, epsilon_budget=repr(float(exc.epsilon_budget)),
-                    epsilon_spent=repr(float(exc.epsilon_spent)))
-        extra.append(error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
-            subject=f"privacy_domain:{exc.domain}",
-            description="the privacy budget does not admit this query; nothing was charged")]))
+        meta.update(
+            privacy_domain=exc.domain,
+            epsilon_budget=repr(float(exc.epsilon_budget)),
+            epsilon_spent=repr(float(exc.epsilon_spent)),
+        )
+        extra.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"privacy_domain:{exc.domain}",
+                        description="the privacy budget does not admit this query; nothing was charged",
+                    )
+                ]
+            )
+        )
     elif isinstance(exc, L.QuotaExhausted):
-        meta.update(privacy_domain=exc.domain, tenant=exc.tenant, epsilon_quota=repr(float(exc.epsilon_quota)),
-                    epsilon_spent=repr(float(exc.epsilon_spent)))
-        extra.append(error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
-            subject=f"tenant:{exc.tenant}/privacy_domain:{exc.domain}",
-            description="the tenant's quota does not admit this query; nothing was charged")]))
+        meta.update(
+            privacy_domain=exc.domain,
+            tenant=exc.tenant,
+            epsilon_quota=repr(float(exc.epsilon_quota)),
+            epsilon_spent=repr(float(exc.epsilon_spent)),
+        )
+        extra.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=f"tenant:{exc.tenant}/privacy_domain:{exc.domain}",
+                        description="the tenant's quota does not admit this query; nothing was charged",
+                    )
+                ]
+            )
+        )
     elif isinstance(exc, E.Overloaded):
         secs = float(exc.retry_after_seconds)
-        extra.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-            seconds=int(secs), nanos=int((secs % 1) * 1e9))))
+        extra.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
+            )
+        )
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=meta)
     return [info, *extra]
 
@@ -101,7 +132,9 @@ def _internal(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str, li
     frames = "".join(traceback.format_tb(exc.__traceback__))
     # The exception's message may quote data (e.g. a shape); log its type and stack only.
     log.error("internal error %s in %s: %s\n%s", error_id, method, type(exc).__name__, frames)
-    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"error_id": error_id})
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"error_id": error_id}
+    )
     req = error_details_pb2.RequestInfo(request_id=error_id)
     return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})", [info, req]
 
@@ -116,4 +149,3 @@ def to_rpc_status(exc: BaseException, method: str) -> grpc.Status:
         message, details = _MESSAGES.get(cls, str(exc)), _details(exc, reason)
     proto = status_pb2.Status(code=code.value[0], message=message, details=[_pack(d) for d in details])
     return rpc_status.to_status(proto)
-

@@ -2,7 +2,7 @@
 
 Used by ``tests/test_server_*.py`` and ``tests/test_client_*.py``; not for production.
 
-* ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0``)
+* ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0,sleep=0``)
   build an :class:`ArrayIndex` of random unit vectors whose search is the exact top-k of a
   Poisson subsample (the oracle the real index is tested against).
 * bundle names ``hash-<dim>`` (encoder only) and ``hash-<dim>-gen`` (with :class:`TinyGenerator`).
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import hashlib
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -65,9 +66,14 @@ DEFAULT_PROFILES = {
 }
 
 
-def make_config(*, indexes: dict[str, Any] | None = None, budgets: dict[str, Any] | None = None,
-                server: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
-                tokens: list[dict[str, Any]] | None = None) -> ServerConfig:
+def make_config(
+    *,
+    indexes: dict[str, Any] | None = None,
+    budgets: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    tokens: list[dict[str, Any]] | None = None,
+) -> ServerConfig:
     """A test configuration: index ``faces`` (fake, domain ``corpus-a``, d = 16, N = 200, N̄ = 400,
     bundle with a generator), profiles ``default`` and ``public`` (lambda = 0), a budget of
     epsilon 50, and three tokens (tenants alice and bob, admin root)."""
@@ -76,14 +82,21 @@ def make_config(*, indexes: dict[str, Any] | None = None, budgets: dict[str, Any
     doc: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", **(server or {})},
         "limits": limits or {},
-        "tokens": tokens if tokens is not None else [
+        "tokens": tokens
+        if tokens is not None
+        else [
             {"tenant": "alice", "role": "tenant", "token": TENANT_TOKEN},
             {"tenant": "bob", "role": "tenant", "token": OTHER_TOKEN},
             {"tenant": "root", "role": "admin", "token": ADMIN_TOKEN},
         ],
-        "indexes": indexes if indexes is not None else {
-            "faces": {"path": "fake:domain=corpus-a,n=200,dim=16,public=400", "bundle": "hash-16-gen",
-                      "profiles": DEFAULT_PROFILES},
+        "indexes": indexes
+        if indexes is not None
+        else {
+            "faces": {
+                "path": "fake:domain=corpus-a,n=200,dim=16,public=400",
+                "bundle": "hash-16-gen",
+                "profiles": DEFAULT_PROFILES,
+            },
         },
         "budgets": budgets if budgets is not None else {"corpus-a": {"epsilon": 50.0}},
     }
@@ -135,8 +148,15 @@ class TinyGenerator:
     def conditioning_dimension(self) -> int:
         return self._dimension
 
-    def generate(self, conditioning: npt.NDArray[np.float32], prompt: str, n: int, steps: int,
-                 seed: int | None, progress: ProgressCallback | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        conditioning: npt.NDArray[np.float32],
+        prompt: str,
+        n: int,
+        steps: int,
+        seed: int | None,
+        progress: ProgressCallback | None = None,
+    ) -> list[Image.Image]:
         c = np.asarray(conditioning, dtype=np.float64).reshape(-1)
         rng = np.random.default_rng(seed)
         for step in range(1, steps + 1):
@@ -145,8 +165,10 @@ class TinyGenerator:
             if progress is not None:
                 progress(step, steps)
         base = np.resize(np.tanh(c) * 100 + 128, (self.size, self.size, 3))
-        return [Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
-                for _ in range(n)]
+        return [
+            Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+            for _ in range(n)
+        ]
 
 
 class ArrayIndex:
@@ -155,19 +177,37 @@ class ArrayIndex:
     ``gate`` (tests): when set to an Event, every search waits for it.
     """
 
-    def __init__(self, vectors: npt.ArrayLike, *, domain: str, version: str = "v1", public_size: int | None = None,
-                 encoder: EncoderIdentity | None = None, private: bool = True) -> None:
+    def __init__(
+        self,
+        vectors: npt.ArrayLike,
+        *,
+        domain: str,
+        version: str = "v1",
+        public_size: int | None = None,
+        encoder: EncoderIdentity | None = None,
+        private: bool = True,
+    ) -> None:
         self.vectors = np.asarray(vectors, dtype=np.float64)
         self.domain, self.version, self.private = domain, version, private
         self.exact_size, self.dimension = self.vectors.shape
         self.public_size = int(public_size or self.exact_size)
         self.encoder = encoder or EncoderIdentity("hash-text", "0" * 64, self.dimension)
         self.gate: threading.Event | None = None
+        self.sleep = 0.0  # seconds per search (widens the reserve -> store window in crash tests)
 
-    def search_subsampled(self, query: npt.NDArray[np.float32], *, k: int, q: float,
-                          rng: np.random.Generator, nprobe: int | None = None) -> npt.NDArray[np.float64]:
+    def search_subsampled(
+        self,
+        query: npt.NDArray[np.float32],
+        *,
+        k: int,
+        q: float,
+        rng: np.random.Generator,
+        nprobe: int | None = None,
+    ) -> npt.NDArray[np.float64]:
         if self.gate is not None:
             self.gate.wait(timeout=60)
+        if self.sleep:
+            time.sleep(self.sleep)
         keep = np.flatnonzero(rng.random(self.public_size) < q)
         keep = keep[keep < self.exact_size]  # padded slots score -inf
         scores = self.vectors[keep] @ np.asarray(query, dtype=np.float64)
@@ -179,9 +219,15 @@ def _fake_index(spec: str) -> ArrayIndex:
     params = dict(item.split("=", 1) for item in spec.removeprefix("fake:").split(",") if item)
     n, dim = int(params.get("n", 200)), int(params.get("dim", 16))
     rng = np.random.default_rng(int(params.get("seed", 0)))
-    return ArrayIndex(_unit(rng.normal(size=(n, dim))), domain=params.get("domain", "corpus-a"),
-                      version=params.get("version", "v1"), public_size=int(params.get("public", n)),
-                      private=params.get("private", "1") != "0")
+    index = ArrayIndex(
+        _unit(rng.normal(size=(n, dim))),
+        domain=params.get("domain", "corpus-a"),
+        version=params.get("version", "v1"),
+        public_size=int(params.get("public", n)),
+        private=params.get("private", "1") != "0",
+    )
+    index.sleep = float(params.get("sleep", 0.0))
+    return index
 
 
 def _fake_bundle(name: str) -> Bundle:
@@ -189,7 +235,11 @@ def _fake_bundle(name: str) -> Bundle:
     if parts[0] != "hash" or len(parts) < 2 or not parts[1].isdigit():
         raise ValueError(f"unknown fake bundle {name!r}; use hash-<dim> or hash-<dim>-gen")
     dim = int(parts[1])
-    return Bundle(name=name, encoder=HashTextEncoder(dim), generator=TinyGenerator(dim) if name.endswith("-gen") else None)
+    return Bundle(
+        name=name,
+        encoder=HashTextEncoder(dim),
+        generator=TinyGenerator(dim) if name.endswith("-gen") else None,
+    )
 
 
 def fake_loaders() -> Loaders:
@@ -208,13 +258,17 @@ class MemoryLedger:
         self._spends: dict[str, dict[str, Any]] = {}
         self._by_key: dict[tuple[str, str], str] = {}
 
-    def create_budget(self, domain: str, budget: Budget, *, tenant_quotas: dict[str, float] | None = None) -> None:
+    def create_budget(
+        self, domain: str, budget: Budget, *, tenant_quotas: dict[str, float] | None = None
+    ) -> None:
         with self._lock:
             if domain in self._budgets:
                 raise DomainExists(domain)
             self._budgets[domain] = budget
             self._spent[domain] = np.zeros(len(DEFAULT_ORDERS))
-            self._quotas[domain] = {t: [q, np.zeros(len(DEFAULT_ORDERS))] for t, q in (tenant_quotas or {}).items()}
+            self._quotas[domain] = {
+                t: [q, np.zeros(len(DEFAULT_ORDERS))] for t, q in (tenant_quotas or {}).items()
+            }
 
     def _state(self, domain: str) -> BudgetState:
         if domain not in self._budgets:
@@ -231,8 +285,16 @@ class MemoryLedger:
         with self._lock:
             return sorted(self._budgets)
 
-    def reserve(self, *, domain: str, tenant: str, request_id: str, binding_hash: str, profile: dict[str, Any],
-                charge_rdp: npt.NDArray[np.float64]) -> Reservation:
+    def reserve(
+        self,
+        *,
+        domain: str,
+        tenant: str,
+        request_id: str,
+        binding_hash: str,
+        profile: dict[str, Any],
+        charge_rdp: npt.NDArray[np.float64],
+    ) -> Reservation:
         with self._lock:
             state = self._state(domain)
             sid = self._by_key.get((tenant, request_id))
@@ -250,9 +312,17 @@ class MemoryLedger:
             if quota is not None and b.spent_epsilon(quota[1] + charge_rdp) > quota[0]:
                 raise QuotaExhausted(domain, tenant, b.spent_epsilon(quota[1]), quota[0])
             sid = uuid.uuid4().hex
-            self._spends[sid] = dict(domain=domain, tenant=tenant, request_id=request_id, binding=binding_hash,
-                                     profile=dict(profile), charge=np.asarray(charge_rdp).copy(), release=None,
-                                     receipt=None, epsilon=b.spent_epsilon(charge_rdp))
+            self._spends[sid] = dict(
+                domain=domain,
+                tenant=tenant,
+                request_id=request_id,
+                binding=binding_hash,
+                profile=dict(profile),
+                charge=np.asarray(charge_rdp).copy(),
+                release=None,
+                receipt=None,
+                epsilon=b.spent_epsilon(charge_rdp),
+            )
             self._by_key[(tenant, request_id)] = sid
             self._spent[domain] = self._spent[domain] + charge_rdp
             if quota is not None:
@@ -265,20 +335,34 @@ class MemoryLedger:
             if s["release"] is None:
                 s["release"], s["receipt"] = np.asarray(release, dtype=np.float64).copy(), dict(receipt)
 
-    def find_release(self, *, domain: str, tenant: str,
-                     binding_hash: str) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]] | None:
+    def find_release(
+        self, *, domain: str, tenant: str, binding_hash: str
+    ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]] | None:
         with self._lock:
             for sid, s in reversed(list(self._spends.items())):
-                if (s["domain"], s["tenant"], s["binding"]) == (domain, tenant, binding_hash) and s["release"] is not None:
+                if (s["domain"], s["tenant"], s["binding"]) == (domain, tenant, binding_hash) and s[
+                    "release"
+                ] is not None:
                     return sid, s["release"].copy(), dict(s["receipt"])
             return None
 
     def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
         with self._lock:
             rows = [(sid, s) for sid, s in self._spends.items() if s["domain"] == domain]
-            return [Spend(sid, domain, s["tenant"], s["request_id"], s["binding"], s["profile"], s["epsilon"], 0.0,
-                          "released" if s["release"] is not None else "reserved")
-                    for sid, s in rows[offset:offset + limit]]
+            return [
+                Spend(
+                    sid,
+                    domain,
+                    s["tenant"],
+                    s["request_id"],
+                    s["binding"],
+                    s["profile"],
+                    s["epsilon"],
+                    0.0,
+                    "released" if s["release"] is not None else "reserved",
+                )
+                for sid, s in rows[offset : offset + limit]
+            ]
 
     def tenant_quotas(self, domain: str) -> dict[str, tuple[float, float]]:
         with self._lock:
@@ -299,8 +383,9 @@ class ServerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="dprdm-test-server", daemon=True)
         self._thread.start()
         cfg = replace(config, listen=config.listen.rsplit(":", 1)[0] + ":0")
-        fut = asyncio.run_coroutine_threadsafe(start_server(cfg, ledger=ledger, loaders=loaders or fake_loaders()),
-                                               self.loop)
+        fut = asyncio.run_coroutine_threadsafe(
+            start_server(cfg, ledger=ledger, loaders=loaders or fake_loaders()), self.loop
+        )
         try:
             self.running = fut.result(timeout=60)
         except BaseException:
@@ -322,6 +407,36 @@ class ServerThread:
         self.stop()
 
 
+def _zygote(config: ServerConfig) -> None:
+    """Fork a fresh server process per ``start`` line on stdin (modules imported once, so a crash
+    test can kill and restart servers quickly). Prints ``pid N`` then the child prints its port."""
+    import os
+    import sys
+
+    from .app import serve
+    from .catalog import _charge
+
+    for idx in config.indexes:  # warm the per-profile RDP cache before forking
+        for p in idx.profiles:
+            _charge(p.profile)
+    for line in sys.stdin:
+        while True:  # reap finished children
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if line.strip() != "start":
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                asyncio.run(serve(config, loaders=fake_loaders()))
+            finally:
+                os._exit(0)
+        print(f"pid {pid}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve a configuration with the fake loaders and the real ledger (crash tests)."""
     from .app import serve
@@ -329,8 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dprdm.server.testing")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--zygote", action="store_true", help="fork a server per 'start' line on stdin")
     args = parser.parse_args(argv)
-    asyncio.run(serve(load_config(args.config), loaders=fake_loaders()))
+    config = load_config(args.config)
+    if args.zygote:
+        _zygote(config)
+    else:
+        asyncio.run(serve(config, loaders=fake_loaders()))
     return 0
 
 

@@ -31,7 +31,11 @@ def test_round_trip_and_public_info(index_dir):
     assert np.allclose(idx.vectors, x[order], atol=1e-7)
     info = idx.public_info()
     assert "count" not in info and info["public_size"] == 400
-    assert isinstance(idx.vectors, np.memmap)
+    assert isinstance(idx.vectors.base, np.memmap) or isinstance(idx.vectors, np.memmap)
+    from dprdm.index import search_subsampled
+
+    res = search_subsampled(idx, x[order[0]], k=2, q=1.0, rng=np.random.default_rng(0))
+    assert res.ids[0] == idx.ids[0]
     m = json.loads((path / "manifest.json").read_text())
     for key in ("format_version", "corpus_id", "encoder", "dimension", "count", "public_size", "faiss_factory",
                 "quantizer", "files", "dedup", "index_version"):

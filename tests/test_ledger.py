@@ -246,10 +246,12 @@ def test_running_curve_is_the_sum_and_verify_detects_tampering(tmp_path):
     with SqliteLedger(path) as led, pytest.raises(LedgerCorrupt, match="tenant 'q'"):
         led.verify("c")
     with sqlite3.connect(path) as conn:
-        (text,) = conn.execute("SELECT rdp FROM curves LIMIT 1").fetchone()
-        conn.execute("UPDATE curves SET rdp = ? WHERE rdp = ?", (text.replace("[", "[1.0, ", 1)[:-1] + "]", text))
+        curve_id, text = conn.execute("SELECT curve_id, rdp FROM curves LIMIT 1").fetchone()
+        conn.execute("UPDATE curves SET rdp = ? WHERE curve_id = ?", (text.replace("[", "[1.0, ", 1), curve_id))
     with SqliteLedger(path) as led, pytest.raises(LedgerCorrupt, match="charge curve"):
         led.verify("c")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE curves SET rdp = ? WHERE curve_id = ?", (text, curve_id))
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE budgets SET spent_rdp = ?", (json.dumps([0.0] * len(DEFAULT_ORDERS)),))
     with SqliteLedger(path) as led, pytest.raises(LedgerCorrupt, match="running curve"):

@@ -42,7 +42,9 @@ def test_list_indexes_shows_public_facts_only(alice):
     assert info.encoder.name == "hash-text" and info.private and info.generation
     assert {p.name for p in info.profiles} == {"default", "public"}
     prof = next(p for p in info.profiles if p.name == "default")
-    expected = epsilon_from_rdp(profile_rdp(PROFILE, DEFAULT_ORDERS), DEFAULT_ORDERS, info.budget.delta).epsilon
+    expected = epsilon_from_rdp(
+        profile_rdp(PROFILE, DEFAULT_ORDERS), DEFAULT_ORDERS, info.budget.delta
+    ).epsilon
     assert prof.epsilon_per_query == pytest.approx(expected)
     assert info.budget.delta == pytest.approx(1 / (10 * 400))
     assert "200" not in str(info)  # the exact count N never reaches a tenant
@@ -53,7 +55,9 @@ def test_retrieve_returns_release_and_receipt(alice):
     res = alice.retrieve("faces", "a red square", request_id="api-retrieve-1")
     assert res.embedding.shape == (16,) and np.isfinite(res.embedding).all()
     r = res.receipt
-    assert r.spend_id and r.request_id == "api-retrieve-1" and r.profile == "default" and r.domain == "corpus-a"
+    assert (
+        r.spend_id and r.request_id == "api-retrieve-1" and r.profile == "default" and r.domain == "corpus-a"
+    )
     assert r.epsilon_charged > 0 and not r.replayed and not r.reused
     after = alice.budget("faces")
     assert r.epsilon_spent == pytest.approx(after.epsilon_spent) and after.epsilon_spent > before
@@ -90,7 +94,10 @@ def test_release_reuse_per_tenant(alice, server):
 
 def test_reuse_can_be_disabled(tmp_path):
     cfg = make_config(server={"reuse_releases": False})
-    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         a = c.retrieve("faces", "same prompt")
         b = c.retrieve("faces", "same prompt")
         assert not b.receipt.reused and a.receipt.spend_id != b.receipt.spend_id
@@ -101,13 +108,18 @@ def _decode(png: bytes) -> np.ndarray:
 
 
 def test_generate_streams_progress_images_and_receipt(alice):
-    events = list(alice.generate_events("faces", "a blue circle", num_images=2, steps=4, seed=7,
-                                        request_id="api-gen-1"))
+    events = list(
+        alice.generate_events("faces", "a blue circle", num_images=2, steps=4, seed=7, request_id="api-gen-1")
+    )
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds == ["queued", "retrieved", *["progress"] * 4, "image", "image", "done"]
     assert [e.progress.step for e in events if e.HasField("progress")] == [1, 2, 3, 4]
     done = events[-1].done
-    assert done.seed == 7 and done.num_images == 2 and done.receipt.spend_id == events[1].retrieved.receipt.spend_id
+    assert (
+        done.seed == 7
+        and done.num_images == 2
+        and done.receipt.spend_id == events[1].retrieved.receipt.spend_id
+    )
     img = _decode(events[6].image.png)
     assert img.shape == (8, 8, 3) and events[6].image.width == 8
 
@@ -118,7 +130,9 @@ def test_generate_regenerates_from_the_stored_release_for_free(alice):
     same = alice.generate("faces", "a green star", num_images=1, steps=2, seed=1, request_id="api-gen-2")
     assert same.receipt.replayed and alice.budget("faces").epsilon_spent == spent
     np.testing.assert_array_equal(_decode(first.images[0]), _decode(same.images[0]))
-    other_seed = alice.generate("faces", "a green star", num_images=1, steps=2, seed=2, request_id="api-gen-2")
+    other_seed = alice.generate(
+        "faces", "a green star", num_images=1, steps=2, seed=2, request_id="api-gen-2"
+    )
     assert not np.array_equal(_decode(first.images[0]), _decode(other_seed.images[0]))
     assert alice.budget("faces").epsilon_spent == spent
 
@@ -129,9 +143,19 @@ def test_generate_without_seed_reports_the_seed_used(alice):
 
 
 def test_generate_on_index_without_generator_is_failed_precondition(tmp_path):
-    cfg = make_config(indexes={"vecs": {"path": "fake:domain=corpus-a", "bundle": "hash-16",
-                                        "profiles": {"default": {"k": 3, "q": 0.5, "sigma": 1.0, "lambda": 0.5}}}})
-    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    cfg = make_config(
+        indexes={
+            "vecs": {
+                "path": "fake:domain=corpus-a",
+                "bundle": "hash-16",
+                "profiles": {"default": {"k": 3, "q": 0.5, "sigma": 1.0, "lambda": 0.5}},
+            }
+        }
+    )
+    with (
+        ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         spent = c.budget("vecs").epsilon_spent
         with pytest.raises(DprdmError) as err:
             c.generate("vecs", "x")
@@ -142,7 +166,10 @@ def test_generate_on_index_without_generator_is_failed_precondition(tmp_path):
 
 def test_get_budget_by_domain_and_quota(tmp_path):
     cfg = make_config(budgets={"corpus-a": {"epsilon": 20.0, "quotas": {"alice": 5.0}}})
-    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         c.retrieve("faces", "quota")
         b = c.budget(domain="corpus-a")
         assert b.quota.tenant == "alice" and b.quota.epsilon_quota == 5.0 and b.quota.epsilon_spent > 0
@@ -164,11 +191,16 @@ def test_admin_counts_audit_and_quotas(alice, admin):
 
 
 def test_admin_create_budget(admin):
-    b = admin.create_budget("corpus-new", 3.0, 1e-6, [{"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5}],
-                            quotas={"alice": 1.0})
+    b = admin.create_budget(
+        "corpus-new", 3.0, 1e-6, [{"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5}], quotas={"alice": 1.0}
+    )
     assert b.rule == "single_profile" and b.epsilon == 3.0 and b.epsilon_spent == 0.0
-    f = admin.create_budget("corpus-filter", 3.0, 1e-6, [{"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5},
-                                                        {"k": 8, "q": 0.2, "sigma": 1.0, "lambda": 0.5}])
+    f = admin.create_budget(
+        "corpus-filter",
+        3.0,
+        1e-6,
+        [{"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5}, {"k": 8, "q": 0.2, "sigma": 1.0, "lambda": 0.5}],
+    )
     assert f.rule == "renyi_filter" and f.filter_order > 1
     with pytest.raises(DprdmError) as err:
         admin.create_budget("corpus-new", 3.0, 1e-6, [{"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5}])
@@ -177,3 +209,14 @@ def test_admin_create_budget(admin):
     with pytest.raises(DprdmError) as err:
         admin.counts("no-such-domain")
     assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_fixed_response_time(tmp_path):
+    import time
+
+    cfg = make_config(server={"fixed_response_seconds": 0.3})
+    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+        for prompt in ("fixed a", "fixed b"):
+            t = time.monotonic()
+            c.retrieve("faces", prompt)
+            assert time.monotonic() - t >= 0.3

@@ -68,7 +68,11 @@ BAD_METADATA = [
 @pytest.mark.parametrize("metadata", BAD_METADATA)
 @pytest.mark.parametrize(("name", "request_"), TENANT_CALLS + ADMIN_CALLS)
 def test_unauthenticated(server, channel, name, request_, metadata):
-    stub = dprdm_pb2_grpc.DprdmStub(channel) if (name, request_) in TENANT_CALLS else admin_pb2_grpc.AdminStub(channel)
+    stub = (
+        dprdm_pb2_grpc.DprdmStub(channel)
+        if (name, request_) in TENANT_CALLS
+        else admin_pb2_grpc.AdminStub(channel)
+    )
     before = _spent(server)
     assert _code(getattr(stub, name), request_, metadata) == UNAUTH
     assert _spent(server) == before
@@ -82,9 +86,16 @@ def test_tenant_may_not_call_admin(channel, name, request_):
 
 def test_admin_may_call_everything(channel):
     meta = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-    assert _code(dprdm_pb2_grpc.DprdmStub(channel).ListIndexes, dprdm_pb2.ListIndexesRequest(), meta) == grpc.StatusCode.OK
-    assert _code(admin_pb2_grpc.AdminStub(channel).GetCounts, admin_pb2.GetCountsRequest(domain="corpus-a"),
-                 meta) == grpc.StatusCode.OK
+    assert (
+        _code(dprdm_pb2_grpc.DprdmStub(channel).ListIndexes, dprdm_pb2.ListIndexesRequest(), meta)
+        == grpc.StatusCode.OK
+    )
+    assert (
+        _code(
+            admin_pb2_grpc.AdminStub(channel).GetCounts, admin_pb2.GetCountsRequest(domain="corpus-a"), meta
+        )
+        == grpc.StatusCode.OK
+    )
 
 
 def test_client_error_carries_reason(server):
@@ -117,13 +128,54 @@ def _openssl(*args, cwd):
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=dprdm-test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dprdm-test-ca",
+        cwd=d,
+    )
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={'localhost' if name == 'server' else 'client'}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={'localhost' if name == 'server' else 'client'}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            cwd=d,
+        )
     return d
 
 
@@ -135,11 +187,19 @@ def _tls_config(pki, mutual):
     from dprdm.server.testing import make_config as _mk
 
     base = _mk()
-    doc = {"tls": tls, "server": {"listen": "127.0.0.1:0"},
-           "tokens": [{"tenant": "alice", "role": "tenant", "token": TENANT_TOKEN}],
-           "indexes": {"faces": {"path": base.indexes[0].path, "bundle": "hash-16-gen",
-                                 "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5}}}},
-           "budgets": {"corpus-a": {"epsilon": 5.0}}}
+    doc = {
+        "tls": tls,
+        "server": {"listen": "127.0.0.1:0"},
+        "tokens": [{"tenant": "alice", "role": "tenant", "token": TENANT_TOKEN}],
+        "indexes": {
+            "faces": {
+                "path": base.indexes[0].path,
+                "bundle": "hash-16-gen",
+                "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5}},
+            }
+        },
+        "budgets": {"corpus-a": {"epsilon": 5.0}},
+    }
     return parse_config(doc)
 
 
@@ -154,10 +214,17 @@ def test_tls(pki):
 
 def test_mtls_requires_a_client_certificate(pki):
     with ServerThread(_tls_config(pki, mutual=True), ledger=MemoryLedger()) as srv:
-        with Client(f"localhost:{srv.port}", TENANT_TOKEN, ca_cert=str(pki / "ca.pem"),
-                    client_cert=str(pki / "client.pem"), client_key=str(pki / "client.key")) as c:
+        with Client(
+            f"localhost:{srv.port}",
+            TENANT_TOKEN,
+            ca_cert=str(pki / "ca.pem"),
+            client_cert=str(pki / "client.pem"),
+            client_key=str(pki / "client.key"),
+        ) as c:
             assert c.list_indexes()[0].name == "faces"
-        with Client(f"localhost:{srv.port}", TENANT_TOKEN, ca_cert=str(pki / "ca.pem"), timeout=3) as c, \
-                pytest.raises(DprdmError) as err:
+        with (
+            Client(f"localhost:{srv.port}", TENANT_TOKEN, ca_cert=str(pki / "ca.pem"), timeout=3) as c,
+            pytest.raises(DprdmError) as err,
+        ):
             c.list_indexes()
         assert err.value.code == grpc.StatusCode.UNAVAILABLE

@@ -64,7 +64,9 @@ def _hammer(address: str, jobs: list[tuple[str, str]]) -> tuple[list, list, list
                         ok.append((profile, res))
                 except DprdmError as err:
                     with lock:
-                        (refused if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else other).append((profile, err))
+                        (refused if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else other).append(
+                            (profile, err)
+                        )
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
@@ -76,8 +78,13 @@ def _hammer(address: str, jobs: list[tuple[str, str]]) -> tuple[list, list, list
 
 def _serve(tmp_path, profiles: dict[str, Profile], budget: dict):
     cfg = make_config(
-        indexes={"faces": {"path": "fake:domain=corpus-x,n=300,dim=16,public=1000", "bundle": "hash-16",
-                           "profiles": {n: _profile_doc(p) for n, p in profiles.items()}}},
+        indexes={
+            "faces": {
+                "path": "fake:domain=corpus-x,n=300,dim=16,public=1000",
+                "bundle": "hash-16",
+                "profiles": {n: _profile_doc(p) for n, p in profiles.items()},
+            }
+        },
         budgets={"corpus-x": {"delta": DELTA, **budget}},
         server={"query_threads": 8},
     )
@@ -110,7 +117,11 @@ def test_exactly_m_admitted(tmp_path, m, profile, rule):
     if rule == "single":
         budget = {"epsilon": _single_epsilon(profile, m), "rule": "single"}
     else:
-        budget = {"epsilon": _filter_epsilon((m + 0.5) * _r(profile)), "rule": "filter", "filter_order": A_STAR}
+        budget = {
+            "epsilon": _filter_epsilon((m + 0.5) * _r(profile)),
+            "rule": "filter",
+            "filter_order": A_STAR,
+        }
     with _serve(tmp_path, {"default": profile}, budget) as srv:
         ok, refused, other = _hammer(srv.address, [("default", f"prompt {i}") for i in range(4 * m)])
         assert other == []
@@ -118,7 +129,9 @@ def test_exactly_m_admitted(tmp_path, m, profile, rule):
         assert all(e.reason == "PRIVACY_BUDGET_EXHAUSTED" for _p, e in refused)
         _check_agreement(srv, m)
         expected = profile_rdp(profile, DEFAULT_ORDERS) * m
-        np.testing.assert_allclose(srv.running.ledger.budget_state("corpus-x").spent_rdp, expected, rtol=1e-12)
+        np.testing.assert_allclose(
+            srv.running.ledger.budget_state("corpus-x").spent_rdp, expected, rtol=1e-12
+        )
         assert max(r.receipt.epsilon_spent for _p, r in ok) <= budget["epsilon"] or rule == "filter"
 
 

@@ -17,11 +17,18 @@ from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_c
 
 def _config(version: str = "v1", reuse: bool = False):
     return make_config(
-        indexes={"faces": {"path": f"fake:domain=corpus-a,n=200,dim=16,public=400,version={version}",
-                           "bundle": "hash-16-gen",
-                           "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5},
-                                        "other": {"k": 6, "q": 0.5, "sigma": 0.5, "lambda": 0.5}}}},
-        server={"reuse_releases": reuse})
+        indexes={
+            "faces": {
+                "path": f"fake:domain=corpus-a,n=200,dim=16,public=400,version={version}",
+                "bundle": "hash-16-gen",
+                "profiles": {
+                    "default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5},
+                    "other": {"k": 6, "q": 0.5, "sigma": 0.5, "lambda": 0.5},
+                },
+            }
+        },
+        server={"reuse_releases": reuse},
+    )
 
 
 @pytest.fixture()
@@ -99,24 +106,42 @@ def test_reservation_without_release_is_an_error_never_a_fresh_draw(server):
     catalog = server.running.catalog
     plan = plan_query(catalog, "alice", QueryArgs("faces", "default", "crashed", "id-crash"))
     ledger = server.running.ledger
-    ledger.reserve(domain="corpus-a", tenant="alice", request_id="id-crash", binding_hash=plan.binding,
-                   profile={"name": "default"}, charge_rdp=plan.profile.charge)
+    ledger.reserve(
+        domain="corpus-a",
+        tenant="alice",
+        request_id="id-crash",
+        binding_hash=plan.binding,
+        profile={"name": "default"},
+        charge_rdp=plan.profile.charge,
+    )
     with Client(server.address, TENANT_TOKEN) as c:
         for _ in range(2):
             with pytest.raises(DprdmError) as err:
                 c.retrieve("faces", "crashed", request_id="id-crash")
-            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and err.value.reason == "RELEASE_MISSING"
+            assert (
+                err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                and err.value.reason == "RELEASE_MISSING"
+            )
     assert _spends(server) == 1
 
 
 def test_replay_survives_a_restart_and_is_bound_to_the_index_version(ledger_path):
-    with ServerThread(_config(), ledger=SqliteLedger(ledger_path)) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(_config(), ledger=SqliteLedger(ledger_path)) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         first = c.retrieve("faces", "durable", request_id="id-3")
-    with ServerThread(_config(), ledger=SqliteLedger(ledger_path)) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(_config(), ledger=SqliteLedger(ledger_path)) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         again = c.retrieve("faces", "durable", request_id="id-3")
         assert again.receipt.replayed and _spends(srv) == 1
         np.testing.assert_array_equal(first.embedding, again.embedding)
-    with ServerThread(_config("v2"), ledger=SqliteLedger(ledger_path)) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(_config("v2"), ledger=SqliteLedger(ledger_path)) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         with pytest.raises(DprdmError) as err:
             c.retrieve("faces", "durable", request_id="id-3")
         assert err.value.code == grpc.StatusCode.ALREADY_EXISTS

@@ -37,7 +37,10 @@ def _wait_for(cond, timeout=10.0):
 
 def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
     eps = 0.5 * (epsilon_for(PROFILE, 2, DELTA) + epsilon_for(PROFILE, 3, DELTA))
-    with _serve(tmp_path, budgets={"corpus-a": {"epsilon": eps}}) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        _serve(tmp_path, budgets={"corpus-a": {"epsilon": eps}}) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         c.retrieve("faces", "one")
         c.retrieve("faces", "two")
         for call in (lambda: c.retrieve("faces", "three"), lambda: c.generate("faces", "four", steps=1)):
@@ -49,15 +52,20 @@ def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
             (qf,) = [d for d in e.details if isinstance(d, error_details_pb2.QuotaFailure)]
             assert qf.violations[0].subject == "privacy_domain:corpus-a"
         assert _spends(srv) == 2
-        assert c.retrieve("faces", "public", profile="public").receipt.epsilon_charged == 0.0  # lambda = 0 still served
+        assert (
+            c.retrieve("faces", "public", profile="public").receipt.epsilon_charged == 0.0
+        )  # lambda = 0 still served
         assert c.budget("faces").epsilon_spent <= eps
 
 
 def test_tenant_quota(tmp_path):
     quota = 0.5 * (epsilon_for(PROFILE, 1, DELTA) + epsilon_for(PROFILE, 2, DELTA))
     budgets = {"corpus-a": {"epsilon": 50.0, "quotas": {"alice": quota}}}
-    with _serve(tmp_path, budgets=budgets) as srv, Client(srv.address, TENANT_TOKEN) as alice, \
-            Client(srv.address, OTHER_TOKEN) as bob:
+    with (
+        _serve(tmp_path, budgets=budgets) as srv,
+        Client(srv.address, TENANT_TOKEN) as alice,
+        Client(srv.address, OTHER_TOKEN) as bob,
+    ):
         alice.retrieve("faces", "a1")
         with pytest.raises(BudgetExhaustedError) as err:
             alice.retrieve("faces", "a2")
@@ -87,9 +95,14 @@ def test_overload_is_unavailable_and_charges_nothing(tmp_path):
 
 
 def test_deadline_too_short_charges_nothing(tmp_path):
-    with _serve(tmp_path, server={"min_deadline_seconds": 2.0}) as srv, Client(srv.address, TENANT_TOKEN) as c:
-        for call in (lambda: c.retrieve("faces", "hurry", timeout=1.0),
-                     lambda: c.generate("faces", "hurry", steps=1, timeout=1.0)):
+    with (
+        _serve(tmp_path, server={"min_deadline_seconds": 2.0}) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
+        for call in (
+            lambda: c.retrieve("faces", "hurry", timeout=1.0),
+            lambda: c.generate("faces", "hurry", steps=1, timeout=1.0),
+        ):
             with pytest.raises(DprdmError) as err:
                 call()
             assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -105,10 +118,13 @@ def test_cancelled_retrieve_after_the_charge_keeps_charge_and_release(tmp_path):
         index.gate = threading.Event()
         with grpc.insecure_channel(srv.address) as ch:
             stub = dprdm_pb2_grpc.DprdmStub(ch)
-            req = dprdm_pb2.RetrieveRequest(index="faces", profile="default", prompt="cancel me", request_id="c-1")
+            req = dprdm_pb2.RetrieveRequest(
+                index="faces", profile="default", prompt="cancel me", request_id="c-1"
+            )
             future = stub.Retrieve.future(req, metadata=(("authorization", f"Bearer {TENANT_TOKEN}"),))
             _wait_for(lambda: _spends(srv) == 1)  # reserved; the search is blocked on the gate
             future.cancel()
+            time.sleep(0.2)  # let the server see the cancellation while the query is past its charge
             index.gate.set()
         trail = srv.running.ledger.audit_trail("corpus-a")
         _wait_for(lambda: srv.running.ledger.audit_trail("corpus-a")[0].status == "released")
@@ -123,9 +139,12 @@ def test_cancelled_generate_after_the_charge_keeps_it(tmp_path):
         gen = srv.running.catalog.indexes["faces"].bundle.generator
         gen.gate = threading.Event()
         with Client(srv.address, TENANT_TOKEN) as c:
-            stream = c._stub.Generate(dprdm_pb2.GenerateRequest(index="faces", profile="default", prompt="g",
-                                                                request_id="c-2", steps=3),
-                                      metadata=c.settings.metadata())
+            stream = c._stub.Generate(
+                dprdm_pb2.GenerateRequest(
+                    index="faces", profile="default", prompt="g", request_id="c-2", steps=3
+                ),
+                metadata=c.settings.metadata(),
+            )
             kinds = [next(stream).WhichOneof("event") for _ in range(2)]
             assert kinds == ["queued", "retrieved"]
             stream.cancel()
@@ -136,7 +155,7 @@ def test_cancelled_generate_after_the_charge_keeps_it(tmp_path):
         assert _spends(srv) == 1
 
 
-def test_internal_error_before_the_charge_is_opaque_and_free(tmp_path, monkeypatch):
+def test_internal_error_before_the_charge_is_opaque_and_free(tmp_path, monkeypatch, caplog):
     with _serve(tmp_path) as srv, Client(srv.address, TENANT_TOKEN) as c:
         enc = srv.running.catalog.indexes["faces"].bundle.encoder
 
@@ -148,7 +167,9 @@ def test_internal_error_before_the_charge_is_opaque_and_free(tmp_path, monkeypat
             c.retrieve("faces", "x")
         e = err.value
         assert e.code == grpc.StatusCode.INTERNAL and e.reason == "INTERNAL"
-        assert "secret" not in e.message and "Traceback" not in e.message and e.metadata["error_id"] in e.message
+        assert (
+            "secret" not in e.message and "Traceback" not in e.message and e.metadata["error_id"] in e.message
+        )
         assert _spends(srv) == 0
 
 

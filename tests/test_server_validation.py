@@ -76,12 +76,22 @@ QUERY_CASES = [
 @pytest.mark.parametrize(("change", "code", "field"), QUERY_CASES)
 def test_retrieve_fields(channel, change, code, field):
     before = _spent(channel)
-    _expect(dprdm_pb2_grpc.DprdmStub(channel).Retrieve, dprdm_pb2.RetrieveRequest(**{**GOOD, **change}), code, field)
+    _expect(
+        dprdm_pb2_grpc.DprdmStub(channel).Retrieve,
+        dprdm_pb2.RetrieveRequest(**{**GOOD, **change}),
+        code,
+        field,
+    )
     assert _spent(channel) == before
 
 
-GENERATE_CASES = [*QUERY_CASES, ({"num_images": 4}, INVALID, "num_images"), ({"num_images": 10**9}, INVALID,
-                  "num_images"), ({"steps": 11}, INVALID, "steps"), ({"steps": 2**32 - 1}, INVALID, "steps")]
+GENERATE_CASES = [
+    *QUERY_CASES,
+    ({"num_images": 4}, INVALID, "num_images"),
+    ({"num_images": 10**9}, INVALID, "num_images"),
+    ({"steps": 11}, INVALID, "steps"),
+    ({"steps": 2**32 - 1}, INVALID, "steps"),
+]
 
 
 @pytest.mark.parametrize(("change", "code", "field"), GENERATE_CASES)
@@ -100,22 +110,32 @@ def test_generate_bounds_accepted(channel):
     assert sum(e.HasField("progress") for e in defaults) == 2 and defaults[-1].done.num_images == 1
 
 
-@pytest.mark.parametrize(("request_kwargs", "code", "field"), [
-    ({}, INVALID, "domain"),
-    ({"index": ""}, INVALID, "index"),
-    ({"index": "nope"}, NOT_FOUND, "index"),
-    ({"domain": "no-such-domain"}, NOT_FOUND, "domain"),
-    ({"domain": "bad domain"}, INVALID, "domain"),
-])
+@pytest.mark.parametrize(
+    ("request_kwargs", "code", "field"),
+    [
+        ({}, INVALID, "domain"),
+        ({"index": ""}, INVALID, "index"),
+        ({"index": "nope"}, NOT_FOUND, "index"),
+        ({"domain": "no-such-domain"}, NOT_FOUND, "domain"),
+        ({"domain": "bad domain"}, INVALID, "domain"),
+    ],
+)
 def test_get_budget_fields(channel, request_kwargs, code, field):
-    _expect(dprdm_pb2_grpc.DprdmStub(channel).GetBudget, dprdm_pb2.GetBudgetRequest(**request_kwargs), code, field)
+    _expect(
+        dprdm_pb2_grpc.DprdmStub(channel).GetBudget, dprdm_pb2.GetBudgetRequest(**request_kwargs), code, field
+    )
 
 
 PROFILE = {"k": 4, "q": 0.1, "sigma": 1.0, "lambda": 0.5}
 
 
 def _create(**kw):
-    base = {"domain": "corpus-v", "epsilon": 1.0, "delta": 1e-6, "profiles": [admin_pb2.ProfileParams(**PROFILE)]}
+    base = {
+        "domain": "corpus-v",
+        "epsilon": 1.0,
+        "delta": 1e-6,
+        "profiles": [admin_pb2.ProfileParams(**PROFILE)],
+    }
     return admin_pb2.CreateBudgetRequest(**{**base, **kw})
 
 
@@ -123,48 +143,56 @@ def _params(**kw):
     return [admin_pb2.ProfileParams(**{**PROFILE, **kw})]
 
 
-@pytest.mark.parametrize(("request_", "field"), [
-    (_create(domain=""), "domain"),
-    (_create(domain="has space"), "domain"),
-    (_create(epsilon=0.0), "epsilon"),
-    (_create(epsilon=-1.0), "epsilon"),
-    (_create(epsilon=float("inf")), "epsilon"),
-    (_create(epsilon=float("nan")), "epsilon"),
-    (_create(delta=0.0), "delta"),
-    (_create(delta=0.9), "delta"),
-    (_create(delta=float("nan")), "delta"),
-    (_create(profiles=[]), "profiles"),
-    (_create(profiles=_params(k=0)), "profiles[0]"),
-    (_create(profiles=_params(q=1.5)), "profiles[0]"),
-    (_create(profiles=_params(q=0.0)), "profiles[0]"),
-    (_create(profiles=_params(sigma=0.0)), "profiles[0]"),
-    (_create(profiles=_params(sigma=float("nan"))), "profiles[0]"),
-    (_create(profiles=_params(**{"lambda": 1.5})), "profiles[0]"),
-    (_create(profiles=_params(**{"lambda": 0.0})), "profiles"),
-    (_create(tenant_quotas={"bad tenant": 1.0}), "tenant_quotas"),
-    (_create(tenant_quotas={"alice": 0.0}), "tenant_quotas[alice]"),
-    (_create(filter_order=3.3), "filter_order"),
-    (_create(domain="corpus-a", delta=1e-2), "delta"),  # delta >= 1/N̄ of a served domain
-])
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_create(domain=""), "domain"),
+        (_create(domain="has space"), "domain"),
+        (_create(epsilon=0.0), "epsilon"),
+        (_create(epsilon=-1.0), "epsilon"),
+        (_create(epsilon=float("inf")), "epsilon"),
+        (_create(epsilon=float("nan")), "epsilon"),
+        (_create(delta=0.0), "delta"),
+        (_create(delta=0.9), "delta"),
+        (_create(delta=float("nan")), "delta"),
+        (_create(profiles=[]), "profiles"),
+        (_create(profiles=_params(k=0)), "profiles[0]"),
+        (_create(profiles=_params(q=1.5)), "profiles[0]"),
+        (_create(profiles=_params(q=0.0)), "profiles[0]"),
+        (_create(profiles=_params(sigma=0.0)), "profiles[0]"),
+        (_create(profiles=_params(sigma=float("nan"))), "profiles[0]"),
+        (_create(profiles=_params(**{"lambda": 1.5})), "profiles[0]"),
+        (_create(profiles=_params(**{"lambda": 0.0})), "profiles"),
+        (_create(tenant_quotas={"bad tenant": 1.0}), "tenant_quotas"),
+        (_create(tenant_quotas={"alice": 0.0}), "tenant_quotas[alice]"),
+        (_create(filter_order=3.3), "filter_order"),
+        (_create(domain="corpus-a", delta=1e-2), "delta"),  # delta >= 1/N̄ of a served domain
+    ],
+)
 def test_create_budget_fields(channel, request_, field):
     _expect(admin_pb2_grpc.AdminStub(channel).CreateBudget, request_, INVALID, field, ADMIN_TOKEN)
 
 
-@pytest.mark.parametrize(("method", "request_", "code", "field"), [
-    ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain=""), INVALID, "domain"),
-    ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="corpus-a", limit=10_001), INVALID, "limit"),
-    ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="corpus-a", offset=2**63), INVALID, "offset"),
-    ("GetCounts", admin_pb2.GetCountsRequest(domain="bad domain"), INVALID, "domain"),
-    ("ListQuotas", admin_pb2.ListQuotasRequest(domain=""), INVALID, "domain"),
-])
+@pytest.mark.parametrize(
+    ("method", "request_", "code", "field"),
+    [
+        ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain=""), INVALID, "domain"),
+        ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="corpus-a", limit=10_001), INVALID, "limit"),
+        ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="corpus-a", offset=2**63), INVALID, "offset"),
+        ("GetCounts", admin_pb2.GetCountsRequest(domain="bad domain"), INVALID, "domain"),
+        ("ListQuotas", admin_pb2.ListQuotasRequest(domain=""), INVALID, "domain"),
+    ],
+)
 def test_admin_read_fields(channel, method, request_, code, field):
     _expect(getattr(admin_pb2_grpc.AdminStub(channel), method), request_, code, field, ADMIN_TOKEN)
 
 
 def test_unknown_domain_is_not_found_for_admin_reads(channel):
-    for method, req in (("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="zzz")),
-                        ("GetCounts", admin_pb2.GetCountsRequest(domain="zzz")),
-                        ("ListQuotas", admin_pb2.ListQuotasRequest(domain="zzz"))):
+    for method, req in (
+        ("GetAuditTrail", admin_pb2.GetAuditTrailRequest(domain="zzz")),
+        ("GetCounts", admin_pb2.GetCountsRequest(domain="zzz")),
+        ("ListQuotas", admin_pb2.ListQuotasRequest(domain="zzz")),
+    ):
         with pytest.raises(DprdmError) as err:
             _call(getattr(admin_pb2_grpc.AdminStub(channel), method), req, ADMIN_TOKEN)
         assert err.value.code == NOT_FOUND and err.value.reason == "UNKNOWN_PRIVACY_DOMAIN"

@@ -1,0 +1,269 @@
+"""Empirical privacy audit of the DP-RDM retrieval release (issue 8; ``dprdm audit``).
+
+Method (hypothesis-testing view of DP: P. Kairouz, S. Oh, P. Viswanath, "The Composition Theorem
+for Differential Privacy", ICML 2015, Thm 2.1; used for auditing by M. Jagielski, J. Ullman,
+A. Oprea, "Auditing Differentially Private Machine Learning", NeurIPS 2020, and M. Nasr et al.,
+"Adversary Instantiation", IEEE S&P 2021): if a mechanism is (eps, delta)-DP, every test that
+distinguishes D from D' with false-positive rate a and false-negative rate b satisfies
+``a + e^eps b >= 1 - delta`` and ``b + e^eps a >= 1 - delta``. So
+
+    eps >= max( log((1 - delta - a) / b), log((1 - delta - b) / a) ).
+
+We run the REAL release code many times on D and on D' = D + one canary, compute a scalar test
+statistic per run (the release projected on the canary direction), pick the threshold on the
+first half of the runs and bound (a, b) from above on the second half with one-sided
+Clopper-Pearson intervals (each at 1 - (1 - confidence)/2, a union bound), which makes the
+reported epsilon a ``confidence``-level LOWER bound on the true epsilon.
+
+Worst-case neighbours for retrieval: the query u is public; the canary is u itself (score 1) and
+every other record is -u (score -1), so whenever the canary is sampled it is selected and it
+displaces an antipodal record: the mean moves by exactly 2u/k, the sensitivity bound.
+
+Deliberately broken variants (must audit ABOVE their claim, showing the audit has power):
+``sigma_halved`` (noise sigma/2, claim for sigma), ``sensitivity_1_over_k`` (claim computed with
+multiplier sigma*k, i.e. as if the sensitivity were 1/k), ``shared_coins`` (a batch of B queries
+shares one subsample, claim = B independent queries; statistic summed over the batch),
+``divide_by_found`` (mean over the survivors found instead of k).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats
+
+from .conversion import epsilon_from_rdp
+from .mechanism import Profile, profile_rdp, release
+from .orders import DEFAULT_ORDERS
+from .rdp import rdp_subsampled_gaussian
+
+__all__ = [
+    "VARIANTS",
+    "AuditResult",
+    "clopper_pearson_upper",
+    "epsilon_lower_bound",
+    "claimed_epsilon",
+    "worst_case_corpus",
+    "audit_retrieval",
+    "register",
+]
+
+VARIANTS = ("correct", "sigma_halved", "sensitivity_1_over_k", "shared_coins", "divide_by_found")
+
+# search(vectors, ids, query, k, q, rng) -> selected rows (m, d); the real subsampled k-NN.
+SearchFn = Callable[[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64], int, float, np.random.Generator], npt.NDArray[np.float64]]
+
+
+def clopper_pearson_upper(successes: int, trials: int, level: float) -> float:
+    """One-sided Clopper-Pearson upper bound on a binomial proportion at ``level`` (e.g. 0.975)."""
+    if trials <= 0:
+        raise ValueError(f"trials must be > 0; found {trials!r}")
+    if successes >= trials:
+        return 1.0
+    return float(stats.beta.ppf(level, successes + 1, trials - successes))
+
+
+def _eps_from_rates(a: float, b: float, delta: float) -> float:
+    best = 0.0
+    for num, den in ((1.0 - delta - a, b), (1.0 - delta - b, a)):
+        if num > 0 and den > 0:
+            best = max(best, math.log(num / den))
+        elif num > 0 and den == 0:
+            return math.inf
+    return best
+
+
+def epsilon_lower_bound(
+    stat_without: npt.ArrayLike, stat_with: npt.ArrayLike, delta: float, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Audited epsilon lower bound from test statistics on D (``without``) and D' (``with``).
+
+    The threshold (predict D' when the statistic exceeds it) is chosen on the first half of each
+    sample by the point estimate; the bound uses the second half with Clopper-Pearson upper
+    bounds on both error rates.
+
+    Returns:
+        ``(lower_bound, threshold)``.
+    """
+    s0 = np.asarray(stat_without, dtype=np.float64)
+    s1 = np.asarray(stat_with, dtype=np.float64)
+    h0, h1 = s0.size // 2, s1.size // 2
+    if h0 < 10 or h1 < 10:
+        raise ValueError("need at least 20 trials per dataset")
+    fit0, test0 = np.sort(s0[:h0]), s0[h0:]
+    fit1, test1 = np.sort(s1[:h1]), s1[h1:]
+    candidates = np.unique(np.quantile(np.concatenate([fit0, fit1]), np.linspace(0.001, 0.999, 999)))
+    level = 1.0 - (1.0 - confidence) / 2.0
+    # Select the threshold by the same conservative (Clopper-Pearson) bound on the fit half, so
+    # thresholds in the far tail, whose point estimates rest on a handful of runs, do not win.
+    false_pos = fit0.size - np.searchsorted(fit0, candidates, side="right")
+    false_neg = np.searchsorted(fit1, candidates, side="right")
+    a_fit = stats.beta.ppf(level, false_pos + 1, np.maximum(fit0.size - false_pos, 1))
+    b_fit = stats.beta.ppf(level, false_neg + 1, np.maximum(fit1.size - false_neg, 1))
+    fit_eps = [_eps_from_rates(float(a), float(b), delta) for a, b in zip(a_fit, b_fit)]
+    best_t = float(candidates[int(np.argmax(fit_eps))])
+    a_hi = clopper_pearson_upper(int((test0 > best_t).sum()), test0.size, level)
+    b_hi = clopper_pearson_upper(int((test1 <= best_t).sum()), test1.size, level)
+    return _eps_from_rates(a_hi, b_hi, delta), best_t
+
+
+def claimed_epsilon(profile: Profile, variant: str, delta: float, batch: int = 1) -> float:
+    """The epsilon the (possibly broken) implementation claims for one release (or one batch)."""
+    if variant == "sensitivity_1_over_k":
+        curve = rdp_subsampled_gaussian(q=profile.q, noise_multiplier=profile.sigma * profile.k, orders=DEFAULT_ORDERS)
+    else:
+        curve = profile_rdp(profile, DEFAULT_ORDERS)
+    repeats = batch if variant == "shared_coins" else 1
+    return epsilon_from_rdp(curve * repeats, DEFAULT_ORDERS, delta).epsilon
+
+
+def worst_case_corpus(n_others: int, dimension: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(query u, corpus D of ``n_others`` copies of -u); the canary for D' is u itself."""
+    if n_others < 1 or dimension < 1:
+        raise ValueError(f"n_others and dimension must be >= 1; found {n_others!r}, {dimension!r}")
+    u = np.zeros(dimension)
+    u[0] = 1.0
+    return u, np.tile(-u, (n_others, 1))
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """One audited (profile, variant)."""
+
+    variant: str
+    profile: dict[str, float | int]
+    delta: float
+    trials: int
+    claimed_epsilon: float
+    audited_lower_bound: float
+    ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def _one_run(
+    search: SearchFn,
+    profile: Profile,
+    variant: str,
+    corpus: npt.NDArray[np.float64],
+    ids: npt.NDArray[np.int64],
+    u: npt.NDArray[np.float64],
+    rng: np.random.Generator,
+    batch: int,
+) -> float:
+    """Statistic of one release (or one batch for ``shared_coins``): <release, u>."""
+    noise_profile = Profile(k=profile.k, q=profile.q, sigma=profile.sigma / 2, lam=profile.lam) if variant == "sigma_halved" else profile
+    if variant == "shared_coins":
+        coins_seed = int(rng.integers(0, 2**63 - 1))
+        total = 0.0
+        for _ in range(batch):  # every query of the batch replays the SAME coins
+            selected = search(corpus, ids, u, profile.k, profile.q, np.random.default_rng(coins_seed))
+            total += float(release(noise_profile, u, selected, rng) @ u)
+        return total
+    selected = search(corpus, ids, u, profile.k, profile.q, rng)
+    if variant == "divide_by_found" and selected.shape[0] > 0:
+        scaled = Profile(k=selected.shape[0], q=profile.q, sigma=profile.sigma, lam=profile.lam)
+        return float(release(scaled, u, selected, rng) @ u)
+    return float(release(noise_profile, u, selected, rng) @ u)
+
+
+def audit_retrieval(
+    search: SearchFn,
+    profile: Profile,
+    *,
+    variant: str = "correct",
+    trials: int = 20000,
+    delta: float = 1e-5,
+    n_others: int | None = None,
+    dimension: int = 8,
+    batch: int = 4,
+    rng: np.random.Generator,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit one profile/variant with the real search and release code.
+
+    Args:
+        search: the subsampled k-NN (``dprdm.index`` in production; see :data:`SearchFn`).
+        profile: retrieval profile (lambda > 0).
+        variant: one of :data:`VARIANTS`.
+        trials: runs per dataset.
+        delta: the delta at which epsilon is claimed and audited.
+        n_others: size of D (default k, so the canary always displaces someone when sampled).
+        dimension: embedding dimension of the synthetic corpus.
+        batch: batch size for ``shared_coins``.
+        rng: randomness for the runs (an audit is not a production release).
+        confidence: confidence level of the lower bound.
+
+    Raises:
+        ValueError: unknown variant or lambda = 0.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown audit variant {variant!r}; choose from {VARIANTS}")
+    if not profile.retrieves:
+        raise ValueError("lambda = 0 releases no private data; nothing to audit")
+    u, others = worst_case_corpus(n_others or profile.k, dimension)
+    with_canary = np.vstack([u, others])  # rows sorted by record id; the canary has id 0
+    ids_without = np.arange(1, others.shape[0] + 1, dtype=np.int64)
+    ids_with = np.arange(0, others.shape[0] + 1, dtype=np.int64)
+    s0 = [_one_run(search, profile, variant, others, ids_without, u, rng, batch) for _ in range(trials)]
+    s1 = [_one_run(search, profile, variant, with_canary, ids_with, u, rng, batch) for _ in range(trials)]
+    audited, _ = epsilon_lower_bound(s0, s1, delta, confidence)
+    claimed = claimed_epsilon(profile, variant, delta, batch)
+    return AuditResult(
+        variant=variant,
+        profile=profile.to_dict(),
+        delta=delta,
+        trials=trials,
+        claimed_epsilon=claimed,
+        audited_lower_bound=audited,
+        ratio=audited / claimed if claimed > 0 else math.inf,
+    )
+
+
+def index_search() -> SearchFn:
+    """The production subsampled k-NN of ``dprdm.index`` over an in-memory flat corpus."""
+    from dprdm.index.search import FlatLayout, quantize_store, subsampled_topk
+
+    def search(vectors: Any, ids: Any, query: Any, k: int, q: float, rng: np.random.Generator) -> Any:
+        stored = quantize_store(vectors, "float32")
+        layout = FlatLayout(count=stored.shape[0], public_size=stored.shape[0])
+        return subsampled_topk(stored, ids, layout, query, k=k, q=q, rng=rng).vectors
+
+    return search
+
+
+def _cmd_audit(args: Any) -> int:
+    import json
+
+    profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
+    rng = np.random.default_rng(args.seed)
+    results = []
+    for variant in args.variants:
+        res = audit_retrieval(index_search(), profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng)
+        results.append(res.to_dict())
+        print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
+              f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dprdm audit`` (empirical lower bound on epsilon for a profile)."""
+    p = subparsers.add_parser("audit", help="empirical privacy audit of the retrieval mechanism")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--q", type=float, default=1.0)
+    p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--trials", type=int, default=20000)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the audit's own runs (not a production release)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_audit)

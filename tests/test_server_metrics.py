@@ -1,0 +1,39 @@
+"""Prometheus metrics: request counts by method/status and budgets; nothing private-derived."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+
+from dprdm.clients.client import Client, DprdmError
+from dprdm.server.testing import TENANT_TOKEN, MemoryLedger, ServerThread, make_config
+
+
+def test_metrics(tmp_path):
+    cfg = make_config(server={"metrics_port": 0}, budgets={"corpus-a": {"epsilon": 3.0}})
+    with ServerThread(cfg, ledger=MemoryLedger()) as srv:
+        with Client(srv.address, TENANT_TOKEN) as c:
+            c.retrieve("faces", "m1")
+            with pytest.raises(DprdmError):
+                for i in range(20):
+                    c.retrieve("faces", f"m{i + 2}")
+            c.generate("faces", "g", steps=1, profile="public")
+        with Client(srv.address, "wrong-token-xxxxxxxx") as bad, pytest.raises(DprdmError):
+            bad.list_indexes()
+        port = srv.running.metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'dprdm_requests_total{code="OK",method="Retrieve"}' in text
+    assert 'dprdm_requests_total{code="RESOURCE_EXHAUSTED",method="Retrieve"} 1.0' in text
+    assert 'dprdm_requests_total{code="UNAUTHENTICATED",method="ListIndexes"} 1.0' in text
+    assert 'dprdm_requests_total{code="OK",method="Generate"} 1.0' in text
+    assert re.search(r'dprdm_budget_epsilon_spent\{domain="corpus-a"\} [0-9.]+', text)
+    names = {m.group(1) for m in re.finditer(r"^(dprdm_[a-z_]+?)(?:_total|_created)?[{ ]", text, re.M)}
+    assert names == {
+        "dprdm_requests",
+        "dprdm_budget_epsilon",
+        "dprdm_budget_epsilon_spent",
+        "dprdm_generation_inside",
+    }
+    assert "seconds" not in text and "survivor" not in text and "distance" not in text
