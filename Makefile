@@ -26,11 +26,11 @@ lint: setup
 	$(VENV)/bin/mypy privacy
 
 proto: setup
-	$(PY) server/gen_proto.py
+	$(PY) -m dprdm.server.gen_proto
 
 proto-check: setup
 	@if [ -f server/gen_proto.py ]; then \
-		$(PY) server/gen_proto.py && git diff --exit-code -- server/_proto \
+		$(PY) -m dprdm.server.gen_proto && git diff --exit-code -- server/_proto \
 		|| { echo "generated gRPC code is stale: run 'make proto'"; exit 1; }; \
 	fi
 

@@ -14,7 +14,9 @@ subsampled-Gaussian RDP is non-increasing in z (Mironov, Talwar & Zhang 2019, Se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -63,16 +65,34 @@ def _check_rate_steps(q: float, steps: int) -> None:
         raise ValueError(f"steps must be an integer >= 1; found {steps!r}")
 
 
-def _epsilon(q: float, z: float, steps: int, delta: float) -> float:
-    curve = rdp_subsampled_gaussian(q=q, noise_multiplier=z, orders=DEFAULT_ORDERS) * steps
-    return epsilon_from_rdp(curve, DEFAULT_ORDERS, delta).epsilon
+_INTEGER_ORDERS = tuple(a for a in DEFAULT_ORDERS if float(a).is_integer())
 
 
+def _epsilon(q: float, z: float, steps: int, delta: float, orders: tuple[float, ...] = DEFAULT_ORDERS) -> float:
+    curve = rdp_subsampled_gaussian(q=q, noise_multiplier=z, orders=orders) * steps
+    return epsilon_from_rdp(curve, orders, delta).epsilon
+
+
+def _bisect(ok: Callable[[float], bool], lo: float, hi: float, rel_tol: float) -> float:
+    """Shrink [lo, hi] (lo infeasible, hi feasible) to relative width ``rel_tol``; returns hi."""
+    while hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+@lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
-    *, q: float, steps: int, epsilon: float, delta: float, rel_tol: float = 1e-4
+    *, q: float, steps: int, epsilon: float, delta: float, rel_tol: float = 1e-3
 ) -> float:
     """Smallest noise multiplier z (to relative ``rel_tol``, rounded up) such that ``steps``
-    compositions of the Poisson-subsampled Gaussian with rate ``q`` cost <= ``epsilon`` at ``delta``.
+    compositions of the Poisson-subsampled Gaussian with rate ``q`` cost <= ``epsilon`` at ``delta``
+    over the shared order grid.
+
+    Two phases, both keeping the feasible end: a bisection over the integer orders of the grid
+    (cheap closed form; feasible there implies feasible on the full grid, whose minimum is over a
+    superset), then a bisection on the full grid (fractional orders use the slower series) below
+    that point. Results are memoized.
 
     Args:
         q: Poisson sampling rate in (0, 1].
@@ -82,7 +102,7 @@ def calibrate_noise_multiplier(
         rel_tol: relative width of the final bracket.
 
     Returns:
-        The feasible end of the bisection bracket: ``epsilon(q, z, steps, delta) <= epsilon``.
+        z with ``epsilon(q, z, steps, delta) <= epsilon`` on the shared grid.
 
     Raises:
         ValueError: naming a bad argument, or if no z <= 1e6 reaches the target.
@@ -93,22 +113,26 @@ def calibrate_noise_multiplier(
     if not (0.0 < float(delta) < 1.0):
         raise ValueError(f"delta must be in (0, 1); found {delta!r}")
 
+    def ok_int(z: float) -> bool:
+        return _epsilon(q, z, steps, delta, _INTEGER_ORDERS) <= epsilon
+
     def ok(z: float) -> bool:
         return _epsilon(q, z, steps, delta) <= epsilon
 
     hi = 1.0
-    while not ok(hi):
+    while not ok_int(hi):
         hi *= 2.0
         if hi > _MAX_Z:
             raise ValueError(f"no noise multiplier <= {_MAX_Z:g} reaches epsilon={epsilon!r} "
                              f"(q={q!r}, steps={steps!r}, delta={delta!r})")
     lo = hi / 2.0
-    while ok(lo) and lo > 1e-6:
+    while ok_int(lo) and lo > 1e-6:
         hi, lo = lo, lo / 2.0
-    while hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-    return hi
+    hi = _bisect(ok_int, lo, hi, rel_tol)
+    lo = hi * 0.9
+    while ok(lo) and lo > 1e-6:
+        hi, lo = lo, lo * 0.9
+    return _bisect(ok, lo, hi, rel_tol)
 
 
 def dpsgd_accountant(*, q: float, noise_multiplier: float, steps: int) -> RdpAccountant:

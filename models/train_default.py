@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     gen = RDMGenerator(unet, sched, rcfg, expected_encoder=encoder.identity, device=torch.device("cpu"))
     gen.save_packed(out / "mini_decoder.json")
     record = {
-        "command": "dprdm train-default " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": _command(args),
+        "reproduce_exactly": _command(args, decoder_steps=report["decoder_steps"], encoder_steps=report["encoder_steps"]),
         "seed": args.seed,
         "public_seed": PUBLIC_SEED,
         "public_size": args.public_size,
@@ -106,6 +107,17 @@ def run(args: argparse.Namespace) -> int:
     (out / "mini_train.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     _log(f"done in {record['total_seconds']:.0f}s; wrote {out}")
     return 0
+
+
+def _command(args: argparse.Namespace, **override: int) -> str:
+    """The command line that reproduces this run (``override`` fixes step counts; time caps lifted)."""
+    opts = {k: getattr(args, k) for k in ("seed", "public_size", "encoder_steps", "encoder_seconds",
+                                          "decoder_steps", "decoder_seconds", "dim")}
+    if override:
+        opts.update(override, encoder_seconds=1e9, decoder_seconds=1e9)
+    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                     for k, v in opts.items())
+    return f"dprdm train-default {flags}" + (f" --out {shlex.quote(str(args.out))}" if args.out != WEIGHTS_DIR else "")
 
 
 def _encoder_accuracy(encoder: object, md: object) -> dict[str, float]:

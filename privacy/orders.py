@@ -24,6 +24,8 @@ def _build_default_orders() -> tuple[float, ...]:
 DEFAULT_ORDERS: tuple[float, ...] = _build_default_orders()
 """SPEC §4 grid: {1.05, ..., 1.2} U {1.25, 1.5, ..., 10.75} U {11, ..., 64} U {128, ..., 1024}."""
 
+_DEFAULT_ARRAY = np.array(DEFAULT_ORDERS, dtype=np.float64)
+
 OPACUS_ORDERS: tuple[float, ...] = tuple(
     [1.0 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
 )
@@ -36,10 +38,12 @@ def validate_orders(orders: npt.ArrayLike) -> npt.NDArray[np.float64]:
     Raises:
         ValueError: naming the first bad order.
     """
+    if orders is DEFAULT_ORDERS:
+        return _DEFAULT_ARRAY.copy()
     arr = np.asarray(orders, dtype=np.float64).reshape(-1)
     if arr.size == 0:
         raise ValueError("orders must not be empty")
-    for a in arr:
-        if not np.isfinite(a) or a <= 1.0:
-            raise ValueError(f"Rényi orders must be finite and > 1; found {float(a)!r}")
+    bad = ~(np.isfinite(arr) & (arr > 1.0))
+    if bad.any():
+        raise ValueError(f"Rényi orders must be finite and > 1; found {float(arr[bad][0])!r}")
     return arr

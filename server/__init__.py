@@ -1,0 +1,17 @@
+"""The dprdm server: configuration, the durable ledger, the transport-free service layer, and
+the gRPC wiring (SPEC §6, §7). One job per module:
+
+* ``config``: frozen, validated dataclasses loaded from TOML (``dprdm serve --config``).
+* ``ledger_api`` / ``ledger``: the ledger interface and its SQLite store.
+* ``catalog``: loaded indexes, bundles, profiles and domain budgets; every startup check.
+* ``api_types``: transport-free request/response types and request validation.
+* ``query``: one query, reserve then compute (the privacy-critical order of steps).
+* ``service`` / ``admin``: the service layer (async orchestration, pools, admin operations).
+* ``generation``: the bounded generation pool (overload refused before any charge).
+* ``errors`` / ``status``: domain errors and THE table mapping them to gRPC status codes.
+* ``servicer`` / ``converters``: thin gRPC servicers and protobuf conversions.
+* ``auth``: bearer tokens and roles (interceptor). ``metrics``: Prometheus (public values only).
+* ``app``: wiring, health, reflection, TLS. ``cli``: ``dprdm serve``.
+* ``adapters``: the real ``dprdm.index`` / ``dprdm.models`` objects behind the server's protocols.
+* ``testing``: fakes and a server harness for tests. ``gen_proto``: regenerates ``_proto``.
+"""

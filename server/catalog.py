@@ -228,7 +228,7 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
 @functools.lru_cache(maxsize=256)
 def _charge(profile: Profile) -> npt.NDArray[np.float64]:
     """The RDP curve of one query (computed once per distinct profile; read-only)."""
-    curve = profile_rdp(profile, DEFAULT_ORDERS)
+    curve: npt.NDArray[np.float64] = profile_rdp(profile, DEFAULT_ORDERS)
     curve.flags.writeable = False
     return curve
 

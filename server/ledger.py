@@ -7,7 +7,7 @@ Layout (schema version :data:`SCHEMA_VERSION`, checked at open):
   the number of spends, creation time.
 * ``tenant_quotas``: (domain, tenant) -> epsilon quota and the tenant's own running curve.
 * ``curves``: charge curves (JSON) keyed by a hash of their text; a profile's curve is stored
-  once, not in every spend row (a 2 KB curve per row made each group commit ~35% slower).
+  once, not in every spend row (2 KB per row; bigger rows make every commit's fsync slower).
 * ``spends``: the append-only audit trail; ``seq`` is the admission order, (tenant, request_id)
   is unique, ``charge_id`` names the charge curve; the release (float64 bytes) and receipt (JSON)
   are attached after the fact.
@@ -392,6 +392,12 @@ class SqliteLedger:
         tx = _Tx(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
+            for op in ops:
+                op.result, op.error = None, LedgerError(f"ledger store unavailable ({type(exc).__name__})")
+                op.error.__cause__ = exc
+            return
+        try:
             try:
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
                 if version != self._data_version:  # another connection committed: reload

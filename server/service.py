@@ -98,9 +98,6 @@ class DprdmService:
         self.generation = GenerationPool(options.generation_workers, options.generation_queue)
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
 
-    async def _io(self, fn: Callable[..., object], *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def retrieve(self, caller: Caller, args: QueryArgs, *, deadline: float | None = None) -> Answer:
         """Charge and answer one query: the release and its receipt.
 
@@ -212,7 +209,8 @@ class DprdmService:
         name = self._domain_of(index, domain)
         if name not in self.catalog.budgets:
             raise NotFound("domain", name)
-        state, quotas = await self._io(_state_and_quotas, self.ledger, name)  # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        state, quotas = await loop.run_in_executor(self._pool, _state_and_quotas, self.ledger, name)
         q = quotas.get(caller.tenant)
         quota = None if q is None else QuotaView(caller.tenant, float(q[0]), float(q[1]))
         if self.metrics is not None:

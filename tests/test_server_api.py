@@ -215,7 +215,10 @@ def test_fixed_response_time(tmp_path):
     import time
 
     cfg = make_config(server={"fixed_response_seconds": 0.3})
-    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+    with (
+        ServerThread(cfg, ledger=SqliteLedger(tmp_path / "l.sqlite3")) as srv,
+        Client(srv.address, TENANT_TOKEN) as c,
+    ):
         for prompt in ("fixed a", "fixed b"):
             t = time.monotonic()
             c.retrieve("faces", prompt)

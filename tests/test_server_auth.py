@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import subprocess
 
 import grpc
@@ -11,6 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from dprdm.clients.client import Client, DprdmError
 from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
+from dprdm.server.config import TlsConfig
 from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, MemoryLedger, ServerThread, make_config
 
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
@@ -126,6 +129,8 @@ def _openssl(*args, cwd):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
     d = tmp_path_factory.mktemp("pki")
     (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     _openssl(
@@ -183,24 +188,7 @@ def _tls_config(pki, mutual):
     tls = {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")}
     if mutual:
         tls["client_ca"] = str(pki / "ca.pem")
-    from dprdm.server.config import parse_config
-    from dprdm.server.testing import make_config as _mk
-
-    base = _mk()
-    doc = {
-        "tls": tls,
-        "server": {"listen": "127.0.0.1:0"},
-        "tokens": [{"tenant": "alice", "role": "tenant", "token": TENANT_TOKEN}],
-        "indexes": {
-            "faces": {
-                "path": base.indexes[0].path,
-                "bundle": "hash-16-gen",
-                "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5}},
-            }
-        },
-        "budgets": {"corpus-a": {"epsilon": 5.0}},
-    }
-    return parse_config(doc)
+    return dataclasses.replace(make_config(), tls=TlsConfig(**tls))
 
 
 def test_tls(pki):

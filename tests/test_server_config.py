@@ -93,6 +93,8 @@ def _doc(**changes):
         (_doc(server={"listen": "nope"}), "server.listen"),
         (_doc(server={"typo": 1}), "server.typo"),
         (_doc(server={"query_threads": 0}), "server.query_threads"),
+        (_doc(server={"fixed_response_seconds": 0.0}), "server.fixed_response_seconds"),
+        (_doc(server={"metrics_port": 70000}), "server.metrics_port"),
         (_doc(server={"reuse_releases": "yes"}), "server.reuse_releases"),
         (_doc(limits={"max_images": 0}), "limits.max_images"),
         (_doc(limits={"default_steps": 500}), "limits.default_steps"),
