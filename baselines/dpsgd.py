@@ -24,6 +24,7 @@ Diffusion timesteps and noise are training randomness, not DP randomness, and ma
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -227,7 +228,9 @@ def train_dpsgd(
                         p.grad_sample = p.new_zeros((0, *p.shape))
                 else:
                     loss = loss_fn(gsm, idx, m)
-                    loss.backward()
+                    with warnings.catch_warnings():  # Opacus' hooks fire on outputs: inputs need no grad
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     fold_multiplicity(params, m)
                     step_loss.append(float(loss.detach()))
                 last = not opt._check_skip_next_step(pop_next=False)

@@ -26,6 +26,7 @@ _COMMAND_MODULES: tuple[tuple[str, str, str], ...] = (
     ("train-default", "dprdm.models.train_default", "retrain the embedded default bundle"),
     ("baseline", "dprdm.baselines.cli", "train and sample the DP fine-tuning baselines"),
     ("audit", "dprdm.privacy.audit", "empirical privacy audit of the retrieval mechanism"),
+    ("bench", "dprdm.clients.bench", "load benchmarks against a server (query-budget drain)"),
 )
 
 

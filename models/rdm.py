@@ -110,6 +110,12 @@ def expand_tokens(conditioning: npt.ArrayLike, k: int, dim: int) -> npt.NDArray[
     return c
 
 
+def _move(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move to device, casting only when the dtype changes (fp32 modules on CPU are left alone)."""
+    module = module.to(device)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
 def check_request(n: int, steps: int) -> None:
     """Validate ``n`` and ``steps`` (shared by every generator).
 
@@ -136,8 +142,8 @@ class RDMGenerator:
     ) -> None:
         self.device = device or default_device()
         self.dtype = default_dtype(self.device)
-        self.unet = unet.to(self.device, self.dtype).eval()
-        self.vae = vae.to(self.device, self.dtype).eval() if vae is not None else None
+        self.unet = _move(unet, self.device, self.dtype).eval()
+        self.vae = _move(vae, self.device, self.dtype).eval() if vae is not None else None
         self.scheduler = scheduler
         self.config = config
         self.expected_encoder = expected_encoder
@@ -184,11 +190,10 @@ class RDMGenerator:
         if self.expected_encoder is not None:
             raw["encoder"] = self.expected_encoder.to_dict()
         (d / CONFIG_NAME).write_text(json.dumps(raw, indent=2) + "\n")
-        self.unet.to(torch.float32).save_pretrained(str(d / "unet"), safe_serialization=True)
+        self.unet.save_pretrained(str(d / "unet"), safe_serialization=True)
         self.scheduler.save_pretrained(str(d / "scheduler"))
         if self.vae is not None:
-            self.vae.to(torch.float32).save_pretrained(str(d / "vae"), safe_serialization=True)
-        self.unet.to(self.dtype)
+            self.vae.save_pretrained(str(d / "vae"), safe_serialization=True)
 
     @classmethod
     def load_packed(cls, json_path: str | Path, device: torch.device | None = None) -> RDMGenerator:

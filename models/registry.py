@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +103,18 @@ def _search_dirs() -> list[Path]:
 
 
 def list_bundles() -> list[BundleSpec]:
-    """Every readable bundle in ``DPRDM_BUNDLE_PATH`` then the package (first name wins)."""
+    """Every bundle in ``DPRDM_BUNDLE_PATH`` then the package (first name wins).
+
+    JSON files that are not bundles (e.g. packed model configs next to them) are skipped with a warning.
+    """
     seen: dict[str, BundleSpec] = {}
     for d in _search_dirs():
         for f in sorted(d.glob("*.json")) if d.is_dir() else []:
-            spec = read_bundle(f)
+            try:
+                spec = read_bundle(f)
+            except ValueError as exc:
+                warnings.warn(f"skipping {f}: {exc}", stacklevel=2)
+                continue
             seen.setdefault(spec.name, spec)
     return list(seen.values())
 

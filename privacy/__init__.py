@@ -11,7 +11,7 @@ Importing this package never imports torch, faiss or grpc (a test checks it in a
 * ``rng``: the CSPRNG for coins and noise.
 """
 
-from .accountant import RdpAccountant, RetrievalEvent, SubsampledGaussianEvent, event_rdp
+from .accountant import RdpAccountant, RetrievalEvent, SubsampledGaussianEvent, event_rdp, retrieval_rdp
 from .budget import Budget, check_delta_for_size, choose_filter_order, default_delta, filter_capacity
 from .calibration import calibrate_k, calibrate_q, calibrate_sigma, epsilon_for, max_queries
 from .conversion import DeltaResult, EpsilonResult, delta_from_rdp, epsilon_from_rdp
@@ -49,4 +49,5 @@ __all__ = [
     "profile_rdp",
     "rdp_subsampled_gaussian",
     "release",
+    "retrieval_rdp",
 ]

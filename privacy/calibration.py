@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
+from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp
-from .mechanism import Profile, profile_rdp
+from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
 
 __all__ = ["epsilon_for", "calibrate_sigma", "calibrate_k", "calibrate_q", "max_queries"]
@@ -30,11 +31,15 @@ def _check_target(epsilon: float, delta: float, queries: int) -> None:
         raise ValueError(f"queries must be an integer >= 1; found {queries!r}")
 
 
-def epsilon_for(profile: Profile, queries: int, delta: float) -> float:
-    """Epsilon of ``queries`` releases under ``profile`` at ``delta`` (min over the shared grid)."""
+def epsilon_for(profile: Profile, queries: int, delta: float, hardened_dimension: int | None = None) -> float:
+    """Epsilon of ``queries`` releases under ``profile`` at ``delta`` (min over the shared grid).
+
+    ``hardened_dimension``: the embedding dimension when releases use the exact discrete
+    Gaussian (``dprdm.privacy.discrete``), whose curve is slightly larger; None for float noise.
+    """
     if not isinstance(queries, int) or isinstance(queries, bool) or queries < 0:
         raise ValueError(f"queries must be an integer >= 0; found {queries!r}")
-    curve = profile_rdp(profile, DEFAULT_ORDERS)
+    curve = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
     if queries == 0 or not profile.retrieves:
         return 0.0
     return epsilon_from_rdp(curve * queries, DEFAULT_ORDERS, delta).epsilon
@@ -114,9 +119,11 @@ def calibrate_q(*, epsilon: float, delta: float, queries: int, sigma: float, k: 
     return lo
 
 
-def max_queries(*, epsilon: float, delta: float, profile: Profile) -> int | None:
+def max_queries(
+    *, epsilon: float, delta: float, profile: Profile, hardened_dimension: int | None = None
+) -> int | None:
     """Largest T with epsilon(T) <= epsilon under the single-profile rule; None means unlimited
-    (lambda = 0 costs nothing).
+    (lambda = 0 costs nothing). ``hardened_dimension`` as in :func:`epsilon_for`.
 
     Raises:
         ValueError: naming a bad argument.
@@ -124,14 +131,14 @@ def max_queries(*, epsilon: float, delta: float, profile: Profile) -> int | None
     _check_target(epsilon, delta, 1)
     if not profile.retrieves:
         return None
-    if epsilon_for(profile, 1, delta) > epsilon:
+    if epsilon_for(profile, 1, delta, hardened_dimension) > epsilon:
         return 0
     lo, hi = 1, 2
-    while epsilon_for(profile, hi, delta) <= epsilon:
+    while epsilon_for(profile, hi, delta, hardened_dimension) <= epsilon:
         lo, hi = hi, hi * 2
         if hi > _MAX_QUERIES:
             return _MAX_QUERIES
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if epsilon_for(profile, mid, delta) <= epsilon else (lo, mid)
+        lo, hi = (mid, hi) if epsilon_for(profile, mid, delta, hardened_dimension) <= epsilon else (lo, mid)
     return lo

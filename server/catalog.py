@@ -30,7 +30,7 @@ from dprdm.privacy import (
     check_delta_for_size,
     default_delta,
     epsilon_from_rdp,
-    profile_rdp,
+    retrieval_rdp,
 )
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
@@ -110,6 +110,9 @@ class ServedProfile:
     charge: npt.NDArray[np.float64] = field(repr=False)
     epsilon_per_query: float
     nprobe: int | None = None
+    hardened_dimension: int | None = None
+    """Embedding dimension when releases use the exact discrete Gaussian (``noise = "discrete"``);
+    the charge is then ``hardened_rdp`` at that dimension. None: float noise."""
 
 
 @dataclass(frozen=True)
@@ -226,9 +229,9 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
 
 
 @functools.lru_cache(maxsize=256)
-def _charge(profile: Profile) -> npt.NDArray[np.float64]:
+def _charge(profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
     """The RDP curve of one query (computed once per distinct profile; read-only)."""
-    curve: npt.NDArray[np.float64] = profile_rdp(profile, DEFAULT_ORDERS)
+    curve: npt.NDArray[np.float64] = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
     curve.flags.writeable = False
     return curve
 
@@ -259,8 +262,10 @@ def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
         raise StartupError(
             f"indexes.{cfg.name}: the index manifest declares a private corpus; private = false is refused"
         )
+    hardened = index.dimension if cfg.noise == "discrete" else None
     profiles = {
-        p.name: ServedProfile(p.name, p.profile, _charge(p.profile), 0.0, p.nprobe) for p in cfg.profiles
+        p.name: ServedProfile(p.name, p.profile, _charge(p.profile, hardened), 0.0, p.nprobe, hardened)
+        for p in cfg.profiles
     }
     return ServedIndex(config=cfg, index=index, bundle=bundle, profiles=profiles)
 
@@ -286,7 +291,7 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
     for s in served:
         delta = budgets[s.domain].delta if s.domain in budgets else None
         profiles = {
-            n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe)
+            n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe, p.hardened_dimension)
             for n, p in s.profiles.items()
         }
         final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)

@@ -30,6 +30,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     [indexes.faces]
     path = "/srv/faces-index"
     bundle = "dprdm-mini"            # encoder/generator bundle (must match the index's encoder)
+    # noise = "discrete"             # discrete (default if private: floating-point-safe) | float
 
     [indexes.faces.profiles.default]
     k = 18
@@ -77,6 +78,10 @@ __all__ = [
     "hash_token",
 ]
 
+NOISE_KINDS = ("discrete", "float")
+"""``discrete``: the floating-point-safe exact discrete Gaussian on a lattice (default for private
+indexes; ``dprdm.privacy.discrete``); ``float``: numpy's float Gaussian (default for public ones)."""
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROLES = ("tenant", "admin")
 
@@ -108,6 +113,7 @@ class IndexConfig:
     bundle: str
     profiles: tuple[ProfileConfig, ...]
     private: bool = True
+    noise: str = "discrete"
 
     def profile(self, name: str) -> Profile | None:
         """The profile called ``name``, or None."""
@@ -262,13 +268,21 @@ def _profiles(table: _Table, private: bool) -> tuple[ProfileConfig, ...]:
 def _index(name: str, t: _Table, base: Path) -> IndexConfig:
     _check_name(t.path, name)
     private = t.get("private", bool, True)
+    noise = t.get("noise", str, "discrete" if private else "float")
+    if noise not in NOISE_KINDS:
+        raise ConfigError(f"{t.key('noise')}: must be one of {', '.join(NOISE_KINDS)}; found {noise!r}")
     idx = IndexConfig(
         name=name,
         path=str(_path(t.require("path", str), base)),
         bundle=t.require("bundle", str),
         profiles=_profiles(t.sub("profiles"), private),
         private=private,
+        noise=noise,
     )
+    if noise == "discrete":
+        for p in idx.profiles:
+            if p.profile.retrieves and p.profile.sigma == 0.0:
+                raise ConfigError(f"{t.key('noise')}: profile {p.name!r} has sigma = 0; use noise = \"float\"")
     t.done()
     return idx
 

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dprdm.privacy import Budget, check_dp_generator, release
+from dprdm.privacy.discrete import release_hardened
 
 from .api_types import Answer, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
@@ -156,6 +157,7 @@ def answer_query(
     reuse: bool,
     production: bool = True,
     on_charge: Callable[[BudgetState], None] | None = None,
+    noise: NoiseSource | None = None,
 ) -> Answer:
     """Charge and answer one query (see the module docstring for the order of steps).
 
@@ -167,6 +169,7 @@ def answer_query(
         reuse: answer an identical public input of the same tenant from its stored release.
         production: refuse a non-CSPRNG generator (tests of the pipeline may pass False).
         on_charge: called with the budget state after a new charge (metrics).
+        noise: lattice noise source for hardened profiles (pre-generated off the request path).
 
     Raises:
         Cancelled, DeadlineTooShort: before the charge, nothing charged.
@@ -180,7 +183,7 @@ def answer_query(
         if plan.profile.profile.retrieves:  # non-private index without a budget: nothing to charge
             rng = rng_factory()
             check_dp_generator(rng, production=production)
-            c = release(plan.profile.profile, u, _search(plan, u, rng), rng)
+            c = _release(plan, u, rng, noise)
         return Answer(release=c, receipt=_receipt(plan, "", None, 0.0))
     if reuse:
         found = ledger.find_release(domain=domain, tenant=plan.tenant, binding_hash=plan.binding)
@@ -212,10 +215,32 @@ def answer_query(
         on_charge(res.state)
     rng = rng_factory()
     check_dp_generator(rng, production=production)
-    c = release(plan.profile.profile, u, _search(plan, u, rng), rng)
+    c = _release(plan, u, rng, noise)
     rec = _receipt(plan, res.spend_id, res.state, plan.profile.epsilon_per_query)
     ledger.store_release(res.spend_id, c, rec.to_dict())
     return Answer(release=c, receipt=rec)
+
+
+NoiseSource = Callable[[float, int], npt.NDArray[np.float64]]
+"""``noise(sigma, dimension)`` -> one fresh exact lattice noise vector (a ``NoisePool.take``)."""
+
+
+def _release(
+    plan: QueryPlan,
+    u: npt.NDArray[np.float32],
+    rng: np.random.Generator,
+    noise: NoiseSource | None,
+) -> npt.NDArray[np.float64]:
+    """Search, then release with the index's noise: the exact discrete Gaussian when the profile
+    is hardened (no float-noise path exists for it), numpy's float Gaussian otherwise."""
+    prof = plan.profile
+    selected = _search(plan, u, rng)
+    if prof.hardened_dimension is None:
+        return release(prof.profile, u, selected, rng)
+    if noise is None:
+        raise RuntimeError("a hardened profile needs a lattice noise source; none is configured")
+    _noisy, c = release_hardened(prof.profile, u, selected, noise(prof.profile.sigma, prof.hardened_dimension))
+    return c
 
 
 def _search(plan: QueryPlan, u: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float64]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dprdm.privacy import Budget, new_dp_generator
+from dprdm.privacy.discrete import ExactSampler, LatticeSampler, NoisePool, OpenDPSampler
 
 from .api_types import (
     Answer,
@@ -79,6 +80,31 @@ def budget_view(state: BudgetState, quota: QuotaView | None = None) -> BudgetVie
     )
 
 
+def _default_noise_pool(catalog: Catalog) -> NoisePool | None:
+    """A background pool of exact lattice noise for every hardened profile served (or None).
+
+    OpenDP's sampler (its own CSPRNG) when installed; otherwise our exact CKS20 sampler driven by
+    a ChaCha20 generator keyed from ``os.urandom``.
+    """
+    keys = {
+        (p.profile.sigma, p.hardened_dimension)
+        for s in catalog.indexes.values()
+        for p in s.profiles.values()
+        if p.hardened_dimension is not None and p.profile.retrieves
+    }
+    if not keys:
+        return None
+    sampler: LatticeSampler
+    try:
+        sampler = OpenDPSampler()
+    except ImportError:
+        sampler = ExactSampler(new_dp_generator())
+    pool = NoisePool(sampler)
+    for sigma, dim in sorted(keys):
+        pool.prepare(sigma, dim)
+    return pool
+
+
 class DprdmService:
     """The public API's service layer (no gRPC types)."""
 
@@ -90,10 +116,12 @@ class DprdmService:
         *,
         metrics: Metrics | None = None,
         rng_factory: Callable[[], np.random.Generator] = new_dp_generator,
+        noise_pool: NoisePool | None = None,
     ) -> None:
         self.catalog, self.ledger, self.options = catalog, ledger, options
         self.metrics = metrics
         self._rng_factory = rng_factory
+        self._noise_pool = noise_pool if noise_pool is not None else _default_noise_pool(catalog)
         self._pool = ThreadPoolExecutor(max_workers=options.query_threads, thread_name_prefix="dprdm-query")
         self.generation = GenerationPool(options.generation_workers, options.generation_queue)
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
@@ -128,6 +156,7 @@ class DprdmService:
                 rng_factory=self._rng_factory,
                 reuse=self.options.reuse_releases,
                 on_charge=on_charge,
+                noise=None if self._noise_pool is None else self._noise_pool.take,
             ),
         )
         future.add_done_callback(_consume)
@@ -256,6 +285,8 @@ class DprdmService:
         """Stop the worker pools (running queries finish)."""
         self.generation.shutdown()
         self._pool.shutdown(wait=True)
+        if self._noise_pool is not None:
+            self._noise_pool.close()
 
 
 def _consume(future: asyncio.Future[Answer]) -> None:

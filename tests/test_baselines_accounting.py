@@ -23,6 +23,7 @@ def test_calibration_returns_the_feasible_end(q: float, steps: int, eps: float, 
     assert _epsilon(q, z * (1 - 2e-3), steps, delta) > eps  # tight to the tolerance
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_calibration_agrees_with_opacus_within_grid_differences() -> None:
     from opacus.accountants.utils import get_noise_multiplier
 

@@ -15,6 +15,15 @@ from dprdm.baselines.tiny import write_tiny_backbone
 N = 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run ~10x faster single-threaded on the shared machine (no thread contention)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_tiny_backbone(tmp_path_factory.mktemp("bb"), size=8))

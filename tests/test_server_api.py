@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from dprdm.clients.client import Client, DprdmError
-from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_from_rdp, profile_rdp
+from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_from_rdp, retrieval_rdp
 from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
+
+HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
 
 PROFILE = Profile(k=5, q=0.5, sigma=0.5, lam=0.5)
 
@@ -43,7 +45,9 @@ def test_list_indexes_shows_public_facts_only(alice):
     assert {p.name for p in info.profiles} == {"default", "public"}
     prof = next(p for p in info.profiles if p.name == "default")
     expected = epsilon_from_rdp(
-        profile_rdp(PROFILE, DEFAULT_ORDERS), DEFAULT_ORDERS, info.budget.delta
+        retrieval_rdp(PROFILE, DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM),
+        DEFAULT_ORDERS,
+        info.budget.delta,
     ).epsilon
     assert prof.epsilon_per_query == pytest.approx(expected)
     assert info.budget.delta == pytest.approx(1 / (10 * 400))

@@ -31,13 +31,18 @@ from dprdm.privacy import Profile, epsilon_for
 from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN
 
+HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
+
 PROFILE = Profile(k=5, q=0.2, sigma=1.0, lam=0.5)
 DELTA = 1e-5
 CLIENTS = 8
 
 
 def _toml(tmp_path, max_queries: int) -> str:
-    eps = 0.5 * (epsilon_for(PROFILE, max_queries, DELTA) + epsilon_for(PROFILE, max_queries + 1, DELTA))
+    eps = 0.5 * (
+        epsilon_for(PROFILE, max_queries, DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, max_queries + 1, DELTA, hardened_dimension=HARDENED_DIM)
+    )
     return f"""
 [server]
 listen = "127.0.0.1:0"

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from dprdm.clients.client import Client, DprdmError
-from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_for, filter_capacity, profile_rdp
+from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_for, filter_capacity, retrieval_rdp
 from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
+
+HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
 
 CLIENTS = 32
 DELTA = 1e-5
@@ -27,7 +29,10 @@ def _profile_doc(p: Profile) -> dict:
 
 
 def _single_epsilon(p: Profile, m: int) -> float:
-    return 0.5 * (epsilon_for(p, m, DELTA) + epsilon_for(p, m + 1, DELTA))
+    return 0.5 * (
+        epsilon_for(p, m, DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(p, m + 1, DELTA, hardened_dimension=HARDENED_DIM)
+    )
 
 
 def _filter_epsilon(capacity: float) -> float:
@@ -36,7 +41,7 @@ def _filter_epsilon(capacity: float) -> float:
 
 
 def _r(p: Profile) -> float:
-    return float(profile_rdp(p, [A_STAR])[0])
+    return float(retrieval_rdp(p, [A_STAR], hardened_dimension=HARDENED_DIM)[0])
 
 
 def _hammer(address: str, jobs: list[tuple[str, str]]) -> tuple[list, list, list]:
@@ -128,7 +133,7 @@ def test_exactly_m_admitted(tmp_path, m, profile, rule):
         assert len(ok) == m and len(refused) == 3 * m
         assert all(e.reason == "PRIVACY_BUDGET_EXHAUSTED" for _p, e in refused)
         _check_agreement(srv, m)
-        expected = profile_rdp(profile, DEFAULT_ORDERS) * m
+        expected = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM) * m
         np.testing.assert_allclose(
             srv.running.ledger.budget_state("corpus-x").spent_rdp, expected, rtol=1e-12
         )

@@ -16,6 +16,8 @@ from dprdm.server._proto.dprdm.v1 import dprdm_pb2, dprdm_pb2_grpc
 from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
+HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
+
 PROFILE = Profile(k=5, q=0.5, sigma=0.5, lam=0.5)
 DELTA = 1 / 4000
 
@@ -36,7 +38,10 @@ def _wait_for(cond, timeout=10.0):
 
 
 def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
-    eps = 0.5 * (epsilon_for(PROFILE, 2, DELTA) + epsilon_for(PROFILE, 3, DELTA))
+    eps = 0.5 * (
+        epsilon_for(PROFILE, 2, DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, 3, DELTA, hardened_dimension=HARDENED_DIM)
+    )
     with (
         _serve(tmp_path, budgets={"corpus-a": {"epsilon": eps}}) as srv,
         Client(srv.address, TENANT_TOKEN) as c,
@@ -59,7 +64,10 @@ def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
 
 
 def test_tenant_quota(tmp_path):
-    quota = 0.5 * (epsilon_for(PROFILE, 1, DELTA) + epsilon_for(PROFILE, 2, DELTA))
+    quota = 0.5 * (
+        epsilon_for(PROFILE, 1, DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, 2, DELTA, hardened_dimension=HARDENED_DIM)
+    )
     budgets = {"corpus-a": {"epsilon": 50.0, "quotas": {"alice": quota}}}
     with (
         _serve(tmp_path, budgets=budgets) as srv,
