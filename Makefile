@@ -15,11 +15,9 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m pip install -c .ci/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Until `dprdm demo` (the end-to-end demo) lands, the main job runs the privacy accountant.
+# The main job: the end-to-end demo on the embedded default bundle (output in ./dprdm-demo).
 demo: setup
-	$(VENV)/bin/dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7
-	$(VENV)/bin/dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18
-	$(VENV)/bin/dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+	$(VENV)/bin/dprdm demo --out dprdm-demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

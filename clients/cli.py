@@ -22,7 +22,7 @@ _COMMAND_MODULES: tuple[tuple[str, str, str], ...] = (
     ("generate", "dprdm.clients.commands", "generate images from a prompt"),
     ("budget", "dprdm.clients.commands", "show a privacy budget"),
     ("admin", "dprdm.clients.commands", "administer budgets and read the audit trail"),
-    ("demo", "dprdm.models.demo", "run the end-to-end demo on the embedded default bundle"),
+    ("demo", "dprdm.clients.demo", "run the end-to-end demo on the embedded default bundle"),
     ("train-default", "dprdm.models.train_default", "retrain the embedded default bundle"),
     ("baseline", "dprdm.baselines.cli", "train and sample the DP fine-tuning baselines"),
     ("audit", "dprdm.privacy.audit", "empirical privacy audit of the retrieval mechanism"),
