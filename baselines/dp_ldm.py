@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .backbone import Backbone, diffusion_loss
@@ -84,7 +85,7 @@ def make_loss(backbone: Backbone, data: ImageSet, seed: int) -> LossFn:
 
 
 def train_dp_ldm(backbone: Backbone, data: ImageSet, config: DPSGDConfig, *, from_depth: int = 0, seed: int = 0,
-                 rng: object = None, production: bool = True,
+                 rng: np.random.Generator | None = None, production: bool = True,
                  log: Callable[[str], None] | None = None) -> tuple[DPSGDResult, list[str]]:
     """Fine-tune the attention modules of ``backbone.unet`` in place with DP-SGD.
 
@@ -108,7 +109,7 @@ def train_dp_ldm(backbone: Backbone, data: ImageSet, config: DPSGDConfig, *, fro
     backbone.unet.train()
     try:
         result = train_dpsgd(backbone.unet, make_loss(backbone, data, seed), len(data), config, method="dp-ldm",
-                             rng=rng, production=production, log=log)  # type: ignore[arg-type]
+                             rng=rng, production=production, log=log)
     finally:
         backbone.unet.eval().requires_grad_(False)
     return result, names

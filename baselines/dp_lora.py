@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .backbone import Backbone
@@ -110,7 +111,7 @@ def load_lora(unet: torch.nn.Module, settings: LoraSettings, state: dict[str, to
 
 
 def train_dp_lora(backbone: Backbone, data: ImageSet, config: DPSGDConfig, settings: LoraSettings, *, seed: int = 0,
-                  rng: object = None, production: bool = True,
+                  rng: np.random.Generator | None = None, production: bool = True,
                   log: Callable[[str], None] | None = None) -> tuple[DPSGDResult, list[str]]:
     """Add LoRA adapters to ``backbone.unet`` and train them with DP-SGD (``config.multiplicity`` = m).
 
@@ -134,7 +135,7 @@ def train_dp_lora(backbone: Backbone, data: ImageSet, config: DPSGDConfig, setti
     backbone.unet.train()
     try:
         result = train_dpsgd(backbone.unet, make_loss(backbone, data, seed), len(data), config, method="dp-lora",
-                             rng=rng, production=production, log=log)  # type: ignore[arg-type]
+                             rng=rng, production=production, log=log)
     finally:
         backbone.unet.eval().requires_grad_(False)
     return result, names

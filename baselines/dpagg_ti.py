@@ -111,7 +111,7 @@ def invert_images(backbone: Backbone, data: ImageSet, idx: np.ndarray, settings:
     """
     placeholder = backbone.conditioner.placeholder
     prompts_all = [settings.template.format(caption=c).strip() for c in data.captions]
-    if any(placeholder not in p.split() for p in prompts_all[:1]):
+    if any(placeholder not in p.split() for p in prompts_all):
         raise ValueError(f"template {settings.template!r} lacks the placeholder word {placeholder!r}")
     gen = torch.Generator().manual_seed(seed)
     out = []

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser, Path(__file__).resolve().parent / "results")
     try:
-        return load_command(parser.parse_args(argv))
+        return int(load_command(parser.parse_args(argv)))
     except CliError as exc:
         print(f"benchmarks/load.py: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import secrets
 import select
 import shutil
@@ -90,7 +91,7 @@ class LoadSettings:
     query_threads: int = 8
     generation_workers: int = 1
     generation_queue: int = 8
-    overload_backoff: float = 0.02
+    overload_backoff: float = 0.1
     index_path: str | None = None
     address: str | None = None
     token: str | None = None
@@ -325,8 +326,8 @@ async def _client_loop(client: Any, job: _Job, cid: int, budget: list[int], out:
             out.append((time.time() - job.start_at, lat, err.code.name, err.reason, 0.0, 0.0, "", False))
             if err.reason in BUDGET_REFUSALS:
                 return
-            if err.reason == "OVERLOADED":
-                await asyncio.sleep(job.backoff)
+            if err.reason == "OVERLOADED":  # nothing charged; back off (jittered) and retry
+                await asyncio.sleep(job.backoff * (0.5 + random.random()))
         i += 1
 
 
@@ -336,7 +337,7 @@ async def _drive(job: _Job) -> tuple[list[Record], float]:
     async with AsyncClient(job.address, job.token, timeout=job.timeout) as client:
         await client.list_indexes()  # connect before the start line (not charged)
         await asyncio.sleep(max(0.0, job.start_at - time.time()))
-        cpu0, out = time.process_time(), []
+        cpu0, out = time.process_time(), list[Record]()
         budget = [job.max_requests]
         await asyncio.gather(*(_client_loop(client, job, cid, budget, out) for cid in job.client_ids))
         return out, time.process_time() - cpu0
@@ -364,7 +365,7 @@ def run_cell(
         Raw results: ``records`` (per call), ``client_cpu_s``, ``wall_s``.
     """
     procs = max(1, min(settings.client_procs, clients))
-    limit = settings.max_requests or (settings.admits(method) * 2 + clients * 4)
+    limit = settings.max_requests or (settings.admits(method) * 4 + clients * 16)
     start = time.time() + 0.5 + 0.5 * procs
     jobs = [
         _Job(address, token, method, tuple(range(p, clients, procs)), settings.index, settings.profile,
@@ -617,9 +618,10 @@ def add_load_arguments(parser: argparse.ArgumentParser, default_out: Path) -> No
     a("--queries", type=int, default=d.queries, help="Retrieve queries the budget of a cell admits")
     a("--generate-queries", type=int, default=d.generate_queries, help="Generate queries a budget admits")
     a("--steps", type=int, default=d.steps, help="Generate diffusion steps")
-    a("--max-requests", type=int, default=0, help="per-cell request bound (default 2 M + 4 clients)")
+    a("--max-requests", type=int, default=0, help="per-cell request bound (default 4 M + 16 clients)")
     a("--max-seconds", type=float, default=d.max_seconds, help="per-cell time bound")
     a("--timeout", type=float, default=d.timeout, help="per-call deadline (s)")
+    a("--overload-backoff", type=float, default=d.overload_backoff, help="mean retry delay after OVERLOADED (s)")
     a("--client-procs", type=int, default=d.client_procs, help="load-generator processes")
     a("--noise", choices=("auto", "float", "discrete"), default=d.noise, help="index noise (auto: server default)")
     a("--no-group-commit", dest="group_commit", action="store_false")
@@ -649,7 +651,8 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
     checks = {"--n": args.n >= 1, "--d": args.d >= 1, "--queries": args.queries >= 1,
               "--generate-queries": args.generate_queries >= 1, "--client-procs": args.client_procs >= 1,
               "--max-seconds": 0 < args.max_seconds <= 3600, "--max-requests": args.max_requests >= 0,
-              "--steps": args.steps >= 1, "--timeout": args.timeout > 0}  # fmt: skip
+              "--steps": args.steps >= 1, "--timeout": args.timeout > 0,
+              "--overload-backoff": 0 <= args.overload_backoff <= 10}  # fmt: skip
     for flag, good in checks.items():
         if not good:
             raise CliError(f"{flag}: out of range")
@@ -664,6 +667,7 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         n=args.n, d=args.d, k=args.k, q=args.q, sigma=args.sigma, lam=args.lam, methods=methods,
         clients=tuple(args.clients), queries=args.queries, generate_queries=args.generate_queries,
         steps=args.steps, max_requests=args.max_requests, max_seconds=args.max_seconds, timeout=args.timeout,
+        overload_backoff=args.overload_backoff,
         client_procs=args.client_procs, noise=args.noise, group_commit=args.group_commit,
         query_threads=args.query_threads, generation_workers=args.generation_workers,
         generation_queue=args.generation_queue, index_path=args.index_path, address=args.address,

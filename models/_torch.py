@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["default_device", "default_dtype", "sha256_file", "sha256_state_dict", "to_pil", "sampler_generator"]
+__all__ = [
+    "default_device",
+    "default_dtype",
+    "sha256_file",
+    "sha256_state_dict",
+    "to_pil",
+    "sampler_generator",
+]
 
 
 def default_device() -> torch.device:

@@ -72,7 +72,12 @@ class Attributes:
 
     def names(self) -> tuple[str, str, str, str]:
         """Return ``(shape, colour, fill, background)`` as words."""
-        return (SHAPES[self.shape], list(COLOURS)[self.colour], FILLS[self.fill], BACKGROUNDS[self.background])
+        return (
+            SHAPES[self.shape],
+            list(COLOURS)[self.colour],
+            FILLS[self.fill],
+            BACKGROUNDS[self.background],
+        )
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .base import EncoderIdentity
 from ._torch import sha256_file
+from .base import EncoderIdentity
 
-__all__ = ["MiniEncoderConfig", "MiniLMTextTower", "ImageTower", "MiniEncoderModel", "MiniEncoder", "minilm_path"]
+__all__ = [
+    "MiniEncoderConfig",
+    "MiniLMTextTower",
+    "ImageTower",
+    "MiniEncoderModel",
+    "MiniEncoder",
+    "minilm_path",
+]
 
 CONFIG_NAME = "mini_encoder.json"
 WEIGHTS_NAME = "mini_encoder.safetensors"
@@ -104,7 +111,11 @@ class ImageTower(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate(cfg.channels):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+            ]
             layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
             c_in = c
         self.features = nn.Sequential(*layers)
@@ -123,7 +134,9 @@ class MiniEncoderModel(nn.Module):
     def __init__(self, cfg: MiniEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.text_head = nn.Sequential(nn.Linear(384, cfg.text_hidden), nn.GELU(), nn.Linear(cfg.text_hidden, cfg.dim))
+        self.text_head = nn.Sequential(
+            nn.Linear(384, cfg.text_hidden), nn.GELU(), nn.Linear(cfg.text_hidden, cfg.dim)
+        )
         self.image_tower = ImageTower(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 

@@ -26,7 +26,14 @@ from . import mini_data as md
 from .mini_encoder import MiniEncoderConfig, MiniEncoderModel, MiniLMTextTower, pixels_from_uint8
 from .rdm import RDMConfig
 
-__all__ = ["EncoderTrainConfig", "DecoderTrainConfig", "train_encoder", "train_decoder", "build_unet", "make_scheduler"]
+__all__ = [
+    "EncoderTrainConfig",
+    "DecoderTrainConfig",
+    "train_encoder",
+    "train_decoder",
+    "build_unet",
+    "make_scheduler",
+]
 
 Log = Callable[[str], None]
 
@@ -63,7 +70,12 @@ def combo_ids(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 
 
 def train_encoder(
-    split: md.Split, text_tower: MiniLMTextTower, cfg: MiniEncoderConfig, tcfg: EncoderTrainConfig, seed: int, log: Log
+    split: md.Split,
+    text_tower: MiniLMTextTower,
+    cfg: MiniEncoderConfig,
+    tcfg: EncoderTrainConfig,
+    seed: int,
+    log: Log,
 ) -> tuple[MiniEncoderModel, dict[str, float]]:
     """Train the image tower and text head; returns the model and measurements."""
     torch.manual_seed(seed)
@@ -90,8 +102,11 @@ def train_encoder(
         if step % 100 == 0:
             log(f"encoder step {step} loss {np.mean(losses[-100:]):.3f} ({time.time() - t0:.0f}s)")
         step += 1
-    return model.eval(), {"encoder_steps": step, "encoder_seconds": time.time() - t0,
-                          "encoder_final_loss": float(np.mean(losses[-50:]))}
+    return model.eval(), {
+        "encoder_steps": step,
+        "encoder_seconds": time.time() - t0,
+        "encoder_final_loss": float(np.mean(losses[-50:])),
+    }
 
 
 def _multi_pos(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -111,13 +126,19 @@ def build_unet(dim: int, size: int = md.IMAGE_SIZE) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=size, in_channels=3, out_channels=3,
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
-        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
-        cross_attention_dim=dim, attention_head_dim=32,
-        class_embed_type="projection", projection_class_embeddings_input_dim=dim,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=dim,
+        attention_head_dim=32,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=dim,
     )
 
 
@@ -125,16 +146,27 @@ def make_scheduler() -> object:
     """DDIM sampler (v-prediction, cosine schedule, trailing spacing for few steps)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                         clip_sample=True, timestep_spacing="trailing", set_alpha_to_one=True)
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+    )
 
 
 class RetrievalSimulator:
     """Builds training conditioning ``c = lam * (v + noise) + (1 - lam) * u`` from the public pool."""
 
-    def __init__(self, labels: npt.NDArray[np.int64], img_emb: npt.NDArray[np.float32],
-                 caption_emb: npt.NDArray[np.float32], content_emb: npt.NDArray[np.float32],
-                 tcfg: DecoderTrainConfig) -> None:
+    def __init__(
+        self,
+        labels: npt.NDArray[np.int64],
+        img_emb: npt.NDArray[np.float32],
+        caption_emb: npt.NDArray[np.float32],
+        content_emb: npt.NDArray[np.float32],
+        tcfg: DecoderTrainConfig,
+    ) -> None:
         self.emb = torch.from_numpy(img_emb)
         self.cap, self.content = torch.from_numpy(caption_emb), torch.from_numpy(content_emb)
         self.tcfg = tcfg
@@ -153,11 +185,16 @@ class RetrievalSimulator:
                 continue
             k = int(rng.integers(4, self.tcfg.k_max + 1))
             same = int(rng.binomial(k, rng.uniform(0.05, 1.0)))
-            pick = np.concatenate([rng.choice(self.by_combo[int(self.full[i])], same),
-                                   rng.choice(self.by_style[int(self.style[i])], k - same)])
+            pick = np.concatenate(
+                [
+                    rng.choice(self.by_combo[int(self.full[i])], same),
+                    rng.choice(self.by_style[int(self.style[i])], k - same),
+                ]
+            )
             v = self.emb[pick].mean(0)
             v = v + float(rng.uniform(0, self.tcfg.sigma_max)) * torch.from_numpy(
-                rng.standard_normal(v.shape[0]).astype(np.float32))
+                rng.standard_normal(v.shape[0]).astype(np.float32)
+            )
             lam = float(rng.uniform(0.3, 1.0))
             u = self.content[i] if rng.random() < 0.7 else self.cap[i]
             out.append(lam * v + (1 - lam) * u)
@@ -212,5 +249,12 @@ def train_decoder(
         if step % 200 == 0:
             log(f"decoder step {step} loss {np.mean(losses[-200:]):.4f} ({time.time() - t0:.0f}s)")
         step += 1
-    return ema, sched, {"decoder_steps": step, "decoder_seconds": time.time() - t0,
-                        "decoder_final_loss": float(np.mean(losses[-200:]))}
+    return (
+        ema,
+        sched,
+        {
+            "decoder_steps": step,
+            "decoder_seconds": time.time() - t0,
+            "decoder_final_loss": float(np.mean(losses[-200:])),
+        },
+    )

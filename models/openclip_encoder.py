@@ -23,8 +23,8 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from .base import EncoderIdentity
 from ._torch import default_device, sha256_file
+from .base import EncoderIdentity
 
 __all__ = ["OpenClipSource", "OpenClipEncoder", "parse_source", "resolve_hf_cache"]
 
@@ -90,7 +90,8 @@ def resolve_hf_cache(repo: str, cache_dir: str | None = None) -> Path:
         if isinstance(found, str):
             return Path(found).parent
     raise FileNotFoundError(
-        f"no checkpoint of hf-hub:{repo} in the local Hugging Face cache {cache}; looked for {', '.join(CHECKPOINT_NAMES)}"
+        f"no checkpoint of hf-hub:{repo} in the local Hugging Face cache {cache}; "
+        f"looked for {', '.join(CHECKPOINT_NAMES)}"
     )
 
 
@@ -98,14 +99,22 @@ def _checkpoint_in(directory: Path) -> Path:
     for name in CHECKPOINT_NAMES:
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"no open_clip checkpoint in {directory}; looked for {', '.join(CHECKPOINT_NAMES)}")
+    raise FileNotFoundError(
+        f"no open_clip checkpoint in {directory}; looked for {', '.join(CHECKPOINT_NAMES)}"
+    )
 
 
 class OpenClipEncoder:
     """An open_clip CLIP model behind :class:`dprdm.models.base.Encoder` (fp32 on CPU)."""
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, identity: EncoderIdentity,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Any,
+        tokenizer: Any,
+        identity: EncoderIdentity,
+        device: torch.device | None = None,
+    ) -> None:
         self.device = device or default_device()
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess

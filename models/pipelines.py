@@ -21,8 +21,8 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from .base import EncoderIdentity, ProgressCallback
 from ._torch import default_device, default_dtype, sampler_generator
+from .base import EncoderIdentity, ProgressCallback
 from .rdm import check_request
 
 __all__ = ["UnCLIPGenerator", "KandinskyGenerator", "IPAdapterGenerator", "PIPELINE_GENERATORS"]
@@ -31,7 +31,9 @@ __all__ = ["UnCLIPGenerator", "KandinskyGenerator", "IPAdapterGenerator", "PIPEL
 def _require_dir(path: str | Path, what: str) -> Path:
     d = Path(path)
     if not (d / "model_index.json").is_file():
-        raise FileNotFoundError(f"{what} pipeline folder needs model_index.json: {d / 'model_index.json'} not found")
+        raise FileNotFoundError(
+            f"{what} pipeline folder needs model_index.json: {d / 'model_index.json'} not found"
+        )
     return d
 
 
@@ -55,11 +57,18 @@ class _PipelineGenerator:
 
     what = "diffusers"
 
-    def __init__(self, pipe: Any, dim: int, guidance_scale: float, size: int | None = None,
-                 expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        dim: int,
+        guidance_scale: float,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.device = device or default_device()
         self.dtype = default_dtype(self.device)
-        self.pipe = pipe.to(self.device, self.dtype)
+        self.pipe = pipe.to(self.device) if self.dtype == torch.float32 else pipe.to(self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.dim = dim
         self.guidance_scale = guidance_scale
@@ -77,8 +86,15 @@ class _PipelineGenerator:
     def _embed(self, conditioning: npt.ArrayLike) -> torch.Tensor:
         return torch.from_numpy(_vector(conditioning, self.dim))[None].to(self.device, self.dtype)
 
-    def generate(self, conditioning: npt.NDArray[np.float32], prompt: str, n: int, steps: int,
-                 seed: int | None, progress: ProgressCallback | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        conditioning: npt.NDArray[np.float32],
+        prompt: str,
+        n: int,
+        steps: int,
+        seed: int | None,
+        progress: ProgressCallback | None = None,
+    ) -> list[Image.Image]:
         """Generate ``n`` images from one conditioning vector (see the class docstring for the prompt).
 
         Args:
@@ -102,8 +118,14 @@ class _PipelineGenerator:
         kwargs.update(self._size_kwargs())
         kwargs.update(self._progress_kwargs(progress, steps))
         with torch.no_grad():
-            out = self.pipe(num_inference_steps=steps, num_images_per_prompt=n, generator=sampler_generator(seed),
-                            guidance_scale=self.guidance_scale, output_type="pil", **kwargs)
+            out = self.pipe(
+                num_inference_steps=steps,
+                num_images_per_prompt=n,
+                generator=sampler_generator(seed),
+                guidance_scale=self.guidance_scale,
+                output_type="pil",
+                **kwargs,
+            )
         return [im.convert("RGB") for im in out.images]
 
     def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
@@ -126,8 +148,14 @@ class UnCLIPGenerator(_PipelineGenerator):
     what = "Stable unCLIP"
 
     @classmethod
-    def load(cls, directory: str | Path, guidance_scale: float = 10.0, size: int | None = None,
-             expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None) -> UnCLIPGenerator:
+    def load(
+        cls,
+        directory: str | Path,
+        guidance_scale: float = 10.0,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+    ) -> UnCLIPGenerator:
         """Load a ``StableUnCLIPImg2ImgPipeline`` folder.
 
         Raises:
@@ -137,14 +165,20 @@ class UnCLIPGenerator(_PipelineGenerator):
 
         d = _require_dir(directory, cls.what)
         dev = device or default_device()
-        pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(str(d), local_files_only=True,
-                                                           **_dtype_kwargs(dev))
+        pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(
+            str(d), local_files_only=True, **_dtype_kwargs(dev)
+        )
         return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, guidance_scale: float = 10.0, size: int | None = None,
-                      expected_encoder: EncoderIdentity | None = None,
-                      device: torch.device | None = None) -> UnCLIPGenerator:
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        guidance_scale: float = 10.0,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+    ) -> UnCLIPGenerator:
         """Wrap an already-built pipeline (its image normalizer fixes the dimension)."""
         dim = int(pipe.image_normalizer.mean.shape[-1])
         return cls(pipe, dim, guidance_scale, size, expected_encoder, device)
@@ -163,16 +197,29 @@ class KandinskyGenerator(_PipelineGenerator):
 
     what = "Kandinsky 2.2 decoder"
 
-    def __init__(self, pipe: Any, dim: int, guidance_scale: float, size: int | None = None,
-                 expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
-                 negative: npt.ArrayLike | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        dim: int,
+        guidance_scale: float,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+        negative: npt.ArrayLike | None = None,
+    ) -> None:
         super().__init__(pipe, dim, guidance_scale, size, expected_encoder, device)
         self.negative = np.zeros(dim, np.float32) if negative is None else _vector(negative, dim)
 
     @classmethod
-    def load(cls, directory: str | Path, guidance_scale: float = 4.0, size: int | None = None,
-             expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
-             negative: npt.ArrayLike | None = None) -> KandinskyGenerator:
+    def load(
+        cls,
+        directory: str | Path,
+        guidance_scale: float = 4.0,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+        negative: npt.ArrayLike | None = None,
+    ) -> KandinskyGenerator:
         """Load a ``KandinskyV22Pipeline`` folder; ``negative`` is the unconditional image embedding.
 
         Raises:
@@ -186,9 +233,15 @@ class KandinskyGenerator(_PipelineGenerator):
         return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev, negative)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, guidance_scale: float = 4.0, size: int | None = None,
-                      expected_encoder: EncoderIdentity | None = None, device: torch.device | None = None,
-                      negative: npt.ArrayLike | None = None) -> KandinskyGenerator:
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        guidance_scale: float = 4.0,
+        size: int | None = None,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+        negative: npt.ArrayLike | None = None,
+    ) -> KandinskyGenerator:
         """Wrap an already-built pipeline (the UNet's ``encoder_hid_dim`` fixes the dimension)."""
         dim = int(pipe.unet.config.encoder_hid_dim)
         return cls(pipe, dim, guidance_scale, size, expected_encoder, device, negative)
@@ -204,10 +257,19 @@ class IPAdapterGenerator(_PipelineGenerator):
     what = "Stable Diffusion + IP-Adapter"
 
     @classmethod
-    def load(cls, directory: str | Path, ip_adapter: str | Path, guidance_scale: float = 7.5,
-             size: int | None = None, scale: float = 1.0, expected_encoder: EncoderIdentity | None = None,
-             device: torch.device | None = None) -> IPAdapterGenerator:
-        """Load a ``StableDiffusionPipeline`` folder and an IP-Adapter weights file (e.g. ``ip-adapter_sd15.safetensors``).
+    def load(
+        cls,
+        directory: str | Path,
+        ip_adapter: str | Path,
+        guidance_scale: float = 7.5,
+        size: int | None = None,
+        scale: float = 1.0,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+    ) -> IPAdapterGenerator:
+        """Load a ``StableDiffusionPipeline`` folder and an IP-Adapter weights file.
+
+        ``ip_adapter`` is the original single-file format, e.g. ``ip-adapter_sd15.safetensors``.
 
         Raises:
             FileNotFoundError: naming the missing pipeline folder or IP-Adapter file.
@@ -219,16 +281,32 @@ class IPAdapterGenerator(_PipelineGenerator):
         if not weights.is_file():
             raise FileNotFoundError(f"IP-Adapter weights not found: {weights}")
         dev = device or default_device()
-        pipe = StableDiffusionPipeline.from_pretrained(str(d), local_files_only=True, **_dtype_kwargs(dev),
-                                                       safety_checker=None, requires_safety_checker=False)
-        pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name,
-                             image_encoder_folder=None, local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(d),
+            local_files_only=True,
+            **_dtype_kwargs(dev),
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        pipe.load_ip_adapter(
+            str(weights.parent),
+            subfolder="",
+            weight_name=weights.name,
+            image_encoder_folder=None,
+            local_files_only=True,
+        )
         return cls.from_pipeline(pipe, guidance_scale, size, scale, expected_encoder, dev)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, guidance_scale: float = 7.5, size: int | None = None, scale: float = 1.0,
-                      expected_encoder: EncoderIdentity | None = None,
-                      device: torch.device | None = None) -> IPAdapterGenerator:
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        guidance_scale: float = 7.5,
+        size: int | None = None,
+        scale: float = 1.0,
+        expected_encoder: EncoderIdentity | None = None,
+        device: torch.device | None = None,
+    ) -> IPAdapterGenerator:
         """Wrap a pipeline whose UNet already has IP-Adapter weights loaded.
 
         Raises:

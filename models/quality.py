@@ -36,7 +36,11 @@ class Judge(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate(chans):
-            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+            ]
             layers += [nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
             c_in = c
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -69,7 +73,9 @@ class JudgeScores:
     train_seconds: float
 
 
-def train_judge(n_public: int = 4000, n_private: int = 2000, steps: int = 600, seed: int = 0) -> tuple[Judge, JudgeScores]:
+def train_judge(
+    n_public: int = 4000, n_private: int = 2000, steps: int = 600, seed: int = 0
+) -> tuple[Judge, JudgeScores]:
     """Train the judge on public- and private-style images; evaluate on a held-out mix.
 
     Returns:

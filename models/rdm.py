@@ -31,8 +31,8 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from .base import EncoderIdentity, ProgressCallback
 from ._torch import default_device, default_dtype, sampler_generator, to_pil
+from .base import EncoderIdentity, ProgressCallback
 
 __all__ = ["RDMConfig", "RDMGenerator", "mix_tokens", "expand_tokens"]
 
@@ -71,7 +71,9 @@ class RDMConfig:
             raise ValueError(f"guidance_scale must be >= 1; found {self.guidance_scale!r}")
 
 
-def mix_tokens(noisy_mean: npt.ArrayLike, public_tokens: npt.ArrayLike, lam: float) -> npt.NDArray[np.float32]:
+def mix_tokens(
+    noisy_mean: npt.ArrayLike, public_tokens: npt.ArrayLike, lam: float
+) -> npt.NDArray[np.float32]:
     """DP-RDM tokens ``token_j = lam * noisy_mean + (1 - lam) * u_j`` (post-processing of the release).
 
     Args:
@@ -104,7 +106,9 @@ def expand_tokens(conditioning: npt.ArrayLike, k: int, dim: int) -> npt.NDArray[
     if c.ndim == 1:
         c = np.repeat(c[None, :], k, axis=0)
     if c.ndim != 2 or c.shape != (k, dim):
-        raise ValueError(f"conditioning must have shape ({dim},) or ({k}, {dim}); found {np.shape(conditioning)}")
+        raise ValueError(
+            f"conditioning must have shape ({dim},) or ({k}, {dim}); found {np.shape(conditioning)}"
+        )
     if not np.all(np.isfinite(c)):
         raise ValueError("conditioning contains non-finite values")
     return c
@@ -178,7 +182,11 @@ class RDMGenerator:
             raise ValueError(f"bad {d / CONFIG_NAME}: {exc}") from None
         unet = UNet2DConditionModel.from_pretrained(str(d / "unet"), local_files_only=True)
         scheduler = DDIMScheduler.from_pretrained(str(d / "scheduler"), local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(str(d / "vae"), local_files_only=True) if (d / "vae").is_dir() else None
+        vae = (
+            AutoencoderKL.from_pretrained(str(d / "vae"), local_files_only=True)
+            if (d / "vae").is_dir()
+            else None
+        )
         identity = EncoderIdentity.from_dict(enc) if enc else None
         return cls(unet, scheduler, cfg, vae=vae, expected_encoder=identity, device=device)
 
@@ -296,8 +304,13 @@ class RDMGenerator:
         return self._sample(tok[None].expand(n, -1, -1), steps, seed, progress)
 
     @torch.no_grad()
-    def generate_many(self, conditionings: npt.ArrayLike, steps: int, seed: int | None,
-                      progress: ProgressCallback | None = None) -> list[Image.Image]:
+    def generate_many(
+        self,
+        conditionings: npt.ArrayLike,
+        steps: int,
+        seed: int | None,
+        progress: ProgressCallback | None = None,
+    ) -> list[Image.Image]:
         """One image per release, sampled as one batch (benchmarks, batched serving).
 
         Args:
@@ -316,8 +329,9 @@ class RDMGenerator:
         tok = torch.stack([self.tokens(c) for c in arr])
         return self._sample(tok, steps, seed, progress)
 
-    def _sample(self, cond: torch.Tensor, steps: int, seed: int | None,
-                progress: ProgressCallback | None) -> list[Image.Image]:
+    def _sample(
+        self, cond: torch.Tensor, steps: int, seed: int | None, progress: ProgressCallback | None
+    ) -> list[Image.Image]:
         gen = sampler_generator(seed)
         n = cond.shape[0]
         cond = cond.to(self.device, self.dtype)

@@ -94,7 +94,9 @@ class Bundle:
 def check_identity(expected: EncoderIdentity, actual: EncoderIdentity, what: str) -> None:
     """Raise :class:`BundleMismatchError` unless the identities are equal."""
     if expected != actual:
-        raise BundleMismatchError(f"encoder mismatch ({what}): expected {expected.to_dict()}, found {actual.to_dict()}")
+        raise BundleMismatchError(
+            f"encoder mismatch ({what}): expected {expected.to_dict()}, found {actual.to_dict()}"
+        )
 
 
 def _search_dirs() -> list[Path]:
@@ -149,9 +151,14 @@ def read_bundle(name_or_path: str | Path) -> BundleSpec:
     if not isinstance(gen, dict) or gen.get("type") not in GENERATOR_TYPES:
         raise ValueError(f"bundle {path}: generator.type must be one of {GENERATOR_TYPES}; found {gen!r}")
     ident = raw.get("encoder_identity")
-    return BundleSpec(name=str(raw["name"]), path=path, encoder=str(raw["encoder"]), generator=gen,
-                      description=str(raw.get("description", "")),
-                      encoder_identity=EncoderIdentity.from_dict(ident) if ident else None)
+    return BundleSpec(
+        name=str(raw["name"]),
+        path=path,
+        encoder=str(raw["encoder"]),
+        generator=gen,
+        description=str(raw.get("description", "")),
+        encoder_identity=EncoderIdentity.from_dict(ident) if ident else None,
+    )
 
 
 def _resolve(base: Path | None, value: str) -> Path:
@@ -210,8 +217,9 @@ def load_generator(spec: Mapping[str, Any], base_dir: Path | None = None) -> Gen
     if kind == "sd-ip-adapter":
         if "ip_adapter" not in spec:
             raise ValueError("generator type 'sd-ip-adapter' needs 'ip_adapter' (a weights file)")
-        return pipelines.IPAdapterGenerator.load(path, _resolve(base_dir, str(spec["ip_adapter"])),
-                                                 scale=float(spec.get("scale", 1.0)), **opts)
+        return pipelines.IPAdapterGenerator.load(
+            path, _resolve(base_dir, str(spec["ip_adapter"])), scale=float(spec.get("scale", 1.0)), **opts
+        )
     raise ValueError(f"unknown generator type {kind!r}; expected one of {GENERATOR_TYPES}")
 
 

@@ -88,7 +88,11 @@ def tiny_clip_tokenizer(directory: str | Path) -> Any:
 
 def _byte_chars() -> list[str]:
     """GPT-2/CLIP's reversible byte-to-unicode table (printable bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = [b for b in range(256) if b not in keep]
     table = dict(zip(keep, keep, strict=True)) | {b: 256 + i for i, b in enumerate(extra)}
     return [chr(table[b]) for b in range(256)]
@@ -98,18 +102,35 @@ def _tiny_text_encoder(hidden: int = 32) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    return CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37,
-                                        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
-                                        pad_token_id=1, vocab_size=1000, projection_dim=hidden)).eval()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_size=hidden,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            pad_token_id=1,
+            vocab_size=1000,
+            projection_dim=hidden,
+        )
+    ).eval()
 
 
 def _tiny_vae() -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=2).eval()
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=2,
+    ).eval()
 
 
 def tiny_rdm_generator(dim: int = 16, k: int = 3, guidance_scale: float = 2.0, latent: bool = False) -> Any:
@@ -121,12 +142,22 @@ def tiny_rdm_generator(dim: int = 16, k: int = 3, guidance_scale: float = 2.0, l
     torch.manual_seed(0)
     channels = 4 if latent else 3
     unet = UNet2DConditionModel(
-        sample_size=8 if latent else 16, in_channels=channels, out_channels=channels,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, cross_attention_dim=dim,
-        attention_head_dim=2, class_embed_type="projection", projection_class_embeddings_input_dim=dim,
+        sample_size=8 if latent else 16,
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+        cross_attention_dim=dim,
+        attention_head_dim=2,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=dim,
     )
-    sched = DDIMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    sched = DDIMScheduler(
+        prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", clip_sample=False
+    )
     cfg = RDMConfig(dim=dim, k=k, token_scale=4.0, guidance_scale=guidance_scale, pooled_class_embedding=True)
     return RDMGenerator(unet, sched, cfg, vae=_tiny_vae() if latent else None, device=torch.device("cpu"))
 
@@ -134,27 +165,56 @@ def tiny_rdm_generator(dim: int = 16, k: int = 3, guidance_scale: float = 2.0, l
 def tiny_unclip_pipeline(tmp: str | Path, dim: int = 32) -> Any:
     """A random ``StableUnCLIPImg2ImgPipeline`` (32x32 images, image embeddings of ``dim``)."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=dim, projection_dim=dim, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        intermediate_size=37, patch_size=4)).eval()
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=dim,
+            projection_dim=dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            intermediate_size=37,
+            patch_size=4,
+        )
+    ).eval()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(4, 8), attention_head_dim=2,
-        norm_num_groups=2, class_embed_type="projection", projection_class_embeddings_input_dim=dim * 2,
-        cross_attention_dim=32, layers_per_block=1, upcast_attention=True, use_linear_projection=True,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(4, 8),
+        attention_head_dim=2,
+        norm_num_groups=2,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=dim * 2,
+        cross_attention_dim=32,
+        layers_per_block=1,
+        upcast_attention=True,
+        use_linear_projection=True,
     ).eval()
     return StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=image_encoder,
         image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=dim).eval(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tiny_clip_tokenizer(Path(tmp) / "tokenizer_src"), text_encoder=_tiny_text_encoder(),
-        unet=unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                           prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
+        tokenizer=tiny_clip_tokenizer(Path(tmp) / "tokenizer_src"),
+        text_encoder=_tiny_text_encoder(),
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
         vae=_tiny_vae(),
     )
 
@@ -165,43 +225,88 @@ def tiny_kandinsky_pipeline(dim: int = 32) -> Any:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=8, addition_embed_type="image",
+        in_channels=4,
+        out_channels=8,
+        addition_embed_type="image",
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
-        encoder_hid_dim=dim, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
-        resnet_time_scale_shift="scale_shift", class_embed_type=None,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        encoder_hid_dim=dim,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
     ).eval()
     torch.manual_seed(0)
-    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
-                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
-                   vq_embed_dim=4).eval()
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    movq = VQModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        in_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        out_channels=3,
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+        vq_embed_dim=4,
+    ).eval()
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
     return KandinskyV22Pipeline(unet=unet, scheduler=sched, movq=movq)
 
 
 def tiny_sd_ip_adapter_pipeline(tmp: str | Path) -> Any:
-    """A random ``StableDiffusionPipeline`` without IP-Adapter (add one with :func:`write_ip_adapter_weights`)."""
+    """A random ``StableDiffusionPipeline`` (add IP-Adapter weights with :func:`write_ip_adapter_weights`)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(4, 8), layers_per_block=1,
-        norm_num_groups=2, cross_attention_dim=32, attention_head_dim=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+        cross_attention_dim=32,
+        attention_head_dim=2,
     ).eval()
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=_tiny_text_encoder(),
-                                   tokenizer=tiny_clip_tokenizer(Path(tmp) / "tokenizer_src"), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(),
+        tokenizer=tiny_clip_tokenizer(Path(tmp) / "tokenizer_src"),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
 
 
 def write_ip_adapter_weights(unet: Any, path: str | Path, image_embed_dim: int = 16) -> Path:
-    """Write random IP-Adapter weights for ``unet`` in the original file format (``image_proj.*``/``ip_adapter.*``)."""
+    """Write random IP-Adapter weights for ``unet`` (original format: ``image_proj.*``, ``ip_adapter.*``)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor
     from diffusers.models.embeddings import ImageProjection
     from safetensors.torch import save_file
@@ -224,10 +329,18 @@ def write_ip_adapter_weights(unet: Any, path: str | Path, image_embed_dim: int =
         state[f"ip_adapter.{key_id}.to_k_ip.weight"] = sd["to_k_ip.0.weight"]
         state[f"ip_adapter.{key_id}.to_v_ip.weight"] = sd["to_v_ip.0.weight"]
         key_id += 2
-    proj = ImageProjection(cross_attention_dim=cross, image_embed_dim=image_embed_dim, num_image_text_embeds=4)
+    proj = ImageProjection(
+        cross_attention_dim=cross, image_embed_dim=image_embed_dim, num_image_text_embeds=4
+    )
     psd = proj.state_dict()
-    state.update({"image_proj.proj.weight": psd["image_embeds.weight"], "image_proj.proj.bias": psd["image_embeds.bias"],
-                  "image_proj.norm.weight": psd["norm.weight"], "image_proj.norm.bias": psd["norm.bias"]})
+    state.update(
+        {
+            "image_proj.proj.weight": psd["image_embeds.weight"],
+            "image_proj.proj.bias": psd["image_embeds.bias"],
+            "image_proj.norm.weight": psd["norm.weight"],
+            "image_proj.norm.bias": psd["norm.bias"],
+        }
+    )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(p))

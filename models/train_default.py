@@ -28,7 +28,9 @@ PUBLIC_SEED = 1
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``train-default`` sub-command (``func`` returns the exit status)."""
     p = subparsers.add_parser("train-default", help="retrain the embedded default bundle (dprdm-mini)")
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output directory (default: package weights/)")
+    p.add_argument(
+        "--out", type=Path, default=WEIGHTS_DIR, help="output directory (default: package weights/)"
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--public-size", type=int, default=20000, help="public training images (default 20000)")
     p.add_argument("--encoder-steps", type=int, default=700)
@@ -54,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     from . import mini_data as md
     from .mini_encoder import MiniEncoder, MiniEncoderConfig, MiniLMTextTower
-    from .mini_train import DecoderTrainConfig, EncoderTrainConfig, RetrievalSimulator, train_decoder, train_encoder
+    from .mini_train import (
+        DecoderTrainConfig,
+        EncoderTrainConfig,
+        RetrievalSimulator,
+        train_decoder,
+        train_encoder,
+    )
     from .rdm import RDMConfig, RDMGenerator
 
     for name in ("public_size", "encoder_steps", "decoder_steps", "dim"):
@@ -81,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
     content = [md.content_prompt(md.SHAPES[s], list(md.COLOURS)[c]) for s, c in public.labels[:, :2]]
     content_emb = encoder.encode_texts(content)
     dtcfg = DecoderTrainConfig(steps=args.decoder_steps, seconds=args.decoder_seconds)
-    rcfg = RDMConfig(dim=args.dim, k=4, token_scale=4.0, normalize_tokens=True, guidance_scale=2.0,
-                     pooled_class_embedding=True)
+    rcfg = RDMConfig(
+        dim=args.dim,
+        k=4,
+        token_scale=4.0,
+        normalize_tokens=True,
+        guidance_scale=2.0,
+        pooled_class_embedding=True,
+    )
     sim = RetrievalSimulator(public.labels, img_emb, cap_emb, content_emb, dtcfg)
     unet, sched, dec_report = train_decoder(public, sim, rcfg, dtcfg, args.seed, _log)
     report.update(dec_report)
@@ -90,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     gen.save_packed(out / "mini_decoder.json")
     record = {
         "command": _command(args),
-        "reproduce_exactly": _command(args, decoder_steps=report["decoder_steps"], encoder_steps=report["encoder_steps"]),
+        "reproduce_exactly": _command(
+            args, decoder_steps=report["decoder_steps"], encoder_steps=report["encoder_steps"]
+        ),
         "seed": args.seed,
         "public_seed": PUBLIC_SEED,
         "public_size": args.public_size,
@@ -111,13 +127,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace, **override: int) -> str:
     """The command line that reproduces this run (``override`` fixes step counts; time caps lifted)."""
-    opts = {k: getattr(args, k) for k in ("seed", "public_size", "encoder_steps", "encoder_seconds",
-                                          "decoder_steps", "decoder_seconds", "dim")}
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "seed",
+            "public_size",
+            "encoder_steps",
+            "encoder_seconds",
+            "decoder_steps",
+            "decoder_seconds",
+            "dim",
+        )
+    }
     if override:
         opts.update(override, encoder_seconds=1e9, decoder_seconds=1e9)
-    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                     for k, v in opts.items())
-    return f"dprdm train-default {flags}" + (f" --out {shlex.quote(str(args.out))}" if args.out != WEIGHTS_DIR else "")
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in opts.items()
+    )
+    return f"dprdm train-default {flags}" + (
+        f" --out {shlex.quote(str(args.out))}" if args.out != WEIGHTS_DIR else ""
+    )
 
 
 def _encoder_accuracy(encoder: object, md: object) -> dict[str, float]:

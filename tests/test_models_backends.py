@@ -13,6 +13,15 @@ from dprdm.models.rdm import RDMGenerator, expand_tokens, mix_tokens
 
 CPU = torch.device("cpu")
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _arr(images):
     return np.stack([np.asarray(im, np.int16) for im in images])
@@ -116,8 +125,9 @@ def test_kandinsky_decoder_from_pretrained(tmp_path):
 def test_sd_ip_adapter_from_pretrained(tmp_path):
     pipe = testing.tiny_sd_ip_adapter_pipeline(tmp_path)
     pipe.save_pretrained(tmp_path / "sd")
-    weights = testing.write_ip_adapter_weights(pipe.unet, tmp_path / "ip" / "ip-adapter.safetensors",
-                                               image_embed_dim=16)
+    weights = testing.write_ip_adapter_weights(
+        pipe.unet, tmp_path / "ip" / "ip-adapter.safetensors", image_embed_dim=16
+    )
     gen = IPAdapterGenerator.load(tmp_path / "sd", weights, guidance_scale=2.0, size=32, device=CPU)
     assert gen.conditioning_dimension == 16
     _check_backend(gen, 32)

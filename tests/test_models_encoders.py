@@ -1,4 +1,4 @@
-"""Encoders: open_clip from local files / offline HF cache (tiny model), the MiniLM text tower, HashEncoder."""
+"""Encoders: open_clip from local files or the offline HF cache (tiny model), MiniLM, HashEncoder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ from dprdm.models.base import Encoder
 from dprdm.models.openclip_encoder import OpenClipEncoder, parse_source, resolve_hf_cache, write_local_dir
 
 IMAGES = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +84,13 @@ def test_open_clip_offline_hf_cache(tiny_clip_dir, tmp_path, monkeypatch):
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text("0123abcd")
     (snap / "open_clip_config.json").write_bytes((tiny_clip_dir / "open_clip_config.json").read_bytes())
-    with pytest.raises(FileNotFoundError, match="no checkpoint of hf-hub:someorg/tiny-clip.*open_clip_model.safetensors"):
+    with pytest.raises(
+        FileNotFoundError, match="no checkpoint of hf-hub:someorg/tiny-clip.*open_clip_model.safetensors"
+    ):
         resolve_hf_cache("someorg/tiny-clip", cache_dir=str(tmp_path / "hub"))
-    (snap / "open_clip_model.safetensors").write_bytes((tiny_clip_dir / "open_clip_model.safetensors").read_bytes())
+    (snap / "open_clip_model.safetensors").write_bytes(
+        (tiny_clip_dir / "open_clip_model.safetensors").read_bytes()
+    )
     assert resolve_hf_cache("someorg/tiny-clip", cache_dir=str(tmp_path / "hub")) == snap
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     import huggingface_hub.constants as c

@@ -12,6 +12,15 @@ from dprdm.models import registry, testing
 from dprdm.models.base import EncoderIdentity
 from dprdm.models.openclip_encoder import write_local_dir
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
@@ -37,8 +46,14 @@ def _write(path, **fields):
 
 def test_load_bundle_by_path_and_name(parts, tmp_path, monkeypatch):
     root, ident = parts
-    f = _write(root / "tiny-pair.json", name="tiny-pair", description="test", encoder="open_clip:local-dir:clip",
-               generator={"type": "rdm-packed", "path": "dec.json"}, encoder_identity=ident.to_dict())
+    f = _write(
+        root / "tiny-pair.json",
+        name="tiny-pair",
+        description="test",
+        encoder="open_clip:local-dir:clip",
+        generator={"type": "rdm-packed", "path": "dec.json"},
+        encoder_identity=ident.to_dict(),
+    )
     bundle = registry.load_bundle(f)
     assert bundle.name == "tiny-pair"
     assert bundle.encoder.identity == ident
@@ -55,8 +70,12 @@ def test_load_bundle_by_path_and_name(parts, tmp_path, monkeypatch):
 
 def test_generator_declared_identity_mismatch_is_refused(parts):
     root, _ = parts
-    f = _write(root / "bad.json", name="bad", encoder="open_clip:local-dir:clip",
-               generator={"type": "rdm-packed", "path": "wrong.json"})
+    f = _write(
+        root / "bad.json",
+        name="bad",
+        encoder="open_clip:local-dir:clip",
+        generator={"type": "rdm-packed", "path": "wrong.json"},
+    )
     with pytest.raises(registry.BundleMismatchError, match="generator of bundle 'bad'"):
         registry.load_bundle(f)
 
@@ -64,8 +83,13 @@ def test_generator_declared_identity_mismatch_is_refused(parts):
 def test_bundle_declared_identity_mismatch_is_refused(parts):
     root, ident = parts
     other = EncoderIdentity(ident.name, "0" * 64, ident.dimension)
-    f = _write(root / "bad2.json", name="bad2", encoder="open_clip:local-dir:clip",
-               generator={"type": "rdm-packed", "path": "dec.json"}, encoder_identity=other.to_dict())
+    f = _write(
+        root / "bad2.json",
+        name="bad2",
+        encoder="open_clip:local-dir:clip",
+        generator={"type": "rdm-packed", "path": "dec.json"},
+        encoder_identity=other.to_dict(),
+    )
     with pytest.raises(registry.BundleMismatchError, match="bundle 'bad2' declaration"):
         registry.load_bundle(f)
 
@@ -73,9 +97,15 @@ def test_bundle_declared_identity_mismatch_is_refused(parts):
 def test_dimension_mismatch_is_refused(parts, tmp_path):
     root, _ = parts
     testing.tiny_rdm_generator(dim=8, k=2).save_packed(tmp_path / "dec8.json")
-    f = _write(tmp_path / "dim.json", name="dim", encoder=f"open_clip:local-dir:{root / 'clip'}",
-               generator={"type": "rdm-packed", "path": "dec8.json"})
-    with pytest.raises(registry.BundleMismatchError, match="encoder dimension 16 != generator conditioning dimension 8"):
+    f = _write(
+        tmp_path / "dim.json",
+        name="dim",
+        encoder=f"open_clip:local-dir:{root / 'clip'}",
+        generator={"type": "rdm-packed", "path": "dec8.json"},
+    )
+    with pytest.raises(
+        registry.BundleMismatchError, match="encoder dimension 16 != generator conditioning dimension 8"
+    ):
         registry.load_bundle(f)
 
 
@@ -83,7 +113,11 @@ def test_dimension_mismatch_is_refused(parts, tmp_path):
     ("fields", "error", "match"),
     [
         ({"name": "x", "encoder": "dprdm-mini"}, ValueError, "missing field 'generator'"),
-        ({"name": "x", "encoder": "e", "generator": {"type": "gan", "path": "p"}}, ValueError, "generator.type"),
+        (
+            {"name": "x", "encoder": "e", "generator": {"type": "gan", "path": "p"}},
+            ValueError,
+            "generator.type",
+        ),
     ],
 )
 def test_malformed_bundles(tmp_path, fields, error, match):
