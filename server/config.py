@@ -170,7 +170,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     reuse_releases: bool = True
     group_commit: bool = True
-    query_threads: int = 8
+    query_threads: int = 32
     generation_workers: int = 1
     generation_queue: int = 8
     min_deadline_seconds: float = 0.05

@@ -729,6 +729,13 @@ class SqliteLedger:
             return None
         return row[0], _decode_release(row[1], row[2]), json.loads(row[3])
 
+    def request_binding(self, *, tenant: str, request_id: str) -> str | None:
+        """The binding hash of the spend charged for (tenant, request id), or None."""
+        row = self._reader().execute(
+            "SELECT binding_hash FROM spends WHERE tenant = ? AND request_id = ? LIMIT 1", (tenant, request_id)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
         """Spends of a domain in admission order (admin only).
 

@@ -201,6 +201,11 @@ class Ledger(Protocol):
         ``(spend_id, release, receipt)`` of the newest such release, or None."""
         ...
 
+    def request_binding(self, *, tenant: str, request_id: str) -> str | None:
+        """The binding hash a (tenant, request id) was first charged with, or None if unused
+        (lets the service refuse a reused request id before answering from release reuse)."""
+        ...
+
     def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
         """Spends of a domain, oldest first (admin only)."""
         ...

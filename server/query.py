@@ -34,7 +34,7 @@ from dprdm.privacy.discrete import release_hardened
 from .api_types import Answer, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
 from .errors import Cancelled, DeadlineTooShort, NotFound
-from .ledger_api import BudgetState, Ledger
+from .ledger_api import BudgetState, Ledger, ReplayMismatch
 
 __all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query"]
 
@@ -186,6 +186,9 @@ def answer_query(
             c = _release(plan, u, rng, noise)
         return Answer(release=c, receipt=_receipt(plan, "", None, 0.0))
     if reuse:
+        bound = ledger.request_binding(tenant=plan.tenant, request_id=plan.args.request_id)
+        if bound is not None and bound != plan.binding:
+            raise ReplayMismatch(f"request_id {plan.args.request_id!r} was used for another request")
         found = ledger.find_release(domain=domain, tenant=plan.tenant, binding_hash=plan.binding)
         if found is not None:
             spend_id, stored, stored_receipt = found

@@ -346,6 +346,11 @@ class MemoryLedger:
                     return sid, s["release"].copy(), dict(s["receipt"])
             return None
 
+    def request_binding(self, *, tenant: str, request_id: str) -> str | None:
+        with self._lock:
+            sid = self._by_key.get((tenant, request_id))
+            return None if sid is None else str(self._spends[sid]["binding"])
+
     def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
         with self._lock:
             rows = [(sid, s) for sid, s in self._spends.items() if s["domain"] == domain]

@@ -167,3 +167,14 @@ def test_server_generated_request_ids_are_not_replayable(server):
         a, b = stub.Retrieve(req, metadata=meta), stub.Retrieve(req, metadata=meta)
     assert a.receipt.request_id.startswith("srv-") and a.receipt.request_id != b.receipt.request_id
     assert _spends(server) == 2
+
+
+def test_reused_request_id_is_refused_even_when_its_new_input_has_a_stored_release(server):
+    """Release reuse must not mask a request-id mismatch: (tenant, id) stays bound to its input."""
+    with Client(server.address, TENANT_TOKEN) as c:
+        c.retrieve("faces", "prompt A", request_id="id-A")
+        c.retrieve("faces", "prompt B", request_id="id-B")  # a stored release of prompt B exists
+        with pytest.raises(DprdmError) as err:
+            c.retrieve("faces", "prompt B", request_id="id-A")
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS and err.value.reason == "REQUEST_ID_REUSED"
+    assert _spends(server) == 2
