@@ -20,6 +20,7 @@ Public size rule (SPEC §3): delta >= 1/N̄ is refused; the default is delta = 1
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .accountant import retrieval_rdp
-from .conversion import epsilon_from_rdp
+from .conversion import EpsilonConverter
 from .mechanism import Profile, profile_rdp
 from .orders import DEFAULT_ORDERS
 
@@ -154,17 +155,31 @@ class Budget:
             raise ValueError(f"this budget serves only profile {self.profile.to_dict()}; found {profile.to_dict()}")
         return retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
 
+    @functools.cached_property
+    def _converter(self) -> EpsilonConverter:
+        return EpsilonConverter(DEFAULT_ORDERS, self.delta)
+
+    @functools.cached_property
+    def _filter(self) -> tuple[int, float] | None:
+        if self.filter_order is None:
+            return None
+        a = float(self.filter_order)
+        return DEFAULT_ORDERS.index(a), filter_capacity(self.epsilon, self.delta, a)
+
     def admits(self, spent: npt.ArrayLike, charge: npt.ArrayLike) -> bool:
-        """Whether adding ``charge`` to ``spent`` (curves over ``DEFAULT_ORDERS``) stays within budget."""
+        """Whether adding ``charge`` to ``spent`` (curves over ``DEFAULT_ORDERS``) stays within budget.
+
+        O(#orders) with precomputed grid constants: the ledger calls it inside its transaction.
+        """
         total = np.asarray(spent, dtype=np.float64) + np.asarray(charge, dtype=np.float64)
-        if self.filter_order is not None:
-            idx = DEFAULT_ORDERS.index(float(self.filter_order))
-            return bool(total[idx] <= filter_capacity(self.epsilon, self.delta, float(self.filter_order)))
-        return epsilon_from_rdp(total, DEFAULT_ORDERS, self.delta).epsilon <= self.epsilon
+        if self._filter is not None:
+            idx, cap = self._filter
+            return bool(total[idx] <= cap)
+        return self._converter.epsilon(total) <= self.epsilon
 
     def spent_epsilon(self, spent: npt.ArrayLike) -> float:
         """Informational epsilon spent at the budget's delta (min over the grid)."""
-        return epsilon_from_rdp(spent, DEFAULT_ORDERS, self.delta).epsilon
+        return self._converter.epsilon(np.asarray(spent, dtype=np.float64))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from .orders import validate_orders
 
-__all__ = ["EpsilonResult", "DeltaResult", "epsilon_from_rdp", "delta_from_rdp", "epsilon_per_order"]
+__all__ = ["EpsilonConverter", "EpsilonResult", "DeltaResult", "epsilon_from_rdp", "delta_from_rdp", "epsilon_per_order"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,40 @@ def epsilon_per_order(rdp: npt.ArrayLike, orders: npt.ArrayLike, delta: float) -
     return np.where(np.isinf(r), np.inf, eps)
 
 
+class EpsilonConverter:
+    """Thm 21 + the TV shortcut at a fixed (order grid, delta), with the grid constants
+    precomputed: the hot path of admission (a ledger evaluates it inside every transaction).
+
+    :meth:`epsilon` performs exactly the float operations of :func:`epsilon_from_rdp`, so both
+    return bit-identical values; it skips input validation (callers pass curves they built).
+
+    Args:
+        orders: the Rényi orders (> 1).
+        delta: target delta in (0, 1).
+    """
+
+    def __init__(self, orders: npt.ArrayLike, delta: float) -> None:
+        self.delta = _check_delta(delta)
+        self.orders = validate_orders(orders)
+        self._log1p = np.log1p(-1.0 / self.orders)
+        self._shift = (math.log(self.delta) + np.log(self.orders)) / (self.orders - 1.0)
+
+    def result(self, curve: npt.NDArray[np.float64]) -> EpsilonResult:
+        """Smallest epsilon over the grid and its order (see :func:`epsilon_from_rdp`)."""
+        r_min = int(np.argmin(curve))
+        if self.delta**2 + math.expm1(-float(curve[r_min])) >= 0.0:  # TV bound: (0, delta)-DP
+            return EpsilonResult(epsilon=0.0, order=float(self.orders[r_min]))
+        with np.errstate(invalid="ignore"):
+            eps = curve + self._log1p - self._shift
+        eps = np.where(np.isinf(curve), np.inf, eps)
+        idx = int(np.argmin(eps))
+        return EpsilonResult(epsilon=max(float(eps[idx]), 0.0), order=float(self.orders[idx]))
+
+    def epsilon(self, curve: npt.NDArray[np.float64]) -> float:
+        """Smallest epsilon over the grid."""
+        return self.result(curve).epsilon
+
+
 def epsilon_from_rdp(rdp: npt.ArrayLike, orders: npt.ArrayLike, delta: float) -> EpsilonResult:
     """Smallest epsilon over the orders for the given delta (Balle et al. 2020, Thm 21).
 
@@ -90,13 +124,8 @@ def epsilon_from_rdp(rdp: npt.ArrayLike, orders: npt.ArrayLike, delta: float) ->
     Raises:
         ValueError: naming a bad delta, order or RDP value.
     """
-    eps = epsilon_per_order(rdp, orders, delta)
     r, a = _check_curve(rdp, orders)
-    idx = int(np.argmin(r))
-    if float(delta) ** 2 + math.expm1(-float(r[idx])) >= 0.0:  # TV bound: (0, delta)-DP
-        return EpsilonResult(epsilon=0.0, order=float(a[idx]))
-    idx = int(np.argmin(eps))
-    return EpsilonResult(epsilon=max(float(eps[idx]), 0.0), order=float(a[idx]))
+    return EpsilonConverter(a, delta).result(r)
 
 
 def delta_from_rdp(rdp: npt.ArrayLike, orders: npt.ArrayLike, epsilon: float) -> DeltaResult:

@@ -11,12 +11,11 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
 from dprdm.server import ledger as ledger_module
-from dprdm.server.ledger import SCHEMA_VERSION, SqliteLedger, _Op, _Rule
+from dprdm.server.ledger import SCHEMA_VERSION, SqliteLedger, _Op
 from dprdm.server.ledger_api import (
     BudgetExhausted,
     DomainExists,
@@ -364,23 +363,6 @@ curves = st.lists(
     min_size=len(DEFAULT_ORDERS),
     max_size=len(DEFAULT_ORDERS),
 ).map(np.array)
-
-
-RULES = [_Rule(b) for b in (BUDGET, FILTER, Budget.single(3.0, 1e-9, PROFILE))]  # self-checked once
-
-
-def test_fast_rules_pass_their_self_check():
-    assert all(rule.fast for rule in RULES)
-
-
-@settings(max_examples=100, deadline=None)
-@given(spent=curves, charge=curves, scale=st.sampled_from([1e-6, 1e-3, 0.05, 1.0]))
-def test_fast_rule_agrees_with_budget_exactly(spent, charge, scale):
-    """The ledger's precomputed admission must equal ``Budget`` bit for bit (same floats, same order)."""
-    s, c = spent * scale, charge * scale
-    for rule in RULES:
-        assert rule.epsilon(s) == rule.budget.spent_epsilon(s)
-        assert rule.admits(s, c) == rule.budget.admits(s, c)
 
 
 def test_busy_store_fails_the_batch_quickly_and_recovers(tmp_path):

@@ -345,3 +345,19 @@ def test_cli_bad_arguments_one_line(argv: list[str], needle: str) -> None:
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_fast_admission_equals_the_per_order_formula() -> None:
+    """``Budget`` (precomputed grid constants) against Thm 21 evaluated order by order."""
+    from dprdm.privacy.conversion import epsilon_per_order
+
+    rng = np.random.default_rng(8)
+    budget = Budget.single(3.0, 1e-9, Profile(k=4, q=0.1, sigma=1.0, lam=1.0))
+    for scale in (1e-12, 1e-4, 0.05, 1.0, 30.0):
+        for _ in range(50):
+            curve = rng.exponential(scale, len(DEFAULT_ORDERS))
+            per_order = epsilon_per_order(curve, DEFAULT_ORDERS, 1e-9)
+            tv = 1e-18 + math.expm1(-float(curve.min())) >= 0.0
+            expected = 0.0 if tv else max(float(per_order.min()), 0.0)
+            assert budget.spent_epsilon(curve) == expected
+            assert budget.admits(curve, np.zeros_like(curve)) == (expected <= 3.0)
