@@ -55,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     g.add_argument("--multiplicity", type=int, default=1, help="dp-lora noise multiplicity m")
     g.add_argument("--rank", type=int, default=4, help="dp-lora rank")
     g.add_argument("--alpha", type=float, default=4.0, help="dp-lora alpha")
+    led = t.add_argument_group("privacy domain ledger (SPEC §3: every release on the domain charges ONE ledger)")
+    led.add_argument("--ledger", type=Path, default=None,
+                     help="the domain's ledger (the server's data_dir/ledger.sqlite3); charged before output")
+    led.add_argument("--domain", default=None, help="privacy domain (corpus id) of --data; needed with --ledger")
     a = t.add_argument_group("DPAgg-TI")
     a.add_argument("--sample-rate", type=float, default=1.0, help="Poisson rate q of the aggregate")
     a.add_argument("--ti-steps", type=int, default=50)
@@ -153,13 +157,80 @@ def _train(args: argparse.Namespace) -> int:
         settings["dpsgd"] = {"batch_size": cfg.batch_size, "steps": cfg.steps, "clip_norm": cfg.clip_norm,
                              "lr": cfg.lr, "max_physical_batch": cfg.max_physical_batch,
                              "multiplicity": cfg.multiplicity, "from_depth": args.from_depth}
+    charge = _charge_ledger(args, report) if args.ledger is not None else None
     out = write_baseline(args.out, method=args.method, backbone_spec=spec, base_fingerprint=base, tensors=tensors,
                          report=report, settings=settings)
+    if charge is not None:
+        charge(out)
     summary = {"out": str(out), "method": args.method, "epsilon": report.epsilon, "delta": report.delta,
                "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
                "steps": report.steps, "production": report.production}
     print(json.dumps(summary))
     return 0
+
+
+def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
+    """Charge the run's RDP curve to the privacy domain's ledger BEFORE anything is written.
+
+    Training touched private data, but nothing leaves the process until the weights are written;
+    the charge depends only on public inputs (method, q, steps, noise multiplier), so a refusal
+    leaks nothing, and a crash between the charge and the write loses no committed charge (never
+    refunded). Only a Rényi-filter budget may take a baseline's charge: a single-profile budget's
+    admission rule assumes every spend is the same retrieval profile.
+
+    Returns:
+        A callable storing the artifact's path and fingerprint against the spend.
+
+    Raises:
+        ValueError: no --domain, a single-profile budget, or a refusal (budget exhausted).
+    """
+    import hashlib
+    import uuid
+
+    import numpy as np
+
+    from dprdm.privacy import DEFAULT_ORDERS
+    from dprdm.privacy.accountant import curve_from_json
+    from dprdm.server.ledger import SqliteLedger
+    from dprdm.server.ledger_api import LedgerError
+
+    if not args.domain:
+        raise ValueError("--ledger needs --domain (the privacy domain of --data)")
+    if not report.production:
+        raise ValueError("--insecure-dp-seed runs are not private releases; they cannot be charged to a ledger")
+    orders = [float(a) for a in report.accountant["orders"]]
+    if orders != [float(a) for a in DEFAULT_ORDERS]:
+        raise ValueError("the privacy report's order grid is not the ledger's (DEFAULT_ORDERS)")
+    curve = curve_from_json(report.accountant["rdp"])
+    ledger = SqliteLedger(args.ledger)
+    try:
+        state = ledger.budget_state(args.domain)
+        if state.budget.filter_order is None:
+            raise ValueError(
+                f"the budget of domain {args.domain!r} serves a single retrieval profile; a baseline can be "
+                f"charged only to a Rényi-filter budget (rule = \"filter\")"
+            )
+        request_id = f"baseline-{uuid.uuid4().hex}"
+        res = ledger.reserve(
+            domain=args.domain, tenant=f"baseline:{args.method}", request_id=request_id,
+            binding_hash=hashlib.sha256(json.dumps(report.accountant, sort_keys=True).encode()).hexdigest(),
+            profile={"name": args.method, "q": report.sample_rate, "noise_multiplier": report.noise_multiplier,
+                     "steps": report.steps},
+            charge_rdp=curve,
+        )
+    except LedgerError as exc:
+        ledger.close()
+        raise ValueError(f"ledger refused the charge: {exc}") from None
+    _log(f"charged domain {args.domain!r}: spend {res.spend_id}, epsilon spent {res.state.epsilon_spent:.4f}")
+
+    def store(out: Path) -> None:
+        try:
+            ledger.store_release(res.spend_id, np.zeros(0), {"artifact": str(out), "method": args.method,
+                                                           "epsilon": report.epsilon, "delta": report.delta})
+        finally:
+            ledger.close()
+
+    return store
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ import numpy as np
 
 PRIVATE_SEED = 2
 REFERENCE_SEED = 3
+PROXY_SEED = 4
+PROXY_STYLE = ("striped", "brick")  # public: a stand-in private domain for tuning (k, q, lambda)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +49,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and (non-production) DP coins")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--judge-steps", type=int, default=600)
+    p.add_argument(
+        "--judge-cache", type=Path, default=None, help="load/save the judge here (evaluation only)"
+    )
+    p.add_argument(
+        "--proxy",
+        action="store_true",
+        help="tune on a PUBLIC proxy domain instead: corpus = public (striped, brick) images (seed 4)",
+    )
     p.add_argument("--out", type=Path, default=Path("utility.json"))
     p.add_argument("--report-md", type=Path, default=None)
     p.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG (rows: conditions)")
@@ -65,6 +75,22 @@ def _conditions(a: argparse.Namespace) -> list[tuple[str, object, float]]:
         sigma = calibration.calibrate_sigma(epsilon=eps, delta=a.delta, queries=a.queries, k=a.k, q=a.q)
         out.append((f"dp-eps{eps:g}", Profile(k=a.k, q=a.q, sigma=sigma, lam=a.lam), eps))
     return out
+
+
+def _judge(a: argparse.Namespace) -> tuple[object, object]:
+    import torch
+
+    from dprdm.models.quality import Judge, JudgeScores, train_judge
+
+    if a.judge_cache and a.judge_cache.is_file():
+        blob = torch.load(a.judge_cache, weights_only=True)
+        judge = Judge()
+        judge.load_state_dict(blob["state"])
+        return judge.eval(), JudgeScores(**blob["scores"])
+    judge, scores = train_judge(steps=a.judge_steps)
+    if a.judge_cache:
+        torch.save({"state": judge.state_dict(), "scores": scores.__dict__}, a.judge_cache)
+    return judge, scores
 
 
 def _releases(
@@ -93,6 +119,7 @@ def _generate(gen: object, conds: np.ndarray, steps: int, seed: int) -> np.ndarr
 
 
 def _score(
+    style: tuple[int, int],
     judge: object,
     encoder: object,
     images: np.ndarray,
@@ -103,7 +130,7 @@ def _score(
     pred = judge.predict(images)
     shape_ok = pred[:, 0] == targets[:, 0]
     colour_ok = pred[:, 1] == targets[:, 1]
-    style_ok = (pred[:, 2] == 1) & (pred[:, 3] == 1)  # striped, dotted
+    style_ok = (pred[:, 2] == style[0]) & (pred[:, 3] == style[1])
     return {
         "shape_acc": float(shape_ok.mean()),
         "colour_acc": float(colour_ok.mean()),
@@ -119,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dprdm.models import mini_data as md
-    from dprdm.models.quality import frechet_distance, train_judge
+    from dprdm.models.quality import frechet_distance
     from dprdm.models.registry import load_bundle
     from dprdm.privacy.rng import make_dp_generator
 
@@ -129,16 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     bundle = load_bundle(a.bundle)
     enc, gen = bundle.encoder, bundle.generator
-    private = md.make_split(a.private_size, (md.PRIVATE_STYLE,), seed=PRIVATE_SEED)
+    domain = PROXY_STYLE if a.proxy else md.PRIVATE_STYLE
+    style = (md.FILLS.index(domain[0]), md.BACKGROUNDS.index(domain[1]))
+    private = md.make_split(a.private_size, (domain,), seed=PROXY_SEED if a.proxy else PRIVATE_SEED)
     vectors = enc.encode_pixels(private.images)
-    judge, jscores = train_judge(steps=a.judge_steps)
+    judge, jscores = _judge(a)
     print(f"judge held-out accuracy: {jscores}", file=sys.stderr)
     prompts = md.heldout_prompts()
     texts = [p for p, _, _ in prompts for _ in range(a.per_prompt)]
     targets = np.array([(s, c) for _, s, c in prompts for _ in range(a.per_prompt)])
     queries = enc.encode_texts(texts).astype(np.float64)
     reference = {
-        "real_private_heldout": md.make_split(len(texts), (md.PRIVATE_STYLE,), seed=REFERENCE_SEED).images,
+        "real_private_heldout": md.make_split(len(texts), (domain,), seed=REFERENCE_SEED).images,
         "real_public": md.make_split(len(texts), md.PUBLIC_STYLES, seed=REFERENCE_SEED).images,
     }
     results = {
@@ -158,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             "lam": profile.lam,
             "noise_norm": profile.sigma * np.sqrt(enc.dimension),
         }
-        row.update(_score(judge, enc, images, targets, vectors, frechet_distance))
+        row.update(_score(style, judge, enc, images, targets, vectors, frechet_distance))
         rows.append(row)
         sheet.append(images[:: a.per_prompt][:16])
         print(json.dumps(row), file=sys.stderr, flush=True)
     results.update(
         {
             "bundle": bundle.name,
+            "domain": "public proxy (striped, brick)" if a.proxy else "private (striped, dotted)",
             "encoder": enc.identity.to_dict(),
             "private_size": a.private_size,
             "prompts": len(prompts),

@@ -82,3 +82,33 @@ def test_sample_refuses_a_changed_backbone(setup: tuple[Path, Path], tmp_path: P
     capsys.readouterr()
     assert main(["baseline", "sample", "--model", str(out), "--prompt", "x", "--out", str(tmp_path / "i")]) == 2
     assert "trained on" in capsys.readouterr().err
+
+
+def _production_train(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return main(["baseline", "train", "--method", "dpagg-ti", "--model", str(model), "--data", str(data),
+                 "--epsilon", "4", "--delta", "1e-3", "--out", str(out), "--threads", "1", "--ti-steps", "2",
+                 "--sample-rate", "0.5", *extra])
+
+
+def test_training_charges_the_domain_ledger_before_writing(setup: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dprdm.privacy import Budget, Profile
+    from dprdm.server.ledger import SqliteLedger
+
+    model, data = setup
+    path = tmp_path / "ledger.sqlite3"
+    with SqliteLedger(path) as led:
+        led.create_budget("faces", Budget.renyi_filter(5.0, 1e-3, [Profile(k=4, q=0.5, sigma=1.0, lam=1.0)]))
+        led.create_budget("single", Budget.single(6.0, 1e-3, Profile(k=4, q=0.5, sigma=1.0, lam=1.0)))
+    assert _production_train(model, data, tmp_path / "a", "--ledger", str(path), "--domain", "faces") == 0
+    with SqliteLedger(path) as led:
+        state = led.budget_state("faces")
+        (spend,) = led.audit_trail("faces")
+        assert state.spends == 1 and spend.status == "released" and spend.tenant == "baseline:dpagg-ti"
+        assert state.epsilon_spent > 0
+    # Two runs at epsilon 4 compose to ~5.7 > 5: the second is refused and writes nothing.
+    assert _production_train(model, data, tmp_path / "b", "--ledger", str(path), "--domain", "faces") == 2
+    assert "refused" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    # A single-profile budget cannot take a baseline's charge.
+    assert _production_train(model, data, tmp_path / "c", "--ledger", str(path), "--domain", "single") == 2
+    assert "Rényi-filter" in capsys.readouterr().err and not (tmp_path / "c").exists()

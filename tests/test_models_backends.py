@@ -13,6 +13,7 @@ from dprdm.models.rdm import RDMGenerator, expand_tokens, mix_tokens
 
 CPU = torch.device("cpu")
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
@@ -20,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def _arr(images):

@@ -13,6 +13,7 @@ from dprdm.models.openclip_encoder import OpenClipEncoder, parse_source, resolve
 
 IMAGES = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
@@ -20,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")

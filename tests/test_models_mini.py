@@ -46,7 +46,9 @@ def test_captions_and_prompts():
     assert md.caption(md.Attributes(1, 2, 0, 0)) == "a blue square"
     held = md.heldout_prompts()
     assert len(held) == 2 * len(md.SHAPES) * len(md.COLOURS)
-    train_caps = {md.caption(md.Attributes(s, c, 0, 0), t) for s in range(4) for c in range(4) for t in (0, 1)}
+    train_caps = {
+        md.caption(md.Attributes(s, c, 0, 0), t) for s in range(4) for c in range(4) for t in (0, 1)
+    }
     assert not train_caps & {p for p, _, _ in held}
 
 
