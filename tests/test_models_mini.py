@@ -105,3 +105,20 @@ def test_frechet_distance():
     assert shifted == pytest.approx(4.0, rel=1e-6)
     with pytest.raises(ValueError, match="equal d"):
         frechet_distance(a, a[:, :3])
+
+
+@pytest.mark.slow
+def test_default_bundle_draws_recognisable_prompted_shapes():
+    """Committed weights: public-only generations match their prompts far above chance (0.0625)."""
+    from dprdm.models.quality import train_judge
+    from dprdm.models.registry import load_bundle
+
+    bundle = load_bundle()
+    judge, scores = train_judge(steps=300)
+    assert min(scores.shape, scores.colour) > 0.95
+    prompts = md.heldout_prompts()
+    u = bundle.encoder.encode_texts([p for p, _, _ in prompts])
+    images = bundle.generator.generate_many(u[:32], steps=20, seed=0)
+    pred = judge.predict(np.stack([np.asarray(im) for im in images]))
+    target = np.array([(s, c) for _, s, c in prompts[:32]])
+    assert (pred[:, :2] == target).all(1).mean() > 0.4
