@@ -27,11 +27,14 @@ CASES: list[tuple[str, Profile, dict[str, int]]] = [
     ("correct", Profile(k=1, q=1.0, sigma=6.0, lam=1.0), {}),
     ("correct", Profile(k=8, q=0.2, sigma=1.0, lam=1.0), {}),
     ("correct", Profile(k=4, q=0.3, sigma=1.0, lam=0.5), {}),
-    ("sigma_halved", Profile(k=1, q=1.0, sigma=3.0, lam=1.0), {}),
+    ("correct", Profile(k=1, q=0.1, sigma=8.0, lam=1.0), {}),
+    ("sigma_halved", Profile(k=1, q=1.0, sigma=3.0, lam=1.0), {"trials_factor": 25}),
     ("sensitivity_1_over_k", Profile(k=1, q=1.0, sigma=3.0, lam=1.0), {}),
     ("divide_by_found", Profile(k=8, q=0.2, sigma=1.0, lam=1.0), {}),
-    ("shared_coins", Profile(k=1, q=0.2, sigma=4.0, lam=1.0), {"batch": 16, "n_others": 50, "trials_divisor": 4}),
+    # B = 256 queries share one subsample: the batch sum moves by 4 noise std when the canary is in.
+    ("shared_coins", Profile(k=1, q=0.1, sigma=8.0, lam=1.0), {"batch": 256, "n_others": 50, "trials_factor": 1}),
 ]
+"""(variant, profile, options); ``trials_factor`` is in tenths of ``--trials`` (10 = as given)."""
 
 
 def run(trials: int, delta: float, seed: int) -> dict[str, object]:
@@ -40,7 +43,7 @@ def run(trials: int, delta: float, seed: int) -> dict[str, object]:
     rows = []
     for variant, profile, opts in CASES:
         t0 = time.perf_counter()
-        n = max(200, trials // opts.get("trials_divisor", 1))
+        n = max(200, trials * opts.get("trials_factor", 10) // 10)
         res = audit_retrieval(
             search, profile, variant=variant, trials=n, delta=delta, rng=rng,
             batch=opts.get("batch", 4), n_others=opts.get("n_others"),

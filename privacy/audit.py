@@ -161,12 +161,10 @@ def _one_run(
     """Statistic of one release (or one batch for ``shared_coins``): <release, u>."""
     noise_profile = Profile(k=profile.k, q=profile.q, sigma=profile.sigma / 2, lam=profile.lam) if variant == "sigma_halved" else profile
     if variant == "shared_coins":
-        coins_seed = int(rng.integers(0, 2**63 - 1))
-        total = 0.0
-        for _ in range(batch):  # every query of the batch replays the SAME coins
-            selected = search(corpus, ids, u, profile.k, profile.q, np.random.default_rng(coins_seed))
-            total += float(release(noise_profile, u, selected, rng) @ u)
-        return total
+        # Every query of the batch reuses the SAME coins: with the same (public) query the search
+        # then selects the same rows, so it runs once and each query draws only its own noise.
+        selected = search(corpus, ids, u, profile.k, profile.q, rng)
+        return float(sum(release(noise_profile, u, selected, rng) @ u for _ in range(batch)))
     selected = search(corpus, ids, u, profile.k, profile.q, rng)
     if variant == "divide_by_found" and selected.shape[0] > 0:
         scaled = Profile(k=selected.shape[0], q=profile.q, sigma=profile.sigma, lam=profile.lam)

@@ -85,3 +85,12 @@ def test_correct_mechanism_audits_below_its_claim() -> None:
 def test_broken_variants_audit_above_their_claim(variant: str, profile: Profile) -> None:
     res = audit_retrieval(index_search(), profile, variant=variant, trials=40000, rng=np.random.default_rng(1))
     assert res.audited_lower_bound > res.claimed_epsilon
+
+
+@pytest.mark.slow
+def test_shared_coins_audit_above_their_claim() -> None:
+    """A batch of 256 queries sharing one subsample: claimed as 256 independent releases."""
+    profile = Profile(k=1, q=0.1, sigma=8.0, lam=1.0)
+    res = audit_retrieval(index_search(), profile, variant="shared_coins", trials=4000, batch=256, n_others=50,
+                          rng=np.random.default_rng(3))
+    assert res.audited_lower_bound > res.claimed_epsilon
