@@ -135,6 +135,8 @@ def _score(
         "shape_acc": float(shape_ok.mean()),
         "colour_acc": float(colour_ok.mean()),
         "content_acc": float((shape_ok & colour_ok).mean()),
+        "fill_rate": float((pred[:, 2] == style[0]).mean()),
+        "background_rate": float((pred[:, 3] == style[1]).mean()),
         "private_style_rate": float(style_ok.mean()),
         "content_and_style": float((shape_ok & colour_ok & style_ok).mean()),
         "fd_to_private": fd(encoder.encode_pixels(images), private_feats),
@@ -224,6 +226,8 @@ _COLS = (
     "content_acc",
     "shape_acc",
     "colour_acc",
+    "fill_rate",
+    "background_rate",
     "private_style_rate",
     "content_and_style",
     "fd_to_private",
@@ -260,7 +264,13 @@ def _markdown(res: dict[str, object]) -> str:
     ]
     for r in res["conditions"]:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in _COLS) + " |")
-    lines += ["", "Chance: shape 0.25, colour 0.25, content 0.0625.", ""]
+    lines += [
+        "",
+        "content_acc: judge says shape AND colour match the prompt (chance 0.0625). fill_rate / "
+        "background_rate: judged to carry the domain's fill / background; private_style_rate: both; "
+        "content_and_style: all four. fd_to_private: Frechet distance in the image tower's 32-d space.",
+        "",
+    ]
     return "\n".join(lines)
 
 
