@@ -46,7 +46,9 @@ class DemoSettings:
         public_size: declared public size N̄ (>= corpus_size); delta = 1/(10 N̄).
         epsilon: the domain's budget.
         budget_queries: queries of the private profile the budget must admit (calibrates sigma).
-        k, q, lam: the private profile (sigma is calibrated).
+        k, q, lam: the private profile (sigma is calibrated). The defaults are the profile chosen on
+            a PUBLIC proxy domain in ``models/weights/QUALITY.md`` (small q with large k keeps sigma
+            small: 0.034 at epsilon 10 over 1,000 queries).
         images: images per prompt and profile.
         steps: denoising steps (0: the bundle's default).
         seed: diffusion sampler seed (never DP randomness).
@@ -57,9 +59,9 @@ class DemoSettings:
     public_size: int = 10000
     epsilon: float = 10.0
     budget_queries: int = 1000
-    k: int = 16
-    q: float = 0.2
-    lam: float = 1.0
+    k: int = 64
+    q: float = 0.05
+    lam: float = 0.5
     images: int = 2
     steps: int = 0
     seed: int = 1

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-__all__ = ["EncoderIdentity", "Encoder", "Generator", "ProgressCallback"]
+__all__ = ["EncoderIdentity", "Encoder", "IdentityMixin", "Generator", "ProgressCallback"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,22 @@ class EncoderIdentity:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
             raise ValueError(f"encoder identity dimension must be a positive int; found {dim!r}")
         return cls(name=name, weights_sha256=weights, dimension=dim)
+
+
+class IdentityMixin:
+    """``identity`` and ``dimension`` properties of an encoder that stores ``self._identity``."""
+
+    _identity: EncoderIdentity
+
+    @property
+    def identity(self) -> EncoderIdentity:
+        """Name, weights hash and dimension (recorded in index manifests)."""
+        return self._identity
+
+    @property
+    def dimension(self) -> int:
+        """Embedding dimension."""
+        return self._identity.dimension
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ._torch import default_device, sha256_file
-from .base import EncoderIdentity
+from .base import EncoderIdentity, IdentityMixin
 
 __all__ = ["OpenClipSource", "OpenClipEncoder", "parse_source", "resolve_hf_cache"]
 
@@ -104,7 +104,7 @@ def _checkpoint_in(directory: Path) -> Path:
     )
 
 
-class OpenClipEncoder:
+class OpenClipEncoder(IdentityMixin):
     """An open_clip CLIP model behind :class:`dprdm.models.base.Encoder` (fp32 on CPU)."""
 
     def __init__(
@@ -154,16 +154,6 @@ class OpenClipEncoder:
         dim = int(_embed_dim(model))
         identity = EncoderIdentity(name=name, weights_sha256=sha256_file(checkpoint), dimension=dim)
         return cls(model, preprocess, tokenizer, identity, device=device)
-
-    @property
-    def identity(self) -> EncoderIdentity:
-        """Name, checkpoint file hash and dimension."""
-        return self._identity
-
-    @property
-    def dimension(self) -> int:
-        """Embedding dimension."""
-        return self._identity.dimension
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> npt.NDArray[np.float32]:

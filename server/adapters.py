@@ -78,7 +78,8 @@ def load_bundle(name: str) -> Bundle:
 
     Raises:
         StartupError: the registry is missing from this build.
-        KeyError, ValueError: unknown or invalid bundle.
+        FileNotFoundError: unknown bundle or missing model files.
+        ValueError: invalid bundle file.
     """
     loader = _import("dprdm.models.registry", "load_bundle")
     if loader is None:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from dprdm.models.base import EncoderIdentity, ProgressCallback
+from dprdm.models.hash_encoder import HashEncoder
 from dprdm.privacy import DEFAULT_ORDERS, Budget
 
 from .catalog import Bundle, Loaders
@@ -111,25 +112,18 @@ def _seed_of(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
-class HashTextEncoder:
-    """A deterministic encoder: a text's embedding is a unit Gaussian vector seeded by its hash."""
+class HashTextEncoder(HashEncoder):
+    """The test encoder of ``dprdm.models.testing`` with images embedded by a hash of their bytes.
+
+    Texts map to unit Gaussian vectors seeded by their SHA-256 (as in ``HashEncoder``); images do
+    too (so distinct test images get unrelated embeddings, unlike the mean-colour ones).
+    """
 
     def __init__(self, dimension: int = 16, name: str = "hash-text") -> None:
-        self._identity = EncoderIdentity(name=name, weights_sha256="0" * 64, dimension=dimension)
-
-    @property
-    def identity(self) -> EncoderIdentity:
-        return self._identity
-
-    @property
-    def dimension(self) -> int:
-        return self._identity.dimension
-
-    def encode_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        rows = [np.random.default_rng(_seed_of(t.encode())).normal(size=self.dimension) for t in texts]
-        return _unit(np.array(rows, dtype=np.float64).reshape(len(texts), self.dimension))
+        super().__init__(dimension, name)
 
     def encode_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        """Unit vectors seeded by the SHA-256 of each image's pixel bytes."""
         rows = [np.random.default_rng(_seed_of(im.tobytes())).normal(size=self.dimension) for im in images]
         return _unit(np.array(rows, dtype=np.float64).reshape(len(images), self.dimension))
 

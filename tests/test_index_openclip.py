@@ -11,7 +11,7 @@ import pytest
 from dprdm.index import BuildConfig, build_index, verify
 from dprdm.index.readers import FolderReader
 from dprdm.index.testing import write_image_folder
-from dprdm.models.base import Encoder, EncoderIdentity
+from dprdm.models.base import Encoder, EncoderIdentity, IdentityMixin
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -23,7 +23,7 @@ _TINY = {
 }
 
 
-class _TinyOpenClip:
+class _TinyOpenClip(IdentityMixin):
     """Minimal adapter: open_clip model -> the Encoder protocol."""
 
     def __init__(self, tmp_path) -> None:
@@ -38,14 +38,6 @@ class _TinyOpenClip:
             h.update(name.encode())
             h.update(t.detach().cpu().numpy().tobytes())
         self._identity = EncoderIdentity("open_clip:dprdm-index-tiny-clip", h.hexdigest(), _TINY["embed_dim"])
-
-    @property
-    def identity(self) -> EncoderIdentity:
-        return self._identity
-
-    @property
-    def dimension(self) -> int:
-        return self._identity.dimension
 
     def encode_images(self, images):
         with torch.no_grad():
