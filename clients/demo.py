@@ -246,6 +246,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Private profile: k = {p['k']}, q = {p['q']}, sigma = {p['sigma']:.4f}, lambda = {p['lambda']}; "
         f"budget epsilon = {b['epsilon']}, delta = {b['delta']:.2e}.",
         "",
+        "DP charge: the epsilon of that query on its own (at delta); spent: the epsilon of all queries so",
+        "far, composed in Rényi DP, which grows far more slowly than the sum of the charges.",
+        "",
         "| prompt | public-only charge | DP charge (epsilon) | spent after | left after |",
         "|---|---:|---:|---:|---:|",
     ]
