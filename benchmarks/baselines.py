@@ -151,7 +151,7 @@ def _setup(a: argparse.Namespace) -> tuple[object, object, object, list[str], np
         backbone = load_backbone(write_tiny_backbone(Path(tempfile.mkdtemp()) / "bb", size=8))
         pixels = torch.nn.functional.interpolate(pixels, size=8, mode="area")
         return backbone, ImageSet(pixels, captions), None, texts, targets, None, util
-    from dprdm.models.quality import frechet_distance, train_judge
+    from dprdm.models.quality import train_judge
     from dprdm.models.registry import load_bundle
 
     backbone = load_backbone(f"bundle:{a.bundle}")
@@ -159,8 +159,11 @@ def _setup(a: argparse.Namespace) -> tuple[object, object, object, list[str], np
     judge, jscores = train_judge(steps=a.judge_steps)
     _log(f"judge held-out accuracy: {jscores}")
 
+    style = (md.FILLS.index(md.PRIVATE_STYLE[0]), md.BACKGROUNDS.index(md.PRIVATE_STYLE[1]))
+    private_feats = enc.encode_pixels(private.images)
+
     def score(images: np.ndarray) -> dict[str, float]:
-        return util._score(judge, enc, images, targets, enc.encode_pixels(private.images), frechet_distance)
+        return util.score_images(style, judge, enc, images, targets, private_feats)
 
     return backbone, ImageSet(pixels.contiguous(), captions), score, texts, targets, jscores, util
 

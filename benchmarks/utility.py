@@ -118,15 +118,26 @@ def _generate(gen: object, conds: np.ndarray, steps: int, seed: int) -> np.ndarr
     return np.stack([np.asarray(im.convert("RGB").resize((24, 24))) for im in images])
 
 
-def _score(
+def score_images(
     style: tuple[int, int],
     judge: object,
     encoder: object,
     images: np.ndarray,
     targets: np.ndarray,
     private_feats: np.ndarray,
-    fd: object,
 ) -> dict[str, float]:
+    """The utility metric shared with ``benchmarks/baselines.py``.
+
+    Args:
+        style: the private domain's (fill, background) label indices.
+        judge: has ``predict(images) -> (n, 4)`` labels (shape, colour, fill, background).
+        encoder: has ``encode_pixels(images)`` (the image tower's features).
+        images: generated images, (n, 24, 24, 3) uint8.
+        targets: the prompts' (shape, colour) labels, (n, 2).
+        private_feats: image-tower features of the private corpus (the Fréchet reference).
+    """
+    from dprdm.models.quality import frechet_distance
+
     pred = judge.predict(images)
     shape_ok = pred[:, 0] == targets[:, 0]
     colour_ok = pred[:, 1] == targets[:, 1]
@@ -139,7 +150,7 @@ def _score(
         "background_rate": float((pred[:, 3] == style[1]).mean()),
         "private_style_rate": float(style_ok.mean()),
         "content_and_style": float((shape_ok & colour_ok & style_ok).mean()),
-        "fd_to_private": fd(encoder.encode_pixels(images), private_feats),
+        "fd_to_private": frechet_distance(encoder.encode_pixels(images), private_feats),
     }
 
 
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             "lam": profile.lam,
             "noise_norm": profile.sigma * np.sqrt(enc.dimension),
         }
-        row.update(_score(style, judge, enc, images, targets, vectors, frechet_distance))
+        row.update(score_images(style, judge, enc, images, targets, vectors))
         rows.append(row)
         sheet.append(images[:: a.per_prompt][:16])
         print(json.dumps(row), file=sys.stderr, flush=True)

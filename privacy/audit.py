@@ -23,7 +23,8 @@ Deliberately broken variants (must audit ABOVE their claim, showing the audit ha
 ``sigma_halved`` (noise sigma/2, claim for sigma), ``sensitivity_1_over_k`` (claim computed with
 multiplier sigma*k, i.e. as if the sensitivity were 1/k), ``shared_coins`` (a batch of B queries
 shares one subsample, claim = B independent queries; statistic summed over the batch),
-``divide_by_found`` (mean over the survivors found instead of k).
+``divide_by_found`` (sum divided by the number of survivors found instead of k, noise still
+calibrated to the sensitivity 2/k).
 """
 
 from __future__ import annotations
@@ -167,8 +168,11 @@ def _one_run(
         return float(sum(release(noise_profile, u, selected, rng) @ u for _ in range(batch)))
     selected = search(corpus, ids, u, profile.k, profile.q, rng)
     if variant == "divide_by_found" and selected.shape[0] > 0:
-        scaled = Profile(k=selected.shape[0], q=profile.q, sigma=profile.sigma, lam=profile.lam)
-        return float(release(scaled, u, selected, rng) @ u)
+        # The bug: the sum is divided by the number found (sensitivity up to 2), while the noise
+        # is still calibrated to 2/k. ``release`` of no rows gives the noise and the mixing alone.
+        empty = np.zeros((0, u.size))
+        mean = np.asarray(selected, np.float64).sum(axis=0) / selected.shape[0]
+        return float((release(profile, u, empty, rng) + profile.lam * mean) @ u)
     return float(release(noise_profile, u, selected, rng) @ u)
 
 
