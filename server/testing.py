@@ -113,7 +113,7 @@ def _seed_of(data: bytes) -> int:
 
 
 class HashTextEncoder(HashEncoder):
-    """The test encoder of ``dprdm.models.testing`` with images embedded by a hash of their bytes.
+    """``dprdm.models.hash_encoder.HashEncoder`` with images embedded by a hash of their bytes.
 
     Texts map to unit Gaussian vectors seeded by their SHA-256 (as in ``HashEncoder``); images do
     too (so distinct test images get unrelated embeddings, unlike the mean-colour ones).
