@@ -20,6 +20,9 @@ def test_wheel_contains_and_imports_subpackages(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "dprdm/__init__.py" in names and "dprdm/privacy/rdp.py" in names
     assert not any(n.startswith("proto/") for n in names)  # proto/ is never a Python package
+    # the embedded default bundle ships in the wheel: its registry entry and its weights
+    assert "dprdm/models/bundles/dprdm-mini.json" in names
+    assert {"dprdm/models/weights/mini_encoder.safetensors", "dprdm/models/weights/mini_decoder.safetensors"} <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
