@@ -244,14 +244,21 @@ def index_search() -> SearchFn:
 def _cmd_audit(args: Any) -> int:
     import json
 
-    profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
-    rng = np.random.default_rng(args.seed)
+    from dprdm.clients.cli import CliError
+
     results = []
-    for variant in args.variants:
-        res = audit_retrieval(index_search(), profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng)
-        results.append(res.to_dict())
-        print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
-              f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
+    try:
+        profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
+        rng = np.random.default_rng(args.seed)
+        for variant in args.variants:
+            res = audit_retrieval(
+                index_search(), profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng
+            )
+            results.append(res.to_dict())
+            print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
+                  f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if args.json:
         print(json.dumps(results))
     return 0
@@ -259,12 +266,14 @@ def _cmd_audit(args: Any) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``dprdm audit`` (empirical lower bound on epsilon for a profile)."""
+    from .cli import _positive_float, _positive_int
+
     p = subparsers.add_parser("audit", help="empirical privacy audit of the retrieval mechanism")
-    p.add_argument("--k", type=int, default=1)
-    p.add_argument("--q", type=float, default=1.0)
-    p.add_argument("--sigma", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--trials", type=int, default=20000)
+    p.add_argument("--k", type=_positive_int("--k"), default=1)
+    p.add_argument("--q", type=_positive_float("--q"), default=1.0)
+    p.add_argument("--sigma", type=_positive_float("--sigma"), default=1.0)
+    p.add_argument("--delta", type=_positive_float("--delta"), default=1e-5)
+    p.add_argument("--trials", type=_positive_int("--trials"), default=20000, help="runs per dataset (>= 20)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seed", type=int, default=0, help="seed of the audit's own runs (not a production release)")
     p.add_argument("--json", action="store_true")

@@ -96,3 +96,24 @@ def test_shared_coins_audit_above_their_claim() -> None:
     res = audit_retrieval(index_search(), profile, variant="shared_coins", trials=4000, batch=256, n_others=50,
                           rng=np.random.default_rng(3))
     assert res.audited_lower_bound > res.claimed_epsilon
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--trials", "5"], "need at least 20 trials"),
+        (["--q", "0", "--trials", "100"], "q must be in (0, 1]"),
+        (["--delta", "3", "--trials", "100"], "delta must be in (0, 1)"),
+        (["--trials", "-3"], "--trials must be >= 1"),
+    ],
+)
+def test_audit_cli_rejects_bad_arguments_in_one_line(argv: list[str], message: str, capsys) -> None:
+    from dprdm.clients.cli import main
+
+    try:
+        rc = main(["audit", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
