@@ -410,7 +410,7 @@ def _check_public_size(n: int, public_size: int) -> None:
     if n > public_size:
         raise IndexBuildError(
             f"--public-size {public_size} is smaller than the number of records ({n}; operator-only); "
-            "declare a larger public size N̄ >= N"
+            "declare a larger public size N̄ >= N (the encoded checkpoint is kept: rerun with --resume)"
         )
 
 
