@@ -170,6 +170,9 @@ def _generate_request(
     steps: int,
     seed: int | None,
 ) -> dprdm_pb2.GenerateRequest:
+    for name, value, bits in (("num_images", num_images, 32), ("steps", steps, 32), ("seed", seed, 64)):
+        if value is not None and not (isinstance(value, int) and 0 <= value < 2**bits):
+            raise ValueError(f"{name} must be an integer in [0, 2**{bits}); found {value!r}")
     req = dprdm_pb2.GenerateRequest(
         index=index,
         profile=profile,

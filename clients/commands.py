@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,21 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     _connection_args(p)
 
 
+def _non_negative(name: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= 0, with an error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0; found {text!r}")
+        return value
+
+    return parse
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``retrieve``, ``generate``, ``budget`` and ``admin``."""
     p = subparsers.add_parser("retrieve", help="ask the server for a private conditioning vector")
@@ -244,9 +260,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("generate", help="generate images from a prompt")
     _query_args(p)
     p.add_argument("--out", required=True, help="directory for the PNG images")
-    p.add_argument("-n", "--num-images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
-    p.add_argument("--seed", type=int, help="sampler seed (never DP randomness)")
+    p.add_argument("-n", "--num-images", type=_non_negative("--num-images"), default=1)
+    p.add_argument("--steps", type=_non_negative("--steps"), default=0, help="denoising steps (0: the server's default)")
+    p.add_argument("--seed", type=_non_negative("--seed"), help="sampler seed (never DP randomness)")
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("budget", help="show a privacy budget")

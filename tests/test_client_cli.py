@@ -133,6 +133,25 @@ def test_user_errors_exit_2(server, capsys, monkeypatch):
         main(["admin", "create-budget", "d", "--epsilon", "1", "--delta", "1e-6", "--profile", "1,2"])
 
 
+@pytest.mark.parametrize("flag,value", [("--steps", "-3"), ("--seed", "-1"), ("--num-images", "x")])
+def test_generate_rejects_bad_numbers_before_calling(env, capsys, tmp_path, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "a cat", "--index", "faces", "--out", str(tmp_path / "o"), flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_request_names_out_of_range_fields():
+    from dprdm.clients.client import _generate_request
+
+    for kwargs, field in (({"steps": -1}, "steps"), ({"num_images": 2**32}, "num_images"), ({"seed": -5}, "seed")):
+        args = {"num_images": 1, "steps": 0, "seed": None, **kwargs}
+        with pytest.raises(ValueError, match=field):
+            _generate_request("faces", "a cat", "default", None, **args)
+
+
 def test_serve_check_and_startup_errors(tmp_path, capsys):
     cfg = tmp_path / "server.toml"
     cfg.write_text(f"""
