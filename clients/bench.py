@@ -88,7 +88,7 @@ class LoadSettings:
     client_procs: int = 1
     noise: str = "auto"
     group_commit: bool = True
-    query_threads: int = 8
+    query_threads: int = 32  # the server default (ServerConfig.query_threads)
     generation_workers: int = 1
     generation_queue: int = 8
     overload_backoff: float = 0.1

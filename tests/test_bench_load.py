@@ -61,3 +61,13 @@ def test_check_cell_flags_overspending():
 def test_refuses_non_loopback_address(capsys):
     assert main(["bench", "load", "--address", "10.0.0.1:50051", "--token", "x" * 20]) == 2
     assert "loopback only" in capsys.readouterr().err
+
+
+def test_benchmark_server_defaults_follow_the_server() -> None:
+    """The load benchmark measures the server as shipped unless a flag says otherwise."""
+    from dprdm.server.config import ServerConfig
+
+    s, c = bench.LoadSettings(), ServerConfig()
+    assert (s.query_threads, s.group_commit, s.generation_workers, s.generation_queue) == (
+        c.query_threads, c.group_commit, c.generation_workers, c.generation_queue
+    )
