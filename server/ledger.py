@@ -25,18 +25,13 @@ Running curves are updated by ``spent = spent + charge`` in admission order, so 
 bit for bit, the sequential sum of the spends' charge curves in ``seq`` order; :meth:`verify`
 checks exactly that. Reservations are never refunded and there is no delete.
 
-Admission uses :class:`_Rule`, which evaluates ``Budget.admits`` / ``Budget.spent_epsilon`` with
-the order-grid constants precomputed: the same float operations in the same order as
-``dprdm.privacy.conversion.epsilon_from_rdp`` (Thm 21 per order, the total-variation shortcut),
-~5 us instead of ~300 us (``validate_orders`` loops over the grid in Python). Each rule compares
-itself with ``Budget`` on probe curves when built and, on any difference (the privacy core
-changed), logs a warning and uses ``Budget`` itself; ``tests/test_ledger.py`` compares them on
-random curves.
+Admission uses :class:`~dprdm.server.ledger_state.Rule`, a thin wrapper over the privacy core's
+``Budget.admits`` / ``Budget.spent_epsilon`` (O(#orders), the grid constants precomputed by
+``EpsilonConverter``, ~15 us), so the ledger and the privacy core share one admission rule.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +41,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dprdm.privacy import DEFAULT_ORDERS, Budget
-from dprdm.privacy.accountant import curve_from_json, curve_to_json
+from dprdm.privacy.accountant import curve_from_json
 
 from .ledger_api import (
     BudgetExhausted,
@@ -71,15 +65,27 @@ from .ledger_api import (
     UnknownDomain,
     UnknownSpend,
 )
+from .ledger_state import (
+    ORDERS,
+    DomainState,
+    Op,
+    Rule,
+    Tx,
+    check_curve,
+    check_text,
+    chunks,
+    curve_id_of,
+    curve_text,
+    decode_release,
+    short_repr,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteLedger"]
 
 _log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-_ORDERS = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
 _ORDERS_JSON = json.dumps([float(a) for a in DEFAULT_ORDERS])
-_MAX_TEXT = 1024
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,114 +107,6 @@ CREATE TABLE spends (
 CREATE INDEX spends_by_domain ON spends (domain, seq);
 CREATE INDEX spends_by_binding ON spends (tenant, binding_hash);
 """
-
-
-def _curve_json(curve: npt.NDArray[np.float64]) -> str:
-    """``json.dumps(curve_to_json(curve))``, fast when every value is finite (the same text)."""
-    if np.isfinite(curve).all():
-        return json.dumps(curve.tolist())
-    return json.dumps(curve_to_json(curve))
-
-
-def _curve_id(text: str) -> str:
-    """Content address of a curve's JSON text."""
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-class _Rule:
-    """A domain's admission rule: ``Budget.admits`` / ``Budget.spent_epsilon`` (O(#orders), with
-    the grid constants precomputed in the privacy core), plus a cache of charge-curve facts.
-
-    Args:
-        budget: the domain's budget.
-    """
-
-    def __init__(self, budget: Budget) -> None:
-        self.budget = budget
-        self.epsilon_budget = float(budget.epsilon)
-        self._charges: dict[bytes, tuple[str, str, float]] = {}
-
-    def epsilon(self, curve: npt.NDArray[np.float64]) -> float:
-        """Informational epsilon of ``curve`` at the budget's delta (``Budget.spent_epsilon``)."""
-        return float(self.budget.spent_epsilon(curve))
-
-    def admits(self, spent: npt.NDArray[np.float64], charge: npt.NDArray[np.float64]) -> bool:
-        """``Budget.admits(spent, charge)``."""
-        return bool(self.budget.admits(spent, charge))
-
-    def admit(self, spent: npt.NDArray[np.float64], charge: npt.NDArray[np.float64]) -> tuple[bool, float | None]:
-        """``(Budget.admits(spent, charge), epsilon of spent + charge if computed on the way)``."""
-        if self.budget.filter_order is not None:
-            return bool(self.budget.admits(spent, charge)), None
-        eps = self.epsilon(spent + charge)
-        return eps <= self.epsilon_budget, eps
-
-    def charge_info(self, charge: npt.NDArray[np.float64], key: bytes) -> tuple[str, str, float]:
-        """(curve id, JSON text, informational epsilon) of a charge; epsilon 0 for the zero curve."""
-        info = self._charges.get(key)
-        if info is None:
-            eps = 0.0 if not charge.any() else self.epsilon(charge)
-            text = _curve_json(charge)
-            info = (_curve_id(text), text, eps)
-            if len(self._charges) >= 4096:
-                self._charges.clear()
-            self._charges[key] = info
-        return info
-
-
-@dataclass
-class _DomainState:
-    """A domain's running state inside the writer (copied on first use in a transaction)."""
-
-    rule: _Rule
-    spent: npt.NDArray[np.float64]
-    spends: int
-    tenants: dict[str, tuple[float, npt.NDArray[np.float64], int]]
-    dirty: bool = False
-    dirty_tenants: set[str] = field(default_factory=set)
-
-    def copy(self) -> _DomainState:
-        return _DomainState(self.rule, self.spent, self.spends, dict(self.tenants))
-
-    def state(self, domain: str, epsilon_spent: float | None = None) -> BudgetState:
-        """A snapshot (``spent`` is read-only and replaced, never mutated, on each spend)."""
-        eps = self.rule.epsilon(self.spent) if epsilon_spent is None else epsilon_spent
-        return BudgetState(domain, self.rule.budget, self.spent, self.spends, eps)
-
-
-@dataclass
-class _Op:
-    """One queued write, ``kind`` in {"create", "reserve", "store"}; the caller waits on ``done``."""
-
-    kind: str
-    args: tuple[Any, ...]
-    result: Any = None
-    error: BaseException | None = None
-    done: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Tx:
-    """Working state of one batch transaction.
-
-    ``known`` holds the spends of the batch's (tenant, request_id) keys and ``by_id`` those of its
-    ``store_release`` ids, prefetched with one query each and updated as the batch proceeds, so
-    decisions run in Python and the writes go out as a few multi-row statements at the end (each
-    statement releases and re-takes the GIL: per-operation statements convoy behind the callers).
-    """
-
-    conn: sqlite3.Connection
-    domains: dict[str, _DomainState] = field(default_factory=dict)
-    known: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    by_id: dict[str, list[Any]] = field(default_factory=dict)
-    new_spends: list[tuple[Any, ...]] = field(default_factory=list)
-    new_curves: dict[str, str] = field(default_factory=dict)
-    new_releases: list[tuple[str, bytes, str, str]] = field(default_factory=list)
 
 
 class SqliteLedger:
@@ -253,16 +151,16 @@ class SqliteLedger:
         self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._init_schema()
-        self._cache: dict[str, _DomainState] = {}
+        self._cache: dict[str, DomainState] = {}
         self._curves: set[str] = set()  # curve ids known to be committed
-        self._rules: dict[str, _Rule] = {}
+        self._rules: dict[str, Rule] = {}
         self._data_version = -1
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._lock = threading.Lock()  # the writer connection when group_commit=False, and close()
         self._readers_lock = threading.Lock()
         self._cv = threading.Condition()
-        self._queue: deque[_Op] = deque()
+        self._queue: deque[Op] = deque()
         self._closed = False
         self._stats = {"transactions": 0, "operations": 0}
         self._committer: threading.Thread | None = None
@@ -321,7 +219,7 @@ class SqliteLedger:
     # --------------------------------------------------------------------------------- write path
 
     def _submit(self, kind: str, *args: Any) -> Any:
-        op = _Op(kind, args)
+        op = Op(kind, args)
         if self._committer is None:
             with self._lock:
                 if self._closed:
@@ -356,10 +254,10 @@ class SqliteLedger:
                 for op in batch:
                     op.done.release()
 
-    def _execute(self, ops: list[_Op]) -> None:
+    def _execute(self, ops: list[Op]) -> None:
         """Run ``ops`` in order in one transaction; set each op's result or error."""
         conn = self._conn
-        tx = _Tx(conn)
+        tx = Tx(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
@@ -399,9 +297,9 @@ class SqliteLedger:
         self._stats["transactions"] += 1
         self._stats["operations"] += len(ops)
 
-    def _prefetch(self, tx: _Tx, ops: list[_Op]) -> None:
+    def _prefetch(self, tx: Tx, ops: list[Op]) -> None:
         keys = list({(op.args[1], op.args[2]) for op in ops if op.kind == "reserve"})
-        for chunk in _chunks(keys):
+        for chunk in chunks(keys):
             rows = tx.conn.execute(
                 "SELECT s.tenant, s.request_id, s.spend_id, s.domain, s.binding_hash, s.release, s.release_shape, "
                 "s.receipt FROM (VALUES " + ", ".join(["(?, ?)"] * len(chunk)) + ") AS v "
@@ -410,21 +308,21 @@ class SqliteLedger:
             )
             tx.known.update(((r[0], r[1]), list(r[2:])) for r in rows)
         ids = list({op.args[0] for op in ops if op.kind == "store"})
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             sql = "SELECT spend_id, release, release_shape FROM spends WHERE spend_id IN (" + ", ".join("?" * len(chunk))
             tx.by_id.update((r[0], [r[1], r[2]]) for r in tx.conn.execute(sql + ")", chunk))
 
-    def _flush(self, tx: _Tx) -> None:
+    def _flush(self, tx: Tx) -> None:
         if tx.new_curves:
             tx.conn.executemany("INSERT OR IGNORE INTO curves VALUES (?, ?)", tx.new_curves.items())
-        for chunk in _chunks(tx.new_spends):
+        for chunk in chunks(tx.new_spends):
             tx.conn.execute(
                 "INSERT INTO spends (spend_id, domain, tenant, request_id, binding_hash, profile, charge_id, "
                 "epsilon_charged, status, created_at) VALUES "
                 + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)"] * len(chunk)),
                 [x for row in chunk for x in row],
             )
-        for chunk in _chunks(tx.new_releases):
+        for chunk in chunks(tx.new_releases):
             tx.conn.execute(
                 "UPDATE spends SET release = v.column2, release_shape = v.column3, receipt = v.column4, "
                 "status = 'released' FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)) + ") AS v "
@@ -435,16 +333,16 @@ class SqliteLedger:
             if st.dirty:
                 tx.conn.execute(
                     "UPDATE budgets SET spent_rdp = ?, spends = ? WHERE domain = ?",
-                    (_curve_json(st.spent), st.spends, domain),
+                    (curve_text(st.spent), st.spends, domain),
                 )
             for tenant in st.dirty_tenants:
                 _, curve, n = st.tenants[tenant]
                 tx.conn.execute(
                     "UPDATE tenant_quotas SET spent_rdp = ?, spends = ? WHERE domain = ? AND tenant = ?",
-                    (_curve_json(curve), n, domain, tenant),
+                    (curve_text(curve), n, domain, tenant),
                 )
 
-    def _domain(self, tx: _Tx, domain: str) -> _DomainState:
+    def _domain(self, tx: Tx, domain: str) -> DomainState:
         st = tx.domains.get(domain)
         if st is not None:
             return st
@@ -459,23 +357,23 @@ class SqliteLedger:
                     "SELECT tenant, epsilon_quota, spent_rdp, spends FROM tenant_quotas WHERE domain = ?", (domain,)
                 )
             }
-            cached = _DomainState(self._rule(domain, row[0]), curve_from_json(json.loads(row[1])), int(row[2]), tenants)
+            cached = DomainState(self._rule(domain, row[0]), curve_from_json(json.loads(row[1])), int(row[2]), tenants)
             self._cache[domain] = cached
         st = tx.domains[domain] = cached.copy()
         return st
 
-    def _rule(self, domain: str, budget_json: str) -> _Rule:
+    def _rule(self, domain: str, budget_json: str) -> Rule:
         rule = self._rules.get(domain)
         if rule is None:
-            rule = self._rules[domain] = _Rule(Budget.from_dict(json.loads(budget_json)))
+            rule = self._rules[domain] = Rule(Budget.from_dict(json.loads(budget_json)))
         return rule
 
     # ---------------------------------------------------------------------------------- operations
 
-    def _op_create(self, tx: _Tx, domain: str, budget: Budget, quotas: dict[str, float]) -> None:
+    def _op_create(self, tx: Tx, domain: str, budget: Budget, quotas: dict[str, float]) -> None:
         if tx.conn.execute("SELECT 1 FROM budgets WHERE domain = ?", (domain,)).fetchone():
             raise DomainExists(f"privacy domain {domain!r} already has a budget")
-        zero = _curve_json(np.zeros_like(_ORDERS))
+        zero = curve_text(np.zeros_like(ORDERS))
         tx.conn.execute(
             "INSERT INTO budgets VALUES (?, ?, ?, 0, ?)", (domain, json.dumps(budget.to_dict()), zero, time.time())
         )
@@ -485,7 +383,7 @@ class SqliteLedger:
 
     def _op_reserve(
         self,
-        tx: _Tx,
+        tx: Tx,
         domain: str,
         tenant: str,
         request_id: str,
@@ -502,7 +400,7 @@ class SqliteLedger:
                 raise ReplayMismatch(f"request_id {request_id!r} of tenant {tenant!r} was used for another request")
             if release is None:
                 raise ReleaseMissing(f"request_id {request_id!r} of tenant {tenant!r} has no stored release")
-            return Reservation(spend_id, True, st.state(domain), _decode_release(release, shape), json.loads(receipt))
+            return Reservation(spend_id, True, st.state(domain), decode_release(release, shape), json.loads(receipt))
         rule = st.rule
         admitted, eps_total = rule.admit(st.spent, charge)
         if not admitted:
@@ -535,7 +433,7 @@ class SqliteLedger:
         }
         return Reservation(spend_id, False, state, None, receipt)
 
-    def _op_store(self, tx: _Tx, spend_id: str, blob: bytes, shape: str, receipt: str) -> None:
+    def _op_store(self, tx: Tx, spend_id: str, blob: bytes, shape: str, receipt: str) -> None:
         row = tx.by_id.get(spend_id)
         if row is None:
             raise UnknownSpend(f"no spend with id {spend_id!r}")
@@ -561,12 +459,12 @@ class SqliteLedger:
             DomainExists: the domain already has a budget (never replaced).
             ValueError: naming a bad domain, tenant or quota.
         """
-        _check_text("domain", domain)
+        check_text("domain", domain)
         if not isinstance(budget, Budget):
             raise ValueError(f"budget must be a dprdm.privacy.Budget; found {type(budget).__name__}")
         quotas: dict[str, float] = {}
         for tenant, quota in (tenant_quotas or {}).items():
-            _check_text("tenant", tenant)
+            check_text("tenant", tenant)
             q = float(quota)
             if not (q > 0.0) or math.isinf(q):
                 raise ValueError(f"quota of tenant {tenant!r} must be finite and > 0; found {quota!r}")
@@ -605,13 +503,13 @@ class SqliteLedger:
             ValueError: naming a malformed argument.
         """
         for name, value in (("domain", domain), ("tenant", tenant), ("request_id", request_id)):
-            _check_text(name, value)
-        _check_text("binding_hash", binding_hash)
+            check_text(name, value)
+        check_text("binding_hash", binding_hash)
         try:
             profile_json = json.dumps(profile, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"profile must be plain JSON; found {_short(profile)}") from exc
-        charge = _check_curve(charge_rdp)
+            raise ValueError(f"profile must be plain JSON; found {short_repr(profile)}") from exc
+        charge = check_curve(charge_rdp)
         res: Reservation = self._submit(
             "reserve", domain, tenant, request_id, binding_hash, profile_json, charge, charge.tobytes()
         )
@@ -632,7 +530,7 @@ class SqliteLedger:
             LedgerError: the spend already has a different release.
             ValueError: a malformed argument.
         """
-        _check_text("spend_id", spend_id)
+        check_text("spend_id", spend_id)
         arr = np.ascontiguousarray(release, dtype="<f8")
         try:
             receipt_json = json.dumps(receipt, sort_keys=True, allow_nan=False)
@@ -654,7 +552,7 @@ class SqliteLedger:
             self._local.conn = conn
         return conn
 
-    def _read_rule(self, conn: sqlite3.Connection, domain: str) -> _Rule:
+    def _read_rule(self, conn: sqlite3.Connection, domain: str) -> Rule:
         rule = self._rules.get(domain)
         if rule is None:
             row = conn.execute("SELECT budget FROM budgets WHERE domain = ?", (domain,)).fetchone()
@@ -697,7 +595,7 @@ class SqliteLedger:
         ).fetchone()
         if row is None:
             return None
-        return row[0], _decode_release(row[1], row[2]), json.loads(row[3])
+        return row[0], decode_release(row[1], row[2]), json.loads(row[3])
 
     def request_binding(self, *, tenant: str, request_id: str) -> str | None:
         """The binding hash of the spend charged for (tenant, request id), or None."""
@@ -768,8 +666,8 @@ class SqliteLedger:
             t: (curve_from_json(json.loads(c)), n)
             for t, c, n in conn.execute("SELECT tenant, spent_rdp, spends FROM tenant_quotas WHERE domain = ?", (domain,))
         }
-        total = np.zeros_like(_ORDERS)
-        tenants = {t: np.zeros_like(_ORDERS) for t in quotas}
+        total = np.zeros_like(ORDERS)
+        tenants = {t: np.zeros_like(ORDERS) for t in quotas}
         tenant_counts = dict.fromkeys(quotas, 0)
         decoded: dict[str, npt.NDArray[np.float64]] = {}  # by curve id
         count = 0
@@ -780,7 +678,7 @@ class SqliteLedger:
         ):
             charge = decoded.get(curve_id)
             if charge is None:
-                if text is None or _curve_id(text) != curve_id:
+                if text is None or curve_id_of(text) != curve_id:
                     raise LedgerCorrupt(f"domain {domain!r}: charge curve {curve_id!r} is missing or altered")
                 charge = decoded[curve_id] = curve_from_json(json.loads(text))
             total = total + charge
@@ -821,34 +719,8 @@ class SqliteLedger:
         self.close()
 
 
-def _check_text(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
-        raise ValueError(f"{name} must be a non-empty string of at most {_MAX_TEXT} characters; found {_short(value)}")
-
-
-def _check_curve(charge_rdp: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    try:
-        charge = np.array(charge_rdp, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"charge_rdp must be an array of floats; found {type(charge_rdp).__name__}") from exc
-    if charge.shape != _ORDERS.shape:
-        raise ValueError(f"charge_rdp must have shape {_ORDERS.shape} (DEFAULT_ORDERS); found {charge.shape}")
-    if not (charge >= 0.0).all():  # False for NaN too
-        raise ValueError("charge_rdp values must be >= 0 and not NaN")
-    charge.flags.writeable = False
-    return charge
-
-
-def _chunks(items: list[Any], size: int = 200) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 _HANDLERS: dict[str, Callable[..., Any]] = {
     "create": SqliteLedger._op_create,
     "reserve": SqliteLedger._op_reserve,
     "store": SqliteLedger._op_store,
 }
-
-
-def _decode_release(blob: bytes, shape: str) -> npt.NDArray[np.float64]:
-    return np.frombuffer(blob, dtype="<f8").reshape(json.loads(shape)).astype(np.float64)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
 from dprdm.server import ledger as ledger_module
-from dprdm.server.ledger import SCHEMA_VERSION, SqliteLedger, _Op
+from dprdm.server.ledger import SCHEMA_VERSION, SqliteLedger
 from dprdm.server.ledger_api import (
     BudgetExhausted,
     DomainExists,
@@ -28,6 +28,7 @@ from dprdm.server.ledger_api import (
     UnknownDomain,
     UnknownSpend,
 )
+from dprdm.server.ledger_state import Op
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 BUDGET = Budget.single(1.0, 1e-7, PROFILE)
@@ -261,9 +262,9 @@ def test_running_curve_is_the_sum_and_verify_detects_tampering(tmp_path):
         SqliteLedger(path)
 
 
-def _ops(led: SqliteLedger, rids: list[str], tenant: str = "t0") -> list[_Op]:
+def _ops(led: SqliteLedger, rids: list[str], tenant: str = "t0") -> list[Op]:
     return [
-        _Op("reserve", ("c", tenant, rid, "h", json.dumps(PROFILE.to_dict()), CHARGE, CHARGE.tobytes()))
+        Op("reserve", ("c", tenant, rid, "h", json.dumps(PROFILE.to_dict()), CHARGE, CHARGE.tobytes()))
         for rid in rids
     ]
 
@@ -290,7 +291,7 @@ def test_unexpected_error_in_a_batch_fails_only_its_operation(tmp_path, monkeypa
     monkeypatch.setitem(ledger_module._HANDLERS, "boom", boom)
     with SqliteLedger(tmp_path / "l.db", group_commit=False) as led:
         led.create_budget("c", BUDGET)
-        ops = _ops(led, ["a"]) + [_Op("boom", ())] + _ops(led, ["b"])
+        ops = _ops(led, ["a"]) + [Op("boom", ())] + _ops(led, ["b"])
         led._execute(ops)
         assert ops[0].result.state.spends == 1 and ops[2].result.state.spends == 2
         assert isinstance(ops[1].error, RuntimeError)
