@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from dprdm.privacy import Budget, Profile
-from dprdm.server.ledger import SqliteLedger, _Rule
+from dprdm.server.ledger import SqliteLedger
+from dprdm.server.ledger_state import Rule
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 TARGETS = {"p99_ms": 2.0, "group_rps_at_64": 20_000.0, "single_tx_vs_raw_max_ratio": 2.0}
@@ -161,9 +162,9 @@ def paired_single_tx(directory: Path, rounds: int, seconds: float) -> dict[str, 
 
 
 def admission_cost(repeats: int = 2000) -> dict[str, float]:
-    """Microseconds per admission decision: ``Budget.admits`` and the ledger's ``_Rule.admits``."""
+    """Microseconds per admission decision: ``Budget.admits`` and the ledger's ``Rule.admits``."""
     budget = Budget.single(1.0, 1e-7, PROFILE)
-    rule = _Rule(budget)
+    rule = Rule(budget)
     charge = budget.charge(PROFILE)
     spent = charge * 100
     out = {}

@@ -1,4 +1,5 @@
-"""The utility metric shared by ``benchmarks/utility.py`` and ``benchmarks/baselines.py``."""
+"""Benchmark scripts: each one imports (its names still exist after refactors), and the utility
+metric shared by ``benchmarks/utility.py`` and ``benchmarks/baselines.py``."""
 
 from __future__ import annotations
 
@@ -51,3 +52,9 @@ def test_score_images_counts_each_attribute() -> None:
     assert out["content_and_style"] == pytest.approx(0.25)
     assert np.isfinite(out["fd_to_private"]) and out["fd_to_private"] > 0
 
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_every_benchmark_script_imports_and_has_a_main(script: str) -> None:
+    mod = _load(script)
+    assert callable(getattr(mod, "main", None)), f"benchmarks/{script}.py has no main()"
