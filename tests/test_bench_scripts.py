@@ -58,3 +58,14 @@ def test_score_images_counts_each_attribute() -> None:
 def test_every_benchmark_script_imports_and_has_a_main(script: str) -> None:
     mod = _load(script)
     assert callable(getattr(mod, "main", None)), f"benchmarks/{script}.py has no main()"
+
+
+def test_ledger_benchmark_runs_end_to_end(tmp_path) -> None:
+    """A very short run of benchmarks/ledger.py: every part of it still works (JSON written)."""
+    import json
+
+    ledger = _load("ledger")
+    ledger.main(["--seconds", "0.05", "--threads", "1,4", "--out", str(tmp_path / "out"), "--tmp", str(tmp_path)])
+    (result,) = (tmp_path / "out").glob("ledger-*.json")
+    doc = json.loads(result.read_text())
+    assert doc["admission"]["ledger_rule_admits_us"] > 0
