@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 # (command name, module defining `register`, one-line help)
@@ -32,6 +32,21 @@ _COMMAND_MODULES: tuple[tuple[str, str, str], ...] = (
 
 class CliError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
+
+
+def int_at_least(name: str, low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, with an error naming the flag ``name``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}; found {text!r}")
+        return value
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):

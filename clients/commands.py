@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import CliError
+from .cli import CliError, int_at_least
 
 __all__ = ["register"]
 
@@ -235,21 +234,6 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     _connection_args(p)
 
 
-def _non_negative(name: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= 0, with an error naming the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0; found {text!r}")
-        return value
-
-    return parse
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``retrieve``, ``generate``, ``budget`` and ``admin``."""
     p = subparsers.add_parser("retrieve", help="ask the server for a private conditioning vector")
@@ -260,9 +244,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("generate", help="generate images from a prompt")
     _query_args(p)
     p.add_argument("--out", required=True, help="directory for the PNG images")
-    p.add_argument("-n", "--num-images", type=_non_negative("--num-images"), default=1)
-    p.add_argument("--steps", type=_non_negative("--steps"), default=0, help="denoising steps (0: the server's default)")
-    p.add_argument("--seed", type=_non_negative("--seed"), help="sampler seed (never DP randomness)")
+    p.add_argument("-n", "--num-images", type=int_at_least("--num-images", 0), default=1)
+    p.add_argument("--steps", type=int_at_least("--steps", 0), default=0, help="denoising steps (0: the server's default)")
+    p.add_argument("--seed", type=int_at_least("--seed", 0), help="sampler seed (never DP randomness)")
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("budget", help="show a privacy budget")

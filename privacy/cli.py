@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-from dprdm.clients.cli import CliError
+from dprdm.clients.cli import CliError, int_at_least
 
 from .calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
 from .conversion import epsilon_from_rdp
@@ -38,16 +38,7 @@ def _positive_float(name: str) -> Any:
 
 
 def _positive_int(name: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1; found {text!r}")
-        return value
-
-    return parse
+    return int_at_least(name, 1)
 
 
 def _profile(args: argparse.Namespace) -> Profile:
