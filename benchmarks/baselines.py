@@ -4,7 +4,7 @@ Same data and metric as ``benchmarks/utility.py``: the embedded ``dprdm-mini`` b
 public shapes only) is adapted to the PRIVATE demo corpus (``mini_data.make_split(n,
 (PRIVATE_STYLE,), seed=utility.PRIVATE_SEED)``: striped shapes on dotted backgrounds, a style
 absent from the public data), then draws images for the held-out content-only prompts, scored by
-``utility._score`` (the judge of ``models/quality.py``: content accuracy, private-style rate,
+``utility.score_images`` (the judge of ``models/quality.py``: content accuracy, private-style rate,
 content-and-style, Fréchet distance to the private corpus).
 
 * Training captions are the content-only prompts of each private image ("a red circle"): the
@@ -159,11 +159,10 @@ def _setup(a: argparse.Namespace) -> tuple[object, object, object, list[str], np
     judge, jscores = train_judge(steps=a.judge_steps)
     _log(f"judge held-out accuracy: {jscores}")
 
-    style = (md.FILLS.index(md.PRIVATE_STYLE[0]), md.BACKGROUNDS.index(md.PRIVATE_STYLE[1]))
     private_feats = enc.encode_pixels(private.images)
 
     def score(images: np.ndarray) -> dict[str, float]:
-        return util.score_images(style, judge, enc, images, targets, private_feats)
+        return util.score_images(md.PRIVATE_STYLE, judge, enc, images, targets, private_feats)
 
     return backbone, ImageSet(pixels.contiguous(), captions), score, texts, targets, jscores, util
 

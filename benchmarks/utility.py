@@ -119,7 +119,7 @@ def _generate(gen: object, conds: np.ndarray, steps: int, seed: int) -> np.ndarr
 
 
 def score_images(
-    style: tuple[int, int],
+    domain: tuple[str, str],
     judge: object,
     encoder: object,
     images: np.ndarray,
@@ -129,15 +129,17 @@ def score_images(
     """The utility metric shared with ``benchmarks/baselines.py``.
 
     Args:
-        style: the private domain's (fill, background) label indices.
+        domain: the private domain's (fill, background) names, e.g. ``md.PRIVATE_STYLE``.
         judge: has ``predict(images) -> (n, 4)`` labels (shape, colour, fill, background).
         encoder: has ``encode_pixels(images)`` (the image tower's features).
         images: generated images, (n, 24, 24, 3) uint8.
         targets: the prompts' (shape, colour) labels, (n, 2).
         private_feats: image-tower features of the private corpus (the Fréchet reference).
     """
+    from dprdm.models import mini_data as md
     from dprdm.models.quality import frechet_distance
 
+    style = (md.FILLS.index(domain[0]), md.BACKGROUNDS.index(domain[1]))
     pred = judge.predict(images)
     shape_ok = pred[:, 0] == targets[:, 0]
     colour_ok = pred[:, 1] == targets[:, 1]
@@ -170,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(a.bundle)
     enc, gen = bundle.encoder, bundle.generator
     domain = PROXY_STYLE if a.proxy else md.PRIVATE_STYLE
-    style = (md.FILLS.index(domain[0]), md.BACKGROUNDS.index(domain[1]))
     private = md.make_split(a.private_size, (domain,), seed=PROXY_SEED if a.proxy else PRIVATE_SEED)
     vectors = enc.encode_pixels(private.images)
     judge, jscores = _judge(a)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "lam": profile.lam,
             "noise_norm": profile.sigma * np.sqrt(enc.dimension),
         }
-        row.update(score_images(style, judge, enc, images, targets, vectors))
+        row.update(score_images(domain, judge, enc, images, targets, vectors))
         rows.append(row)
         sheet.append(images[:: a.per_prompt][:16])
         print(json.dumps(row), file=sys.stderr, flush=True)

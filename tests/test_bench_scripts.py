@@ -36,13 +36,14 @@ class _Encoder:
 
 def test_score_images_counts_each_attribute() -> None:
     util = _load("utility")
-    # (shape, colour, fill, background) per image; targets (shape, colour); private style (1, 1).
+    # (shape, colour, fill, background) per image; targets (shape, colour); private style (1, 1),
+    # i.e. (striped, dotted).
     labels = np.array([[0, 0, 1, 1], [1, 2, 1, 0], [3, 3, 0, 1], [2, 1, 1, 1]])
     targets = np.array([[0, 0], [1, 1], [3, 3], [0, 1]])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(4, 24, 24, 3), dtype=np.uint8)
     feats = rng.normal(size=(50, 4))
-    out = util.score_images((1, 1), _Judge(labels), _Encoder(), images, targets, feats)
+    out = util.score_images(("striped", "dotted"), _Judge(labels), _Encoder(), images, targets, feats)
     assert out["shape_acc"] == pytest.approx(0.75)
     assert out["colour_acc"] == pytest.approx(0.75)
     assert out["content_acc"] == pytest.approx(0.5)
