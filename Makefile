@@ -24,13 +24,11 @@ lint: setup
 	$(VENV)/bin/mypy privacy
 
 proto: setup
-	$(PY) -m dprdm.server.gen_proto
+	$(PY) tools/gen_proto.py
 
 proto-check: setup
-	@if [ -f server/gen_proto.py ]; then \
-		$(PY) -m dprdm.server.gen_proto && git diff --exit-code -- server/_proto \
-		|| { echo "generated gRPC code is stale: run 'make proto'"; exit 1; }; \
-	fi
+	$(PY) tools/gen_proto.py >/dev/null && git diff --exit-code -- proto \
+		|| { echo "generated gRPC code is stale: run 'make proto'"; exit 1; }
 
 test: setup lint proto-check
 	$(PY) -m pytest

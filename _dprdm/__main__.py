@@ -1,5 +1,5 @@
 """``python -m dprdm`` runs the command line."""
 
-from dprdm.clients.cli import main
+from dprdm.cli.main import main
 
 raise SystemExit(main())

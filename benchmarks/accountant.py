@@ -26,7 +26,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +131,7 @@ def run(repeats: int, max_seconds: float) -> dict[str, object]:
             row[f"speedup_vs_{name}"] = float(row[name + "_ms"]) / float(row["dprdm_ms"])  # type: ignore[arg-type]
     return {
         "benchmark": "accountant",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "profiles": [p.to_dict() for p in PROFILES],
         "delta": DELTA,

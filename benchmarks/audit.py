@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from dprdm.index.search import search_array
 from dprdm.privacy import Profile
-from dprdm.privacy.audit import audit_retrieval, index_search
+from dprdm.privacy.audit import audit_retrieval
 
 # (variant, profile, options): parameters chosen so a broken variant's true epsilon is >= 2x its claim.
 CASES: list[tuple[str, Profile, dict[str, int]]] = [
@@ -39,7 +40,7 @@ CASES: list[tuple[str, Profile, dict[str, int]]] = [
 
 
 def run(trials: int, delta: float, seed: int) -> dict[str, object]:
-    search = index_search()
+    search = search_array
     rng = np.random.default_rng(seed)
     rows = []
     for variant, profile, opts in CASES:
@@ -55,7 +56,7 @@ def run(trials: int, delta: float, seed: int) -> dict[str, object]:
         rows.append(row)
         print(f"{variant:>22} {profile.to_dict()}: claimed {res.claimed_epsilon:.3f} audited {res.audited_lower_bound:.3f}",
               flush=True)
-    return {"benchmark": "audit", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"benchmark": "audit", "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "delta": delta, "confidence": 0.95, "rows": rows}
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from dprdm.ledger import SqliteLedger
+from dprdm.ledger.state import Rule
 from dprdm.privacy import Budget, Profile
-from dprdm.server.ledger import SqliteLedger
-from dprdm.server.ledger_state import Rule
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 TARGETS = {"p99_ms": 2.0, "group_rps_at_64": 20_000.0, "single_tx_vs_raw_max_ratio": 2.0}

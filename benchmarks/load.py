@@ -1,7 +1,7 @@
 """Server load benchmark (SPEC §10): ``Retrieve`` and ``Generate`` over loopback, 1..64 clients, until
 the budget refuses; throughput, p50/p95/p99, refusals, epsilon over time, never-overspent checks.
 
-A thin runner of :mod:`dprdm.clients.bench` (also ``dprdm bench load``). Exits 1 if an invariant
+A thin runner of :mod:`dprdm.benchmarks.load_harness` (also ``dprdm bench load``). Exits 1 if an invariant
 is violated. Writes ``load-<time>.json`` to ``--out`` (default ``benchmarks/results/``).
 
     python benchmarks/load.py                                  # N = 1e6, d = 64, both methods
@@ -14,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dprdm.clients.bench import add_load_arguments, load_command
-from dprdm.clients.cli import CliError
+from dprdm.benchmarks.load_harness import BenchError, add_load_arguments, load_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     add_load_arguments(parser, Path(__file__).resolve().parent / "results")
     try:
         return int(load_command(parser.parse_args(argv)))
-    except CliError as exc:
+    except BenchError as exc:
         print(f"benchmarks/load.py: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ def run(repeats: int) -> dict[str, object]:
             "noise_sample_over_float": sample_us / float_us,
             "pool_throughput_per_core_per_s": 1e6 / sample_us,
         })
-    return {"benchmark": "noise", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"benchmark": "noise", "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "profile": PROFILE.to_dict(), "lattice_exponent": DEFAULT_LATTICE_EXPONENT, "rows": rows}
 
 

@@ -1,19 +1,9 @@
-"""Python client library and the ``dprdm`` command line.
+"""The Python client library of a dprdm server (gRPC; needs only ``dprdm.proto`` and grpc).
 
-``from dprdm.clients import Client, AsyncClient`` imports grpc lazily, so ``dprdm privacy ...``
-never imports it.
+``Client`` (blocking) and ``AsyncClient`` (asyncio); every RPC error is a :class:`DprdmError`,
+a refused budget a :class:`BudgetExhaustedError`.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from .client import AsyncClient, BudgetExhaustedError, Client, DprdmError
 
 __all__ = ["Client", "AsyncClient", "DprdmError", "BudgetExhaustedError"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import client
-
-        return getattr(client, name)
-    raise AttributeError(f"module 'dprdm.clients' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc, types_pb2
+from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc, types_pb2
 
 __all__ = [
     "Client",

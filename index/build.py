@@ -449,7 +449,7 @@ def _emit(
         "corpus_id": config.corpus_id,
         "index_version": index_version_of(config.corpus_id, entries),
         "private": config.private,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "encoder": identity.to_dict(),
         "dimension": identity.dimension,
         "dtype": config.dtype,

@@ -52,6 +52,7 @@ __all__ = [
     "subsampled_topk",
     "subsampled_topk_batch",
     "naive_subsampled_topk",
+    "search_array",
 ]
 
 STORE_GRID_BITS = 24
@@ -449,3 +450,18 @@ def naive_subsampled_topk(
     cands = layout.candidates(qhat, nprobe)
     coins = rng.random(cands.length) < q
     return _select(vectors, ids, cands, np.flatnonzero(coins).astype(np.int64), qhat, k)
+
+
+def search_array(
+    vectors: npt.ArrayLike, ids: npt.ArrayLike, query: npt.ArrayLike, k: int, q: float, rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """The production subsampled top-k over an in-memory flat corpus (N̄ = N): the search the
+    empirical audit (:func:`dprdm.privacy.audit.audit_retrieval`) runs, passed in by its callers so
+    the privacy core imports nothing of the project.
+
+    Returns:
+        The selected vectors (at most k rows), in the strict order.
+    """
+    stored = quantize_store(np.asarray(vectors), "float32")
+    layout = FlatLayout(count=stored.shape[0], public_size=stored.shape[0])
+    return subsampled_topk(stored, np.asarray(ids), layout, np.asarray(query), k=k, q=q, rng=rng).vectors

@@ -1,4 +1,4 @@
-"""``dprdm train-default``: reproduce the embedded ``dprdm-mini`` bundle from scratch on a CPU.
+"""``dprdm train-default`` (registered in :mod:`dprdm.cli.train_default`): reproduce the embedded ``dprdm-mini`` bundle from scratch on a CPU.
 
 Generates the public data (``models/mini_data.py``), trains the encoder then the decoder
 (``models/mini_train.py``), and writes into ``--out`` (default: the package's ``weights/``):
@@ -19,27 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register", "run", "WEIGHTS_DIR", "PUBLIC_SEED"]
+__all__ = ["run", "WEIGHTS_DIR", "PUBLIC_SEED"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PUBLIC_SEED = 1
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``train-default`` sub-command (``func`` returns the exit status)."""
-    p = subparsers.add_parser("train-default", help="retrain the embedded default bundle (dprdm-mini)")
-    p.add_argument(
-        "--out", type=Path, default=WEIGHTS_DIR, help="output directory (default: package weights/)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--public-size", type=int, default=20000, help="public training images (default 20000)")
-    p.add_argument("--encoder-steps", type=int, default=700)
-    p.add_argument("--encoder-seconds", type=float, default=600.0)
-    p.add_argument("--decoder-steps", type=int, default=8000)
-    p.add_argument("--decoder-seconds", type=float, default=1800.0, help="wall-clock cap for the decoder")
-    p.add_argument("--dim", type=int, default=32, help="shared embedding dimension (default 32)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.set_defaults(func=run)
 
 
 def _log(msg: str) -> None:

@@ -51,7 +51,6 @@ __all__ = [
     "claimed_epsilon",
     "worst_case_corpus",
     "audit_retrieval",
-    "register",
 ]
 
 VARIANTS = ("correct", "sigma_halved", "sensitivity_1_over_k", "shared_coins", "divide_by_found")
@@ -227,54 +226,3 @@ def audit_retrieval(
         audited_lower_bound=audited,
         ratio=audited / claimed if claimed > 0 else math.inf,
     )
-
-
-def index_search() -> SearchFn:
-    """The production subsampled k-NN of ``dprdm.index`` over an in-memory flat corpus."""
-    from dprdm.index.search import FlatLayout, quantize_store, subsampled_topk
-
-    def search(vectors: Any, ids: Any, query: Any, k: int, q: float, rng: np.random.Generator) -> Any:
-        stored = quantize_store(vectors, "float32")
-        layout = FlatLayout(count=stored.shape[0], public_size=stored.shape[0])
-        return subsampled_topk(stored, ids, layout, query, k=k, q=q, rng=rng).vectors
-
-    return search
-
-
-def _cmd_audit(args: Any) -> int:
-    import json
-
-    from dprdm.clients.cli import CliError
-
-    results = []
-    try:
-        profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
-        rng = np.random.default_rng(args.seed)
-        for variant in args.variants:
-            res = audit_retrieval(
-                index_search(), profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng
-            )
-            results.append(res.to_dict())
-            print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
-                  f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if args.json:
-        print(json.dumps(results))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``dprdm audit`` (empirical lower bound on epsilon for a profile)."""
-    from .cli import _positive_float, _positive_int
-
-    p = subparsers.add_parser("audit", help="empirical privacy audit of the retrieval mechanism")
-    p.add_argument("--k", type=_positive_int("--k"), default=1)
-    p.add_argument("--q", type=_positive_float("--q"), default=1.0)
-    p.add_argument("--sigma", type=_positive_float("--sigma"), default=1.0)
-    p.add_argument("--delta", type=_positive_float("--delta"), default=1e-5)
-    p.add_argument("--trials", type=_positive_int("--trials"), default=20000, help="runs per dataset (>= 20)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--seed", type=int, default=0, help="seed of the audit's own runs (not a production release)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_audit)

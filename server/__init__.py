@@ -1,8 +1,7 @@
-"""The dprdm server: configuration, the durable ledger, the transport-free service layer, and
+"""The dprdm server: configuration, the transport-free service layer, and
 the gRPC wiring (SPEC §6, §7). One job per module:
 
 * ``config``: frozen, validated dataclasses loaded from TOML (``dprdm serve --config``).
-* ``ledger_api`` / ``ledger``: the ledger interface and its SQLite store.
 * ``catalog``: loaded indexes, bundles, profiles and domain budgets; every startup check.
 * ``api_types``: transport-free request/response types and request validation.
 * ``query``: one query, reserve then compute (the privacy-critical order of steps).
@@ -11,7 +10,8 @@ the gRPC wiring (SPEC §6, §7). One job per module:
 * ``errors`` / ``status``: domain errors and THE table mapping them to gRPC status codes.
 * ``servicer`` / ``converters``: thin gRPC servicers and protobuf conversions.
 * ``auth``: bearer tokens and roles (interceptor). ``metrics``: Prometheus (public values only).
-* ``app``: wiring, health, reflection, TLS. ``cli``: ``dprdm serve``.
+* ``app``: wiring, health, reflection, TLS (``dprdm serve`` is :mod:`dprdm.cli.serve`).
 * ``adapters``: the real ``dprdm.index`` / ``dprdm.models`` objects behind the server's protocols.
-* ``testing``: fakes and a server harness for tests. ``gen_proto``: regenerates ``_proto``.
+* ``testing``: fakes and a server harness for tests. The ledger is :mod:`dprdm.ledger`; the wire
+  types are :mod:`dprdm.proto`.
 """

@@ -12,12 +12,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dprdm.ledger.api import Ledger, Spend
 from dprdm.privacy import Budget, Profile, check_delta_for_size
 
 from .api_types import BudgetView, QuotaView, check_finite, validate_name
 from .catalog import Catalog
 from .errors import InvalidArgument
-from .ledger_api import Ledger, Spend
 from .service import budget_view
 
 __all__ = ["CreateBudgetArgs", "IndexCount", "Counts", "AdminService", "MAX_AUDIT_LIMIT"]

@@ -17,14 +17,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
+from dprdm.ledger.api import Ledger
+from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 
 from .admin import AdminService
 from .auth import Authenticator, AuthInterceptor
 from .catalog import Catalog, Loaders, build_catalog
 from .config import ServerConfig
 from .errors import StartupError
-from .ledger_api import Ledger
 from .metrics import Metrics
 from .service import DprdmService, ServiceOptions
 from .servicer import AdminServicer, DprdmServicer
@@ -40,7 +40,7 @@ SERVICE_NAMES = (
 
 def open_ledger(config: ServerConfig) -> Ledger:
     """The default durable ledger: SQLite in ``data_dir/ledger.sqlite3``."""
-    from .ledger import SqliteLedger  # the store module; imported late so fakes need no SQLite file
+    from dprdm.ledger import SqliteLedger  # the store module; imported late so fakes need no SQLite file
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from dprdm.ledger.api import Ledger, UnknownDomain
 from dprdm.models.base import Encoder, EncoderIdentity, Generator
 from dprdm.privacy import (
     DEFAULT_ORDERS,
@@ -35,7 +36,6 @@ from dprdm.privacy import (
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
 from .errors import StartupError
-from .ledger_api import Ledger, UnknownDomain
 
 __all__ = [
     "RetrievalIndex",

@@ -55,12 +55,11 @@ import hashlib
 import math
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from dprdm.privacy import Profile
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dprdm.server._proto.dprdm.v1 import admin_pb2, dprdm_pb2, types_pb2
+from dprdm.ledger.api import Spend
+from dprdm.proto.v1 import admin_pb2, dprdm_pb2, types_pb2
 
 from .admin import Counts, CreateBudgetArgs
 from .api_types import (
@@ -26,7 +27,6 @@ from .api_types import (
     validate_query,
 )
 from .config import Limits
-from .ledger_api import Spend
 
 __all__ = [
     "query_args",

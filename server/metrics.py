@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from .ledger_api import BudgetState
+from dprdm.ledger.api import BudgetState
 
 __all__ = ["Metrics"]
 

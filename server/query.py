@@ -28,13 +28,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
+from dprdm.ledger.api import BudgetState, Ledger, ReplayMismatch
 from dprdm.privacy import Budget, check_dp_generator, release
 from dprdm.privacy.discrete import release_hardened
 
 from .api_types import Answer, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
 from .errors import Cancelled, DeadlineTooShort, NotFound
-from .ledger_api import BudgetState, Ledger, ReplayMismatch
 
 __all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query"]
 
@@ -173,7 +173,7 @@ def answer_query(
 
     Raises:
         Cancelled, DeadlineTooShort: before the charge, nothing charged.
-        dprdm.server.ledger_api.LedgerError: refusal, replay mismatch, missing release.
+        dprdm.ledger.api.LedgerError: refusal, replay mismatch, missing release.
     """
     u = _encode(plan)
     domain = plan.served.domain

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dprdm.ledger.api import BudgetState, Ledger
 from dprdm.privacy import Budget, new_dp_generator
 from dprdm.privacy.discrete import ExactSampler, LatticeSampler, NoisePool, OpenDPSampler
 
@@ -45,7 +46,6 @@ from .catalog import Catalog
 from .config import Limits
 from .errors import DeadlineTooShort, InvalidArgument, NotFound, Unsupported
 from .generation import GenerationJob, GenerationPool
-from .ledger_api import BudgetState, Ledger
 from .metrics import Metrics
 from .query import ChargeGuard, answer_query, plan_query
 

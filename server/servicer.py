@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
+from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 
 from . import converters as conv
 from .admin import AdminService

@@ -17,8 +17,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from dprdm.ledger import api as L
+
 from . import errors as E
-from . import ledger_api as L
 
 __all__ = ["ERROR_DOMAIN", "STATUS_TABLE", "to_rpc_status", "code_of"]
 

@@ -12,7 +12,7 @@ import torch
 from dprdm.baselines.artifacts import load_baseline
 from dprdm.baselines.data import write_image_dir
 from dprdm.baselines.tiny import write_tiny_backbone
-from dprdm.clients.cli import main
+from dprdm.cli.main import main
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +92,8 @@ def _production_train(model: Path, data: Path, out: Path, *extra: str) -> int:
 
 def test_training_charges_the_domain_ledger_before_writing(setup: tuple[Path, Path], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from dprdm.ledger import SqliteLedger
     from dprdm.privacy import Budget, Profile
-    from dprdm.server.ledger import SqliteLedger
 
     model, data = setup
     path = tmp_path / "ledger.sqlite3"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dprdm.clients import bench
-from dprdm.clients.cli import main
+from dprdm.benchmarks import load_harness as bench
+from dprdm.cli.main import main
 from dprdm.privacy import Profile
 
 

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from dprdm.clients.cli import main
+from dprdm.cli.main import main
 from dprdm.clients.client import AsyncClient, BudgetExhaustedError
-from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, MemoryLedger, ServerThread, make_config
+from dprdm.ledger import MemoryLedger
+from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dprdm.clients.demo import PROMPTS, DemoSettings, run_demo
+from dprdm.cli.demo import PROMPTS, DemoSettings, run_demo
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dprdm.clients.cli import main
-from dprdm.index import cli as index_cli
+from dprdm.cli.main import main
+from dprdm.cli import index as index_cli
 from dprdm.index.testing import FakeEncoder, write_image_folder
 
 

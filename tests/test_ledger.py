@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
-from dprdm.server import ledger as ledger_module
-from dprdm.server.ledger import SCHEMA_VERSION, SqliteLedger
-from dprdm.server.ledger_api import (
+from dprdm.ledger.api import (
     BudgetExhausted,
     DomainExists,
     LedgerCorrupt,
@@ -28,7 +25,10 @@ from dprdm.server.ledger_api import (
     UnknownDomain,
     UnknownSpend,
 )
-from dprdm.server.ledger_state import Op
+from dprdm.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
+from dprdm.ledger.state import Op
+from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
+from dprdm.ledger import sqlite as ledger_module
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 BUDGET = Budget.single(1.0, 1e-7, PROFILE)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dprdm.ledger import SqliteLedger
+from dprdm.ledger.api import BudgetExhausted
 from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
-from dprdm.server.ledger import SqliteLedger
-from dprdm.server.ledger_api import BudgetExhausted
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
 BUDGET = Budget.single(1.0, 1e-7, PROFILE)
@@ -78,8 +78,8 @@ WORKER = textwrap.dedent(
     import json, sys, threading
     import numpy as np
     from dprdm.privacy import DEFAULT_ORDERS
-    from dprdm.server.ledger import SqliteLedger
-    from dprdm.server.ledger_api import BudgetExhausted
+    from dprdm.ledger import SqliteLedger
+    from dprdm.ledger.api import BudgetExhausted
 
     path, name, group, attempts = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
     charge = np.full(len(DEFAULT_ORDERS), float(sys.argv[5]))
@@ -149,7 +149,7 @@ CRASH_CHILD = textwrap.dedent(
     import sys, threading
     import numpy as np
     from dprdm.privacy import DEFAULT_ORDERS
-    from dprdm.server.ledger import SqliteLedger
+    from dprdm.ledger import SqliteLedger
 
     path, start = sys.argv[1], int(sys.argv[2])
     led = SqliteLedger(path, group_commit=True)

@@ -85,13 +85,14 @@ def test_mini_encoder_roundtrip(tmp_path):
 
 
 def test_train_default_registers_a_parser():
+    from dprdm.cli import train_default as train_cli
     from dprdm.models import train_default
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    train_default.register(sub)
+    train_cli.register(sub)
     args = parser.parse_args(["train-default", "--decoder-seconds", "5", "--seed", "3"])
-    assert args.func is train_default.run and args.seed == 3 and args.decoder_seconds == 5
+    assert args.seed == 3 and args.decoder_seconds == 5 and args.out == train_default.WEIGHTS_DIR
     bad = parser.parse_args(["train-default", "--dim", "0"])
     with pytest.raises(ValueError, match="--dim must be >= 1; found 0"):
         train_default.run(bad)

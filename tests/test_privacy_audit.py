@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dprdm.index.search import search_array
 from dprdm.privacy import Profile
 from dprdm.privacy.audit import (
     audit_retrieval,
     claimed_epsilon,
     clopper_pearson_upper,
     epsilon_lower_bound,
-    index_search,
     worst_case_corpus,
 )
 
@@ -52,7 +52,7 @@ def test_lower_bound_is_below_the_truth_and_informative() -> None:
 def test_worst_case_corpus_attains_the_sensitivity() -> None:
     u, others = worst_case_corpus(3, 5)
     assert np.allclose(others @ u, -1) and np.isclose(u @ u, 1)
-    search = index_search()
+    search = search_array
     with_canary = np.vstack([u, others])
     sel_with = search(with_canary, np.arange(4, dtype=np.int64), u, 3, 1.0, np.random.default_rng(0))
     sel_without = search(others, np.arange(1, 4, dtype=np.int64), u, 3, 1.0, np.random.default_rng(0))
@@ -64,12 +64,12 @@ def test_claims_of_the_broken_variants() -> None:
     assert claimed_epsilon(p, "sensitivity_1_over_k", 1e-5) < claimed_epsilon(p, "correct", 1e-5)
     assert claimed_epsilon(p, "shared_coins", 1e-5, batch=4) > claimed_epsilon(p, "correct", 1e-5)
     with pytest.raises(ValueError, match="unknown audit variant"):
-        audit_retrieval(index_search(), p, variant="nope", trials=20, rng=np.random.default_rng(0))
+        audit_retrieval(search_array, p, variant="nope", trials=20, rng=np.random.default_rng(0))
 
 
 def test_correct_mechanism_audits_below_its_claim() -> None:
     p = Profile(k=1, q=1.0, sigma=3.0, lam=1.0)
-    res = audit_retrieval(index_search(), p, trials=6000, rng=np.random.default_rng(0))
+    res = audit_retrieval(search_array, p, trials=6000, rng=np.random.default_rng(0))
     assert 0.0 <= res.audited_lower_bound <= res.claimed_epsilon
 
 
@@ -84,7 +84,7 @@ def test_correct_mechanism_audits_below_its_claim() -> None:
 )
 def test_broken_variants_audit_above_their_claim(variant: str, profile: Profile) -> None:
     n_others = 2 if variant == "divide_by_found" else None  # few records: few survivors to divide by
-    res = audit_retrieval(index_search(), profile, variant=variant, trials=40000, n_others=n_others,
+    res = audit_retrieval(search_array, profile, variant=variant, trials=40000, n_others=n_others,
                           rng=np.random.default_rng(1))
     assert res.audited_lower_bound > res.claimed_epsilon
 
@@ -93,7 +93,7 @@ def test_broken_variants_audit_above_their_claim(variant: str, profile: Profile)
 def test_shared_coins_audit_above_their_claim() -> None:
     """A batch of 256 queries sharing one subsample: claimed as 256 independent releases."""
     profile = Profile(k=1, q=0.1, sigma=8.0, lam=1.0)
-    res = audit_retrieval(index_search(), profile, variant="shared_coins", trials=4000, batch=256, n_others=50,
+    res = audit_retrieval(search_array, profile, variant="shared_coins", trials=4000, batch=256, n_others=50,
                           rng=np.random.default_rng(3))
     assert res.audited_lower_bound > res.claimed_epsilon
 
@@ -108,7 +108,7 @@ def test_shared_coins_audit_above_their_claim() -> None:
     ],
 )
 def test_audit_cli_rejects_bad_arguments_in_one_line(argv: list[str], message: str, capsys) -> None:
-    from dprdm.clients.cli import main
+    from dprdm.cli.main import main
 
     try:
         rc = main(["audit", *argv])

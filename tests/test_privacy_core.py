@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dprdm.clients.cli import main as cli_main
+from dprdm.cli.main import main as cli_main
 from dprdm.privacy import (
     DEFAULT_ORDERS,
     Budget,
@@ -40,7 +40,7 @@ from dprdm.privacy.orders import validate_orders
 
 def test_privacy_core_imports_without_torch_faiss_grpc() -> None:
     code = (
-        "import sys, dprdm.privacy, dprdm.privacy.cli;"
+        "import sys, dprdm.privacy, dprdm.cli.privacy;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'faiss', 'grpc', 'diffusers', 'open_clip'});"
         "print(','.join(bad))"
     )

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dprdm.clients.client import Client, DprdmError
+from dprdm.ledger import SqliteLedger
 from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_from_rdp, retrieval_rdp
-from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian

@@ -12,9 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from dprdm.clients.client import Client, DprdmError
-from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
+from dprdm.ledger import MemoryLedger
+from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 from dprdm.server.config import TlsConfig
-from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, MemoryLedger, ServerThread, make_config
+from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
 

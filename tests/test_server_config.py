@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 
+from dprdm.ledger import MemoryLedger
 from dprdm.privacy import Budget, Profile
 from dprdm.server.catalog import build_catalog
 from dprdm.server.config import ConfigError, hash_token, load_config, parse_config
 from dprdm.server.errors import StartupError
-from dprdm.server.testing import MemoryLedger, fake_loaders, make_config
+from dprdm.server.testing import fake_loaders, make_config
 
 EXAMPLE = """
 [server]

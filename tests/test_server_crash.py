@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from dprdm.clients.client import Client, DprdmError
+from dprdm.ledger import SqliteLedger
 from dprdm.privacy import Profile, epsilon_for
-from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dprdm.clients.client import Client, DprdmError
+from dprdm.ledger import SqliteLedger
 from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_for, filter_capacity, retrieval_rdp
-from dprdm.server.ledger import SqliteLedger
 from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian

@@ -7,10 +7,11 @@ import pytest
 
 import dprdm.server.query as query_module
 from dprdm.clients.client import Client
+from dprdm.ledger import MemoryLedger
 from dprdm.privacy import DEFAULT_ORDERS, Profile, profile_rdp
 from dprdm.privacy.discrete import hardened_rdp, round_to_lattice
 from dprdm.server.config import ConfigError, parse_config
-from dprdm.server.testing import TENANT_TOKEN, MemoryLedger, ServerThread, make_config
+from dprdm.server.testing import TENANT_TOKEN, ServerThread, make_config
 
 LAM1 = {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dprdm.clients.client import Client, DprdmError
+from dprdm.ledger import SqliteLedger
 from dprdm.server.api_types import QueryArgs
-from dprdm.server.ledger import SqliteLedger
 from dprdm.server.query import plan_query
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
@@ -157,8 +157,8 @@ def test_generate_replays_the_release_of_a_retrieve(server):
 
 
 def test_server_generated_request_ids_are_not_replayable(server):
-    import dprdm.server._proto.dprdm.v1.dprdm_pb2 as pb
-    import dprdm.server._proto.dprdm.v1.dprdm_pb2_grpc as pbg
+    import dprdm.proto.v1.dprdm_pb2 as pb
+    import dprdm.proto.v1.dprdm_pb2_grpc as pbg
 
     with grpc.insecure_channel(server.address) as ch:
         stub = pbg.DprdmStub(ch)

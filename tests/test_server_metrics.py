@@ -8,7 +8,8 @@ import urllib.request
 import pytest
 
 from dprdm.clients.client import Client, DprdmError
-from dprdm.server.testing import TENANT_TOKEN, MemoryLedger, ServerThread, make_config
+from dprdm.ledger import MemoryLedger
+from dprdm.server.testing import TENANT_TOKEN, ServerThread, make_config
 
 
 def test_metrics(tmp_path):

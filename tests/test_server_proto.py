@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
+from pathlib import Path
 
-from dprdm.server import gen_proto
+_TOOL = Path(__file__).resolve().parent.parent / "tools" / "gen_proto.py"
+_spec = importlib.util.spec_from_file_location("gen_proto", _TOOL)
+assert _spec is not None and _spec.loader is not None
+gen_proto = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_proto)
 
 
 def test_generated_code_is_up_to_date(tmp_path):
@@ -20,14 +26,14 @@ def test_generated_code_is_up_to_date(tmp_path):
 
 def test_imports_are_rewritten_into_the_package():
     assert gen_proto.rewrite_imports("from dprdm.v1 import types_pb2 as t\n") == (
-        "from dprdm.server._proto.dprdm.v1 import types_pb2 as t\n"
+        "from dprdm.proto.v1 import types_pb2 as t\n"
     )
     for path in gen_proto.OUT_ROOT.rglob("*_pb2*.py"):
         assert "\nfrom dprdm.v1 " not in path.read_text()
 
 
 def test_services_and_fields():
-    from dprdm.server._proto.dprdm.v1 import admin_pb2, dprdm_pb2
+    from dprdm.proto.v1 import admin_pb2, dprdm_pb2
 
     assert set(dprdm_pb2.DESCRIPTOR.services_by_name["Dprdm"].methods_by_name) == {
         "Retrieve",

@@ -9,6 +9,7 @@ import pytest
 
 from dprdm.clients.client import Client
 from dprdm.index import BuildConfig, build_from_vectors
+from dprdm.ledger import MemoryLedger
 from dprdm.server.adapters import IndexAdapter, load_index
 from dprdm.server.catalog import Loaders
 from dprdm.server.errors import StartupError
@@ -16,7 +17,6 @@ from dprdm.server.testing import (
     ADMIN_TOKEN,
     TENANT_TOKEN,
     HashTextEncoder,
-    MemoryLedger,
     ServerThread,
     fake_loaders,
     make_config,

@@ -11,9 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 
 from dprdm.clients.client import BudgetExhaustedError, Client, DprdmError
+from dprdm.ledger import SqliteLedger
 from dprdm.privacy import Profile, epsilon_for
-from dprdm.server._proto.dprdm.v1 import dprdm_pb2, dprdm_pb2_grpc
-from dprdm.server.ledger import SqliteLedger
+from dprdm.proto.v1 import dprdm_pb2, dprdm_pb2_grpc
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian

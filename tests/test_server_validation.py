@@ -7,8 +7,8 @@ import pytest
 from google.rpc import error_details_pb2
 
 from dprdm.clients.client import DprdmError
-from dprdm.server._proto.dprdm.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
-from dprdm.server.ledger import SqliteLedger
+from dprdm.ledger import SqliteLedger
+from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import logging
 
-from dprdm.clients.cli import CliError
+from dprdm.server.config import ConfigError, ServerConfig, load_config
+from dprdm.server.errors import StartupError
 
-from .config import ConfigError, ServerConfig, load_config
-from .errors import StartupError
+from .args import CliError
 
 __all__ = ["register", "run"]
 
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"configuration OK: {len(cfg.indexes)} index(es), {len(cfg.tokens)} token(s)")
         return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .app import serve  # grpc is imported only when serving
-    from .ledger_api import LedgerError
+    from dprdm.ledger.api import LedgerError
+    from dprdm.server.app import serve  # grpc is imported only when serving
 
     try:
         asyncio.run(serve(cfg))

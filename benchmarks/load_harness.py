@@ -1,4 +1,4 @@
-"""``dprdm bench load``: drain a privacy budget over loopback gRPC and check it was never overspent.
+"""The load harness behind ``dprdm bench load`` and ``benchmarks/load.py``: drain a privacy budget over loopback gRPC and check it was never overspent.
 
 One *cell* = one method (``Retrieve`` or ``Generate``) driven by C concurrent clients against a
 fresh budget that admits a known number M of queries, until the budget refuses, a request bound
@@ -56,8 +56,16 @@ __all__ = [
     "check_cell",
     "run_load",
     "format_table",
-    "register",
+    "add_load_arguments",
+    "load_command",
+    "BenchError",
 ]
+
+
+
+class BenchError(ValueError):
+    """A bad benchmark flag or setting (the command line prints it as one line, exit status 2)."""
+
 
 TOKEN_ENV = "DPRDM_BENCH_TOKEN"
 DOMAIN = "bench-load"
@@ -236,7 +244,7 @@ class LocalServer:
         conf.write_text(json.dumps(doc))
         self.log = workdir / "server.log"
         env = {**os.environ, TOKEN_ENV: token}
-        cmd = [sys.executable, "-m", "dprdm.clients.bench", "--serve-child", str(conf)]
+        cmd = [sys.executable, "-m", "dprdm.benchmarks.load_harness", "--serve-child", str(conf)]
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
         self.pid = self.proc.pid
@@ -641,13 +649,11 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
     """Validate the parsed flags into :class:`LoadSettings`.
 
     Raises:
-        dprdm.clients.cli.CliError: naming the bad flag.
+        BenchError: naming the bad flag.
     """
-    from dprdm.clients.cli import CliError
-
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if not methods or set(methods) - {"retrieve", "generate"}:
-        raise CliError(f"--methods: expected retrieve and/or generate; found {args.methods!r}")
+        raise BenchError(f"--methods: expected retrieve and/or generate; found {args.methods!r}")
     checks = {"--n": args.n >= 1, "--d": args.d >= 1, "--queries": args.queries >= 1,
               "--generate-queries": args.generate_queries >= 1, "--client-procs": args.client_procs >= 1,
               "--max-seconds": 0 < args.max_seconds <= 3600, "--max-requests": args.max_requests >= 0,
@@ -655,14 +661,14 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
               "--overload-backoff": 0 <= args.overload_backoff <= 10}  # fmt: skip
     for flag, good in checks.items():
         if not good:
-            raise CliError(f"{flag}: out of range")
+            raise BenchError(f"{flag}: out of range")
     if args.address and not (args.token or os.environ.get("DPRDM_TOKEN")):
-        raise CliError("--address needs --token or $DPRDM_TOKEN")
+        raise BenchError("--address needs --token or $DPRDM_TOKEN")
     host = (args.address or "127.0.0.1:0").rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]"):
-        raise CliError(f"--address: the load benchmark runs over loopback only; found {args.address!r}")
+        raise BenchError(f"--address: the load benchmark runs over loopback only; found {args.address!r}")
     if args.index_path and not Path(args.index_path, "manifest.json").is_file():
-        raise CliError(f"--index-path: no index at {args.index_path!r}")
+        raise BenchError(f"--index-path: no index at {args.index_path!r}")
     return LoadSettings(
         n=args.n, d=args.d, k=args.k, q=args.q, sigma=args.sigma, lam=args.lam, methods=methods,
         clients=tuple(args.clients), queries=args.queries, generate_queries=args.generate_queries,
@@ -682,7 +688,7 @@ def load_command(args: argparse.Namespace) -> int:
         0 if every cell kept the never-overspent invariants, 1 otherwise.
 
     Raises:
-        dprdm.clients.cli.CliError: a bad flag.
+        BenchError: a bad flag.
     """
     settings = settings_from_args(args)
     result = run_load(settings)
@@ -695,16 +701,6 @@ def load_command(args: argparse.Namespace) -> int:
             print(f"INVARIANT VIOLATED ({c['method']}, {c['clients']} clients): {v}", file=sys.stderr)
     print(f"wrote {path}")
     return 0 if result["ok"] else 1
-
-
-def register(subparsers: Any) -> None:
-    """Add ``dprdm bench load`` to the ``dprdm`` command line."""
-    bench = subparsers.add_parser("bench", help="load benchmarks against a server (query-budget drain)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    load = sub.add_parser("load", help="drain budgets with 1..64 concurrent clients; check they hold",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_load_arguments(load, Path("benchmarks") / "results")
-    load.set_defaults(func=load_command)
 
 
 def _serve_child(config_file: str) -> None:
@@ -724,4 +720,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-child":
         _serve_child(sys.argv[2])
     else:
-        sys.exit("usage: python -m dprdm.clients.bench --serve-child CONFIG.json (internal)")
+        sys.exit("usage: python -m dprdm.benchmarks.load_harness --serve-child CONFIG.json (internal)")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import CliError, int_at_least
+from .args import CliError, int_at_least
 
 __all__ = ["register"]
 
@@ -30,7 +30,7 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import Client
+    from dprdm.clients.client import Client
 
     try:
         c = Client(
@@ -73,7 +73,7 @@ def _receipt_text(r: Any) -> str:
 
 def _guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
-        from .client import DprdmError
+        from dprdm.clients.client import DprdmError
 
         try:
             return int(fn(args) or 0)

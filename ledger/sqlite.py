@@ -25,7 +25,7 @@ Running curves are updated by ``spent = spent + charge`` in admission order, so 
 bit for bit, the sequential sum of the spends' charge curves in ``seq`` order; :meth:`verify`
 checks exactly that. Reservations are never refunded and there is no delete.
 
-Admission uses :class:`~dprdm.server.ledger_state.Rule`, a thin wrapper over the privacy core's
+Admission uses :class:`~dprdm.ledger.state.Rule`, a thin wrapper over the privacy core's
 ``Budget.admits`` / ``Budget.spent_epsilon`` (O(#orders), the grid constants precomputed by
 ``EpsilonConverter``, ~15 us), so the ledger and the privacy core share one admission rule.
 """
@@ -50,7 +50,7 @@ import numpy.typing as npt
 from dprdm.privacy import DEFAULT_ORDERS, Budget
 from dprdm.privacy.accountant import curve_from_json
 
-from .ledger_api import (
+from .api import (
     BudgetExhausted,
     BudgetState,
     DomainExists,
@@ -65,7 +65,7 @@ from .ledger_api import (
     UnknownDomain,
     UnknownSpend,
 )
-from .ledger_state import (
+from .state import (
     ORDERS,
     DomainState,
     Op,
@@ -110,7 +110,7 @@ CREATE INDEX spends_by_binding ON spends (tenant, binding_hash);
 
 
 class SqliteLedger:
-    """The default :class:`~dprdm.server.ledger_api.Ledger`: SQLite, WAL, ``synchronous=FULL``.
+    """The default :class:`~dprdm.ledger.api.Ledger`: SQLite, WAL, ``synchronous=FULL``.
 
     Thread-safe; several processes may open the same file.
 

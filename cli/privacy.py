@@ -11,34 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
-from dprdm.clients.cli import CliError, int_at_least
+from dprdm.privacy.calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
+from dprdm.privacy.conversion import epsilon_from_rdp
+from dprdm.privacy.mechanism import Profile, profile_rdp
+from dprdm.privacy.orders import DEFAULT_ORDERS
 
-from .calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
-from .conversion import epsilon_from_rdp
-from .mechanism import Profile, profile_rdp
-from .orders import DEFAULT_ORDERS
+from .args import CliError, non_negative_float, positive_int
 
 __all__ = ["register"]
-
-
-def _positive_float(name: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number; found {text!r}") from None
-        if math.isnan(value) or math.isinf(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0; found {text!r}")
-        return value
-
-    return parse
-
-
-def _positive_int(name: str) -> Any:
-    return int_at_least(name, 1)
 
 
 def _profile(args: argparse.Namespace) -> Profile:
@@ -102,7 +84,7 @@ def register(subparsers: Any) -> None:
     """Add ``privacy`` and its sub-commands to the ``dprdm`` parser."""
     parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon, calibration, max queries")
     sub = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", required=True)
-    num, count = _positive_float, _positive_int
+    num, count = non_negative_float, positive_int
 
     p = sub.add_parser("epsilon", help="epsilon of T queries of a profile")
     p.add_argument("--sigma", type=num("--sigma"), required=True)

@@ -10,43 +10,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
+
+from .args import CliError
 
 # (command name, module defining `register`, one-line help)
 _COMMAND_MODULES: tuple[tuple[str, str, str], ...] = (
-    ("privacy", "dprdm.privacy.cli", "privacy accounting: epsilon, calibration, max queries"),
-    ("index", "dprdm.index.cli", "build, inspect and verify private indexes"),
-    ("serve", "dprdm.server.cli", "run the gRPC server"),
-    ("retrieve", "dprdm.clients.commands", "ask the server for a private conditioning vector"),
-    ("generate", "dprdm.clients.commands", "generate images from a prompt"),
-    ("budget", "dprdm.clients.commands", "show a privacy budget"),
-    ("admin", "dprdm.clients.commands", "administer budgets and read the audit trail"),
-    ("demo", "dprdm.clients.demo", "run the end-to-end demo on the embedded default bundle"),
-    ("train-default", "dprdm.models.train_default", "retrain the embedded default bundle"),
-    ("baseline", "dprdm.baselines.cli", "train and sample the DP fine-tuning baselines"),
-    ("audit", "dprdm.privacy.audit", "empirical privacy audit of the retrieval mechanism"),
-    ("bench", "dprdm.clients.bench", "load benchmarks against a server (query-budget drain)"),
+    ("privacy", "dprdm.cli.privacy", "privacy accounting: epsilon, calibration, max queries"),
+    ("index", "dprdm.cli.index", "build, inspect and verify private indexes"),
+    ("serve", "dprdm.cli.serve", "run the gRPC server"),
+    ("retrieve", "dprdm.cli.client", "ask the server for a private conditioning vector"),
+    ("generate", "dprdm.cli.client", "generate images from a prompt"),
+    ("budget", "dprdm.cli.client", "show a privacy budget"),
+    ("admin", "dprdm.cli.client", "administer budgets and read the audit trail"),
+    ("demo", "dprdm.cli.demo", "run the end-to-end demo on the embedded default bundle"),
+    ("train-default", "dprdm.cli.train_default", "retrain the embedded default bundle"),
+    ("baseline", "dprdm.cli.baseline", "train and sample the DP fine-tuning baselines"),
+    ("audit", "dprdm.cli.audit", "empirical privacy audit of the retrieval mechanism"),
+    ("bench", "dprdm.cli.bench", "load benchmarks against a server (query-budget drain)"),
 )
-
-
-class CliError(Exception):
-    """A user error: printed as one line on stderr, exit status 2."""
-
-
-def int_at_least(name: str, low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``, with an error naming the flag ``name``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer; found {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}; found {text!r}")
-        return value
-
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):

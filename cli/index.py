@@ -1,4 +1,4 @@
-"""``dprdm index``: build, info, verify, audit-duplicates (registered by :mod:`dprdm.clients.cli`)."""
+"""``dprdm index``: build, info, verify, audit-duplicates (registered by :mod:`dprdm.cli.main`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .args import CliError
+
 __all__ = ["register", "resolve_encoder"]
 
 
 def _cli_error(message: str) -> Exception:
-    from dprdm.clients.cli import CliError
-
     return CliError(message)
 
 

@@ -6,7 +6,7 @@ Usage (from anywhere)::
     git diff --exit-code server/_proto        # what CI checks
 
 ``grpc_tools.protoc`` writes absolute imports such as ``from dprdm.v1 import types_pb2``; they
-are rewritten to ``from dprdm.server._proto.dprdm.v1 import types_pb2`` so the generated modules
+are rewritten to ``from dprdm.proto.v1 import types_pb2`` so the generated modules
 import inside the installed package. Output is a pure function of the ``.proto`` files and the
 pinned ``grpcio-tools`` version.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "proto"
-OUT_ROOT = REPO / "server" / "_proto"
-PACKAGE_PREFIX = "dprdm.server._proto."
+OUT_ROOT = PROTO_ROOT
+PACKAGE_PREFIX = "dprdm.proto."
 _IMPORT_RE = re.compile(r"^(from|import) dprdm\.v1\b", re.MULTILINE)
 
 
@@ -31,14 +31,14 @@ def proto_files() -> list[Path]:
 
 def rewrite_imports(text: str) -> str:
     """Rewrite ``from dprdm.v1 import x`` to the in-package absolute import."""
-    return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}dprdm.v1", text)
+    return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}v1", text)
 
 
 def generate(out_root: Path = OUT_ROOT) -> list[Path]:
     """Run protoc (python, grpc and pyi outputs) into ``out_root`` and post-process the imports.
 
     Args:
-        out_root: output directory (``server/_proto``; tests use a temporary one).
+        out_root: output directory (``proto/``, beside the sources; tests use a temporary one).
 
     Returns:
         The generated files, sorted.
@@ -49,7 +49,7 @@ def generate(out_root: Path = OUT_ROOT) -> list[Path]:
     from grpc_tools import protoc  # test/dev dependency only
 
     files = proto_files()
-    for stale in out_root.rglob("*_pb2*.py*"):
+    for stale in out_root.rglob("*_pb2*.py*"):  # only generated files: never the .proto sources
         stale.unlink()
     include = Path(protoc.__file__).resolve().parent / "_proto"
     args = [

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .args import CliError
+
 __all__ = ["register", "run_train", "run_sample"]
 
 
 def _cli_error(msg: str) -> Exception:
-    from dprdm.clients.cli import CliError
-
     return CliError(msg)
 
 
@@ -111,9 +111,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .artifacts import fingerprint, write_baseline
-    from .backbone import load_backbone
-    from .data import load_image_dir
+    from dprdm.baselines.artifacts import fingerprint, write_baseline
+    from dprdm.baselines.backbone import load_backbone
+    from dprdm.baselines.data import load_image_dir
 
     backbone = load_backbone(args.model, args.placeholder)
     base = fingerprint(backbone.unet)
@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"placeholder": args.placeholder, "seed": args.seed}
     _log(f"{args.method}: {len(data)} records, target epsilon {args.epsilon} at delta {args.delta}")
     if args.method == "dpagg-ti":
-        from .dpagg_ti import TISettings, train_dpagg_ti
+        from dprdm.baselines.dpagg_ti import TISettings, train_dpagg_ti
 
         ti = TISettings(epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate,
                         clip_norm=args.clip_norm, steps=args.ti_steps, lr=args.ti_lr, batch=args.ti_batch,
@@ -133,20 +133,20 @@ def _train(args: argparse.Namespace) -> int:
         report, tensors = res.report, {"embedding": res.embedding, "init": res.init}
         settings["ti"] = ti.to_dict()
     else:
-        from .dpsgd import DPSGDConfig
+        from dprdm.baselines.dpsgd import DPSGDConfig
 
         cfg = DPSGDConfig(epsilon=args.epsilon, delta=args.delta, batch_size=args.batch_size, steps=args.steps,
                           clip_norm=args.clip_norm, lr=args.lr, max_physical_batch=args.max_physical_batch,
                           multiplicity=args.multiplicity, public_size=args.public_size)
         if args.method == "dp-ldm":
-            from .dp_ldm import train_dp_ldm
+            from dprdm.baselines.dp_ldm import train_dp_ldm
 
             if args.multiplicity != 1:
                 raise ValueError(f"--multiplicity applies to dp-lora only; found {args.multiplicity}")
             result, names = train_dp_ldm(backbone, data, cfg, from_depth=args.from_depth, seed=args.seed, rng=rng,
                                          production=production, log=_log)
         else:
-            from .dp_lora import LoraSettings, train_dp_lora
+            from dprdm.baselines.dp_lora import LoraSettings, train_dp_lora
 
             lora = LoraSettings(rank=args.rank, alpha=args.alpha, from_depth=args.from_depth)
             result, names = train_dp_lora(backbone, data, cfg, lora, seed=args.seed, rng=rng,
@@ -189,10 +189,10 @@ def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
 
     import numpy as np
 
+    from dprdm.ledger import SqliteLedger
+    from dprdm.ledger.api import LedgerError
     from dprdm.privacy import DEFAULT_ORDERS
     from dprdm.privacy.accountant import curve_from_json
-    from dprdm.server.ledger import SqliteLedger
-    from dprdm.server.ledger_api import LedgerError
 
     if not args.domain:
         raise ValueError("--ledger needs --domain (the privacy domain of --data)")
@@ -241,7 +241,7 @@ def run_sample(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from .artifacts import load_baseline
+    from dprdm.baselines.artifacts import load_baseline
 
     if not 1 <= args.n <= 64:
         raise _cli_error(f"--n must be in [1, 64]; found {args.n}")

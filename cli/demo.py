@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dprdm.clients.cli import CliError
+from .args import CliError
 
 __all__ = ["DemoSettings", "run_demo", "register"]
 

@@ -1,4 +1,4 @@
-"""The writer's working parts of :mod:`dprdm.server.ledger`: the admission rule, a domain's running
+"""The writer's working parts of :mod:`dprdm.ledger.sqlite`: the admission rule, a domain's running
 state, queued operations and a batch transaction's state, plus the encoding helpers they share.
 
 Split from ``ledger.py`` to keep it readable; nothing here touches the database by itself.
@@ -19,7 +19,7 @@ import numpy.typing as npt
 from dprdm.privacy import DEFAULT_ORDERS, Budget
 from dprdm.privacy.accountant import curve_to_json
 
-from .ledger_api import BudgetState
+from .api import BudgetState
 
 __all__ = [
     "ORDERS", "MAX_TEXT", "Rule", "DomainState", "Op", "Tx", "curve_text", "curve_id_of", "short_repr",

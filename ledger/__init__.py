@@ -1,0 +1,45 @@
+"""The durable privacy ledger (SPEC §6): the protocol every store implements, its errors, and the
+stores: :class:`SqliteLedger` (the default, one file) and :class:`MemoryLedger` (no durability).
+
+Imports only :mod:`dprdm.privacy`: the server, the baselines and the benchmarks use the ledger
+without importing the server.
+"""
+
+from .api import (
+    BudgetExhausted,
+    BudgetState,
+    DomainExists,
+    Ledger,
+    LedgerCorrupt,
+    LedgerError,
+    QuotaExhausted,
+    ReleaseMissing,
+    ReplayMismatch,
+    Reservation,
+    SchemaMismatch,
+    Spend,
+    UnknownDomain,
+    UnknownSpend,
+)
+from .memory import MemoryLedger
+from .sqlite import SCHEMA_VERSION, SqliteLedger
+
+__all__ = [
+    "Ledger",
+    "SqliteLedger",
+    "MemoryLedger",
+    "SCHEMA_VERSION",
+    "BudgetState",
+    "Spend",
+    "Reservation",
+    "LedgerError",
+    "BudgetExhausted",
+    "QuotaExhausted",
+    "UnknownDomain",
+    "DomainExists",
+    "ReplayMismatch",
+    "ReleaseMissing",
+    "SchemaMismatch",
+    "UnknownSpend",
+    "LedgerCorrupt",
+]

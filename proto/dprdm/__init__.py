@@ -1,0 +1,1 @@
+"""Generated gRPC wire types (``dprdm.v1``): regenerate with ``make proto``."""
