@@ -1,6 +1,6 @@
 """Empirical privacy audit of the retrieval release (issue 8): claimed epsilon vs audited lower bound.
 
-Runs ``dprdm.privacy.audit.audit_retrieval`` (the real subsampled k-NN of ``dprdm.index`` and the
+Runs ``dprdm.privacy.empirical_audit.audit_retrieval`` (the real subsampled k-NN of ``dprdm.index`` and the
 real release step) on worst-case neighbouring corpora for: the correct mechanism at several
 profiles (q = 1 where the bound should come close to the claim, and subsampled ones), and the
 deliberately broken variants, which must audit ABOVE their claim.
@@ -20,7 +20,7 @@ import numpy as np
 
 from dprdm.index.search import search_array
 from dprdm.privacy import Profile
-from dprdm.privacy.audit import audit_retrieval
+from dprdm.privacy.empirical_audit import audit_retrieval
 
 # (variant, profile, options): parameters chosen so a broken variant's true epsilon is >= 2x its claim.
 CASES: list[tuple[str, Profile, dict[str, int]]] = [

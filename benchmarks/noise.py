@@ -44,9 +44,9 @@ def run(repeats: int) -> dict[str, object]:
         u /= np.linalg.norm(u)
         x = rng.normal(size=(16, d)) / np.sqrt(d)
         noise = sampler.sample(PROFILE.sigma, d, DEFAULT_LATTICE_EXPONENT)
-        float_us = _median_us(lambda: release(PROFILE, u, x, new_dp_generator()), repeats)
+        float_us = _median_us(lambda: release(PROFILE, query=u, selected=x, rng=new_dp_generator()), repeats)
         sample_us = _median_us(lambda: sampler.sample(PROFILE.sigma, d, DEFAULT_LATTICE_EXPONENT), repeats)
-        hardened_us = _median_us(lambda: release_hardened(PROFILE, u, x, noise), repeats)
+        hardened_us = _median_us(lambda: release_hardened(PROFILE, query=u, selected=x, noise=noise), repeats)
         rows.append({
             "dimension": d,
             "float_release_us": float_us,

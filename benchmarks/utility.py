@@ -104,10 +104,10 @@ def _releases(
     rows = []
     for u in queries:
         if profile.lam == 0:
-            rows.append(release(profile, u, np.zeros((0, len(u))), rng))
+            rows.append(release(profile, query=u, selected=np.zeros((0, len(u))), rng=rng))
             continue
         nb = subsampled_topk(vectors, ids, layout, u, k=profile.k, q=profile.q, rng=rng)
-        rows.append(release(profile, u, nb.vectors, rng))
+        rows.append(release(profile, query=u, selected=nb.vectors, rng=rng))
     return np.asarray(rows, np.float32)
 
 

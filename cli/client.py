@@ -202,7 +202,7 @@ def _admin(args: argparse.Namespace) -> int:
                 quotas=dict(args.quota or []),
             )
             _print(args, _dict(b), _budget_text(b))
-        elif args.admin_command == "audit":
+        elif args.admin_command == "audit-trail":
             spends = c.audit_trail(args.domain, limit=args.limit, offset=args.offset)
             rows = [
                 f"{s.spend_id} {s.status:8} tenant={s.tenant} request={s.request_id} "
@@ -274,7 +274,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--filter-order", type=float, help="the filter order a* (default: chosen from the profiles)"
     )
     cb.add_argument("--quota", type=_parse_quota, action="append", metavar="TENANT=EPSILON")
-    audit = sub.add_parser("audit", help="the audit trail of spends")
+    audit = sub.add_parser("audit-trail", help="the audit trail of spends (spend by spend)")
     audit.add_argument("domain")
     audit.add_argument("--limit", type=int, default=100)
     audit.add_argument("--offset", type=int, default=0)

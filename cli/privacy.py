@@ -1,10 +1,12 @@
-"""``dprdm privacy``: epsilon of a profile, calibration, and the maximum number of queries.
+"""``dprdm privacy``: epsilon of a profile, calibration, the maximum number of queries, and the
+empirical privacy audit (a lower bound on epsilon from real runs of the production search and release).
 
 Examples::
 
     dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7 [--json]
     dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18   # -> sigma
     dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+    dprdm privacy audit --k 1 --q 1 --sigma 3                   # empirical lower bound on epsilon
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import argparse
 import json
 from typing import Any
 
+import numpy as np
+
 from dprdm.privacy.calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
 from dprdm.privacy.conversion import epsilon_from_rdp
+from dprdm.privacy.empirical_audit import VARIANTS, audit_retrieval
 from dprdm.privacy.mechanism import Profile, profile_rdp
 from dprdm.privacy.orders import DEFAULT_ORDERS
 
@@ -80,9 +85,30 @@ def _cmd_max_queries(args: argparse.Namespace) -> int:
     return _emit(args, {"max_queries": t, "epsilon": args.epsilon, "delta": args.delta}, f"max queries = {t}")
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dprdm.index.search import search_array  # the production search (needs the index's packages)
+
+    results = []
+    try:
+        profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
+        rng = np.random.default_rng(args.seed)
+        for variant in args.variants:
+            res = audit_retrieval(
+                search_array, profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng
+            )
+            results.append(res.to_dict())
+            print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
+                  f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``privacy`` and its sub-commands to the ``dprdm`` parser."""
-    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon, calibration, max queries")
+    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon, calibration, max queries, empirical audit")
     sub = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", required=True)
     num, count = non_negative_float, positive_int
 
@@ -113,3 +139,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--k", type=count("--k"), required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_max_queries)
+
+    p = sub.add_parser("audit", help="empirical privacy audit: a lower bound on epsilon from real runs")
+    p.add_argument("--k", type=positive_int("--k"), default=1)
+    p.add_argument("--q", type=non_negative_float("--q"), default=1.0)
+    p.add_argument("--sigma", type=non_negative_float("--sigma"), default=1.0)
+    p.add_argument("--delta", type=non_negative_float("--delta"), default=1e-5)
+    p.add_argument("--trials", type=positive_int("--trials"), default=20000, help="runs per dataset (>= 20)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the audit's own runs (not a production release)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_audit)

@@ -86,7 +86,9 @@ class RetrievalEvent:
         return out
 
 
-def retrieval_rdp(profile: Profile, orders: npt.ArrayLike, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
+def retrieval_rdp(
+    profile: Profile, *, orders: npt.ArrayLike, hardened_dimension: int | None = None
+) -> npt.NDArray[np.float64]:
     """RDP curve of one retrieval release, float (``None``) or hardened at dimension d."""
     if hardened_dimension is None:
         return profile_rdp(profile, orders)
@@ -97,7 +99,7 @@ Event = SubsampledGaussianEvent | RetrievalEvent
 
 _RDP_TABLE: Mapping[type, Callable[[Any, npt.NDArray[np.float64]], npt.NDArray[np.float64]]] = {
     SubsampledGaussianEvent: lambda e, a: rdp_subsampled_gaussian(q=e.q, noise_multiplier=e.noise_multiplier, orders=a),
-    RetrievalEvent: lambda e, a: retrieval_rdp(e.profile, a, e.hardened_dimension),
+    RetrievalEvent: lambda e, a: retrieval_rdp(e.profile, orders=a, hardened_dimension=e.hardened_dimension),
 }
 
 _FROM_DICT: Mapping[str, Callable[[Mapping[str, Any]], Event]] = {

@@ -153,7 +153,7 @@ class Budget:
         """
         if self.profile is not None and profile.retrieves and profile != self.profile:
             raise ValueError(f"this budget serves only profile {self.profile.to_dict()}; found {profile.to_dict()}")
-        return retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
+        return retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
 
     @functools.cached_property
     def _converter(self) -> EpsilonConverter:

@@ -31,7 +31,7 @@ def _check_target(epsilon: float, delta: float, queries: int) -> None:
         raise ValueError(f"queries must be an integer >= 1; found {queries!r}")
 
 
-def epsilon_for(profile: Profile, queries: int, delta: float, hardened_dimension: int | None = None) -> float:
+def epsilon_for(profile: Profile, *, queries: int, delta: float, hardened_dimension: int | None = None) -> float:
     """Epsilon of ``queries`` releases under ``profile`` at ``delta`` (min over the shared grid).
 
     ``hardened_dimension``: the embedding dimension when releases use the exact discrete
@@ -39,7 +39,7 @@ def epsilon_for(profile: Profile, queries: int, delta: float, hardened_dimension
     """
     if not isinstance(queries, int) or isinstance(queries, bool) or queries < 0:
         raise ValueError(f"queries must be an integer >= 0; found {queries!r}")
-    curve = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
+    curve = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
     if queries == 0 or not profile.retrieves:
         return 0.0
     return epsilon_from_rdp(curve * queries, DEFAULT_ORDERS, delta).epsilon
@@ -54,7 +54,7 @@ def calibrate_sigma(*, epsilon: float, delta: float, queries: int, k: int, q: fl
     _check_target(epsilon, delta, queries)
 
     def ok(s: float) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=s, lam=1.0), queries, delta) <= epsilon
+        return epsilon_for(Profile(k=k, q=q, sigma=s, lam=1.0), queries=queries, delta=delta) <= epsilon
 
     hi = 1.0
     while not ok(hi):
@@ -80,7 +80,7 @@ def calibrate_k(*, epsilon: float, delta: float, queries: int, sigma: float, q: 
     Profile(k=1, q=q, sigma=sigma, lam=1.0)  # validates q and sigma
 
     def ok(k: int) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries, delta) <= epsilon
+        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries=queries, delta=delta) <= epsilon
 
     hi = 1
     while not ok(hi):
@@ -103,7 +103,7 @@ def calibrate_q(*, epsilon: float, delta: float, queries: int, sigma: float, k: 
     _check_target(epsilon, delta, queries)
 
     def ok(q: float) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries, delta) <= epsilon
+        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries=queries, delta=delta) <= epsilon
 
     if ok(1.0):
         return 1.0
@@ -131,14 +131,14 @@ def max_queries(
     _check_target(epsilon, delta, 1)
     if not profile.retrieves:
         return None
-    if epsilon_for(profile, 1, delta, hardened_dimension) > epsilon:
+    if epsilon_for(profile, queries=1, delta=delta, hardened_dimension=hardened_dimension) > epsilon:
         return 0
     lo, hi = 1, 2
-    while epsilon_for(profile, hi, delta, hardened_dimension) <= epsilon:
+    while epsilon_for(profile, queries=hi, delta=delta, hardened_dimension=hardened_dimension) <= epsilon:
         lo, hi = hi, hi * 2
         if hi > _MAX_QUERIES:
             return _MAX_QUERIES
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if epsilon_for(profile, mid, delta, hardened_dimension) <= epsilon else (lo, mid)
+        lo, hi = (mid, hi) if epsilon_for(profile, queries=mid, delta=delta, hardened_dimension=hardened_dimension) <= epsilon else (lo, mid)
     return lo

@@ -208,7 +208,13 @@ class OpenDPSampler:
     """
 
     def __init__(self) -> None:
-        import opendp.prelude as dp  # optional dependency, imported only when used
+        try:
+            import opendp.prelude as dp  # optional dependency (extra 'server'), imported only when used
+        except ModuleNotFoundError as exc:  # still an ImportError: the server falls back to ExactSampler
+            raise ModuleNotFoundError(
+                f"OpenDPSampler needs opendp: pip install 'dprdm[server]' (missing module {exc.name})",
+                name=exc.name,
+            ) from None
 
         dp.enable_features("contrib")
         self._dp = dp
@@ -289,6 +295,7 @@ class NoisePool:
 
 def release_hardened(
     profile: Profile,
+    *,
     query: npt.ArrayLike,
     selected: npt.ArrayLike,
     noise: npt.ArrayLike,

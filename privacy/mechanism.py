@@ -155,6 +155,7 @@ def clamp_unit(vectors: npt.ArrayLike) -> npt.NDArray[np.float64]:
 
 def release(
     profile: Profile,
+    *,
     query: npt.ArrayLike,
     selected: npt.ArrayLike,
     rng: np.random.Generator,

@@ -44,6 +44,15 @@ mu = (1 - q) mu0 + q mu1, the RDP at order a is ``R(a) = log A_a / (a - 1)`` whe
 
 * q = 1: the plain Gaussian mechanism, ``R(a) = a / (2 z^2)`` (Mironov 2017, Prop. 7).
 * z = 0 with q > 0: ``+inf`` (no noise). q = 0: 0 (nothing is ever released).
+* Extreme z (never NaN): ``a / (2 z^2)`` is also an upper bound for every q, because the Rényi
+  divergence is quasi-convex in its first argument (T. van Erven, P. Harremoës, "Rényi Divergence
+  and Kullback-Leibler Divergence", IEEE Trans. Inf. Theory 2014, Thm 13), so
+  ``D_a((1-q) mu0 + q mu1 || mu0) <= max(0, D_a(mu1 || mu0)) = a / (2 z^2)``, and MTZ 2019 (Thm 5)
+  show the other direction is no larger. Where the series loses its meaning in floating point
+  (``z^2`` overflows or underflows, ``z0`` is ``inf * 0``) or underflows to 0, the result is that
+  bound, computed in log space: ``+inf`` when it exceeds the largest float (the true value is then
+  beyond it too, up to a factor a), the smallest positive float when it underflows (so a
+  released mechanism is never charged exactly 0). Otherwise the result is ``min(series, bound)``.
 """
 
 from __future__ import annotations
@@ -152,14 +161,40 @@ def log_a_fractional(q: float, z: float, order: float) -> float:
         block *= 2
 
 
+_LOG_MAX = math.log(np.finfo(np.float64).max)
+_TINY = math.ulp(0.0)  # the smallest positive float64
+
+
+def _gaussian_rdp(z: float, order: float) -> float:
+    """``a / (2 z^2)`` (z > 0) in log space: ``inf`` above the largest float, never 0 below it."""
+    log_value = math.log(order) - math.log(2.0) - 2.0 * math.log(z)
+    if log_value > _LOG_MAX:
+        return math.inf
+    value = order / (2.0 * z * z) if 0.0 < z * z < math.inf else math.exp(log_value)
+    return max(value, _TINY) if math.isfinite(value) else math.inf
+
+
 @lru_cache(maxsize=4096)
 def _rdp_one(q: float, z: float, order: float) -> float:
     if q == 0.0:
         return 0.0
     if z == 0.0:
         return math.inf
-    if q == 1.0:
-        return order / (2.0 * z * z)
+    gauss = _gaussian_rdp(z, order)
+    if q == 1.0 or gauss == math.inf:
+        return gauss
+    with np.errstate(all="ignore"):
+        try:
+            series = _rdp_series(q, z, order)
+        except ArithmeticError:  # a series that lost its meaning in floating point
+            series = math.nan
+    if not series > 0.0:  # NaN, or underflowed to 0 although q > 0 and z < inf
+        return gauss
+    return min(series, gauss)
+
+
+def _rdp_series(q: float, z: float, order: float) -> float:
+    """R(a) for 0 < q < 1, z > 0 by the integer sum or the fractional series (module docstring)."""
     if float(order).is_integer():
         log_a = log_a_integer(q, z, int(order))
     else:

@@ -27,10 +27,24 @@ SECURE_BIT_GENERATORS: tuple[type, ...] = (randomgen.ChaCha,)
 _INSECURE_NAMES = ("PCG64", "PCG64DXSM", "Philox", "MT19937", "SFC64")
 
 
+class _OsKeyedGenerator(np.random.Generator):
+    """The type of :func:`new_dp_generator`'s generators: how production mode tells a ChaCha20
+    keyed from ``os.urandom`` from one built by anyone else (with a seed, a chosen key or fewer
+    rounds), which the bit generator's state alone cannot show."""
+
+
 def new_dp_generator() -> np.random.Generator:
     """A fresh ChaCha20 generator keyed with 256 bits from ``os.urandom`` (one per query)."""
     key = int.from_bytes(os.urandom(32), "little")
-    return np.random.Generator(randomgen.ChaCha(key=key, counter=0, rounds=20))
+    return _OsKeyedGenerator(randomgen.ChaCha(key=key, counter=0, rounds=20))
+
+
+def _chacha_rounds(bg: object) -> int | None:
+    """The round count in a randomgen ChaCha's state (``state["state"]["rounds"]``), or None."""
+    state = getattr(bg, "state", None)
+    inner = state.get("state") if isinstance(state, dict) else None
+    rounds = inner.get("rounds") if isinstance(inner, dict) else None
+    return int(rounds) if isinstance(rounds, (int, np.integer)) else None
 
 
 def check_dp_generator(rng: np.random.Generator, *, production: bool) -> None:
@@ -42,7 +56,9 @@ def check_dp_generator(rng: np.random.Generator, *, production: bool) -> None:
 
     Raises:
         TypeError: if ``rng`` is not a ``numpy.random.Generator``.
-        ValueError: in production mode, if its bit generator is not ChaCha20 with 20 rounds.
+        ValueError: in production mode, if its bit generator is not ChaCha with 20 rounds, or the
+            generator was not made by :func:`new_dp_generator` (a ChaCha with a fixed seed or a
+            chosen key is as predictable as its seed).
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; found {type(rng).__name__}")
@@ -54,9 +70,14 @@ def check_dp_generator(rng: np.random.Generator, *, production: bool) -> None:
             f"bit generator {type(bg).__name__} is refused for DP randomness in production mode; "
             f"use dprdm.privacy.rng.new_dp_generator() (ChaCha20 keyed from os.urandom)"
         )
-    rounds = bg.state.get("rounds", 20) if isinstance(bg.state, dict) else 20
+    rounds = _chacha_rounds(bg)
     if rounds != 20:
         raise ValueError(f"ChaCha with {rounds} rounds is refused in production mode; 20 are required")
+    if not isinstance(rng, _OsKeyedGenerator):
+        raise ValueError(
+            "a ChaCha generator not keyed from os.urandom by dprdm.privacy.rng.new_dp_generator() "
+            "(e.g. one built from a seed) is refused in production mode"
+        )
 
 
 def make_dp_generator(*, production: bool = True, seed: int | None = None) -> np.random.Generator:

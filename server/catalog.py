@@ -147,6 +147,25 @@ class Catalog:
         return sorted({i.domain for i in self.indexes.values()})
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """An index and its bundle, loaded and checked, before its domain's budget is known."""
+
+    config: IndexConfig
+    index: RetrievalIndex
+    bundle: Bundle
+    hardened: int | None
+    """Embedding dimension with discrete noise (``noise = "discrete"``), else None."""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def domain(self) -> str:
+        return self.index.domain
+
+
 def _epsilon_one(charge: npt.NDArray[np.float64], delta: float | None) -> float:
     if delta is None or not np.any(charge):
         return 0.0
@@ -190,9 +209,9 @@ def _same_budget(a: Budget, b: Budget) -> bool:
     )
 
 
-def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[ServedIndex]) -> Budget:
+def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[_Loaded]) -> Budget:
     profiles = list(
-        dict.fromkeys(p.profile for s in served for p in s.profiles.values() if p.profile.retrieves)
+        dict.fromkeys(p.profile for s in served for p in s.config.profiles if p.profile.retrieves)
     )
     cfg = config.budget_for(domain)
     wanted = None
@@ -217,7 +236,7 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
     for s in served:
         try:
             check_delta_for_size(budget.delta, s.index.public_size)
-            for p in s.profiles.values():
+            for p in s.config.profiles:
                 if budget.profile is not None and p.profile.retrieves and p.profile != budget.profile:
                     raise ValueError(
                         f"the budget serves only profile {budget.profile.to_dict()}; "
@@ -231,12 +250,12 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
 @functools.lru_cache(maxsize=256)
 def _charge(profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
     """The RDP curve of one query (computed once per distinct profile; read-only)."""
-    curve: npt.NDArray[np.float64] = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)
+    curve: npt.NDArray[np.float64] = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
     curve.flags.writeable = False
     return curve
 
 
-def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
+def _load(cfg: IndexConfig, loaders: Loaders) -> _Loaded:
     try:
         index = loaders.index(cfg.path)
     except (OSError, ValueError) as exc:
@@ -262,12 +281,7 @@ def _serve_index(cfg: IndexConfig, loaders: Loaders) -> ServedIndex:
         raise StartupError(
             f"indexes.{cfg.name}: the index manifest declares a private corpus; private = false is refused"
         )
-    hardened = index.dimension if cfg.noise == "discrete" else None
-    profiles = {
-        p.name: ServedProfile(p.name, p.profile, _charge(p.profile, hardened), 0.0, p.nprobe, hardened)
-        for p in cfg.profiles
-    }
-    return ServedIndex(config=cfg, index=index, bundle=bundle, profiles=profiles)
+    return _Loaded(cfg, index, bundle, index.dimension if cfg.noise == "discrete" else None)
 
 
 def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Catalog:
@@ -279,20 +293,22 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
     """
     if not config.indexes:
         raise StartupError("indexes: no index is configured")
-    served = [_serve_index(c, loaders) for c in config.indexes]
+    served = [_load(c, loaders) for c in config.indexes]
     budgets: dict[str, Budget] = {}
     for domain in sorted({s.domain for s in served}):
         members = [s for s in served if s.domain == domain]
         if not any(s.config.private for s in members) and config.budget_for(domain) is None:
             continue
-        if any(p.profile.retrieves for s in members for p in s.profiles.values()):
+        if any(p.profile.retrieves for s in members for p in s.config.profiles):
             budgets[domain] = _domain_budget(config, ledger, domain, members)
     final: dict[str, ServedIndex] = {}
     for s in served:
         delta = budgets[s.domain].delta if s.domain in budgets else None
-        profiles = {
-            n: ServedProfile(n, p.profile, p.charge, _epsilon_one(p.charge, delta), p.nprobe, p.hardened_dimension)
-            for n, p in s.profiles.items()
-        }
+        profiles = {}
+        for p in s.config.profiles:  # each served profile built once, with its final epsilon
+            charge = _charge(p.profile, s.hardened)
+            profiles[p.name] = ServedProfile(
+                p.name, p.profile, charge, _epsilon_one(charge, delta), p.nprobe, s.hardened
+            )
         final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)
     return Catalog(indexes=final, budgets=budgets)

@@ -14,12 +14,6 @@ from dprdm.ledger import MemoryLedger
 from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread(make_config(), ledger=MemoryLedger()) as srv:
-        yield srv
-
-
 @pytest.fixture()
 def env(server, monkeypatch):
     monkeypatch.setenv("DPRDM_ADDRESS", server.address)
@@ -116,7 +110,7 @@ def test_admin_commands(server, capsys):
     assert "alice" in capsys.readouterr().out
     assert main(["admin", "counts", "corpus-a", "--json", *conn]) == 0
     assert _json(capsys)["indexes"][0]["exact_size"] == "200"
-    assert main(["admin", "audit", "corpus-a", "--limit", "5", *conn]) == 0
+    assert main(["admin", "audit-trail", "corpus-a", "--limit", "5", *conn]) == 0
     capsys.readouterr()
 
 

@@ -99,7 +99,7 @@ def test_lambda_zero_costs_nothing_and_releases_the_query() -> None:
     u = np.array([0.6, 0.8])
     rng = np.random.default_rng(0)
     before = rng.bit_generator.state
-    out = release(p, u, np.ones((3, 2)), rng)
+    out = release(p, query=u, selected=np.ones((3, 2)), rng=rng)
     assert np.array_equal(out, u) and rng.bit_generator.state == before  # no noise drawn
     assert max_queries(epsilon=1.0, delta=1e-6, profile=p) is None
 
@@ -107,13 +107,13 @@ def test_lambda_zero_costs_nothing_and_releases_the_query() -> None:
 def test_release_divides_by_k_with_zero_padding_and_clamps() -> None:
     p = Profile(k=4, q=1.0, sigma=0.0, lam=1.0)
     selected = np.array([[1.0, 0.0], [0.0, 2.0]])  # second row has norm 2: clamped to 1
-    out = release(p, np.array([0.0, 1.0]), selected, np.random.default_rng(0))
+    out = release(p, query=np.array([0.0, 1.0]), selected=selected, rng=np.random.default_rng(0))
     np.testing.assert_allclose(out, [0.25, 0.25])
-    np.testing.assert_allclose(release(p, np.array([0.0, 1.0]), np.zeros((0, 2)), np.random.default_rng(0)), [0, 0])
+    np.testing.assert_allclose(release(p, query=np.array([0.0, 1.0]), selected=np.zeros((0, 2)), rng=np.random.default_rng(0)), [0, 0])
     with pytest.raises(ValueError, match="k = 4"):
-        release(p, np.array([0.0, 1.0]), np.ones((5, 2)), np.random.default_rng(0))
+        release(p, query=np.array([0.0, 1.0]), selected=np.ones((5, 2)), rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="shape"):
-        release(p, np.array([0.0, 1.0]), np.ones((2, 3)), np.random.default_rng(0))
+        release(p, query=np.array([0.0, 1.0]), selected=np.ones((2, 3)), rng=np.random.default_rng(0))
 
 
 def test_release_noise_and_mixing_statistics() -> None:
@@ -121,7 +121,7 @@ def test_release_noise_and_mixing_statistics() -> None:
     u = np.array([1.0, 0.0, 0.0])
     x = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
     rng = np.random.default_rng(1)
-    draws = np.stack([release(p, u, x, rng) for _ in range(20000)])
+    draws = np.stack([release(p, query=u, selected=x, rng=rng) for _ in range(20000)])
     np.testing.assert_allclose(draws.mean(axis=0), 0.25 * np.array([0, 1, 0]) + 0.75 * u, atol=0.005)
     np.testing.assert_allclose(draws.std(axis=0), 0.25 * 0.3, rtol=0.03)
 
@@ -206,7 +206,7 @@ def test_get_delta_inverts_get_epsilon() -> None:
 
 def test_epsilon_monotone_in_t_q_sigma_k() -> None:
     base = {"k": 10, "q": 0.02, "sigma": 0.3, "lam": 1.0}
-    eps = lambda t=100, **kw: epsilon_for(Profile(**{**base, **kw}), t, 1e-6)  # noqa: E731
+    eps = lambda t=100, **kw: epsilon_for(Profile(**{**base, **kw}), queries=t, delta=1e-6)  # noqa: E731
     assert eps(t=0) == 0.0
     assert eps(t=10) < eps(t=100) < eps(t=1000)
     assert eps(q=0.01) < eps(q=0.02) < eps(q=0.1)
@@ -272,14 +272,14 @@ def test_budget_and_delta_validation() -> None:
 def test_calibration_solves_each_parameter() -> None:
     target = {"epsilon": 1.0, "delta": 1e-7, "queries": 1000}
     sigma = calibrate_sigma(k=18, q=0.01, **target)
-    assert epsilon_for(Profile(k=18, q=0.01, sigma=sigma, lam=1.0), 1000, 1e-7) <= 1.0
-    assert epsilon_for(Profile(k=18, q=0.01, sigma=sigma * 0.999, lam=1.0), 1000, 1e-7) > 1.0
+    assert epsilon_for(Profile(k=18, q=0.01, sigma=sigma, lam=1.0), queries=1000, delta=1e-7) <= 1.0
+    assert epsilon_for(Profile(k=18, q=0.01, sigma=sigma * 0.999, lam=1.0), queries=1000, delta=1e-7) > 1.0
     assert sigma == pytest.approx(0.2, rel=0.01)
     k = calibrate_k(sigma=0.2, q=0.01, **target)
     assert k == 18
     q = calibrate_q(sigma=0.2, k=18, **target)
-    assert epsilon_for(Profile(k=18, q=q, sigma=0.2, lam=1.0), 1000, 1e-7) <= 1.0
-    assert epsilon_for(Profile(k=18, q=q * 1.001, sigma=0.2, lam=1.0), 1000, 1e-7) > 1.0
+    assert epsilon_for(Profile(k=18, q=q, sigma=0.2, lam=1.0), queries=1000, delta=1e-7) <= 1.0
+    assert epsilon_for(Profile(k=18, q=q * 1.001, sigma=0.2, lam=1.0), queries=1000, delta=1e-7) > 1.0
     with pytest.raises(ValueError, match="epsilon"):
         calibrate_sigma(epsilon=-1.0, delta=1e-7, queries=10, k=1, q=0.1)
     with pytest.raises(ValueError, match="no k"):
@@ -299,6 +299,27 @@ def test_dp_generator_is_chacha_and_fresh() -> None:
 def test_statistical_generators_refused_in_production(bitgen: type) -> None:
     rng = np.random.Generator(bitgen(0))
     with pytest.raises(ValueError, match=bitgen.__name__):
+        check_dp_generator(rng, production=True)
+    check_dp_generator(rng, production=False)
+
+
+@pytest.mark.parametrize("rounds", [8, 12])
+def test_reduced_round_chacha_refused_in_production(rounds: int) -> None:
+    """randomgen keeps the round count in state["state"]["rounds"] (issue 12, item 5)."""
+    import randomgen
+
+    rng = np.random.Generator(randomgen.ChaCha(key=int.from_bytes(b"k" * 32, "little"), rounds=rounds))
+    with pytest.raises(ValueError, match=f"ChaCha with {rounds} rounds"):
+        check_dp_generator(rng, production=True)
+
+
+@pytest.mark.parametrize("how", ["seed", "key"])
+def test_fixed_seed_or_chosen_key_chacha_refused_in_production(how: str) -> None:
+    import randomgen
+
+    bg = randomgen.ChaCha(seed=7, rounds=20) if how == "seed" else randomgen.ChaCha(key=7, counter=0, rounds=20)
+    rng = np.random.Generator(bg)
+    with pytest.raises(ValueError, match="not keyed from os.urandom"):
         check_dp_generator(rng, production=True)
     check_dp_generator(rng, production=False)
 

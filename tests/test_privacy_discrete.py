@@ -68,14 +68,14 @@ def test_hardened_release_is_on_the_lattice_and_never_uses_float_noise() -> None
     u /= np.linalg.norm(u)
     x = rng.normal(size=(3, 16))
     noise = ExactSampler(np.random.default_rng(9)).sample(0.05, 16, DEFAULT_LATTICE_EXPONENT)
-    noisy, out = release_hardened(p, u, x, noise)
+    noisy, out = release_hardened(p, query=u, selected=x, noise=noise)
     assert np.array_equal(round_to_lattice(noisy), noisy)
     np.testing.assert_array_equal(noisy - round_to_lattice((x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1)).sum(0) / 4), noise)
     np.testing.assert_allclose(out, 0.7 * noisy + 0.3 * u)
     with pytest.raises(ValueError, match="lattice"):
-        release_hardened(p, u, x, noise + 1e-9)
+        release_hardened(p, query=u, selected=x, noise=noise + 1e-9)
     with pytest.raises(ValueError, match="k = 4"):
-        release_hardened(p, u, np.ones((5, 16)), noise)
+        release_hardened(p, query=u, selected=np.ones((5, 16)), noise=noise)
 
 
 def _exact_discrete_rdp(q: float, s: float, m: int, order: float) -> float:

@@ -192,6 +192,39 @@ def test_infinite_and_zero_edges() -> None:
 
 
 @pytest.mark.parametrize(
+    "q,z,limit",
+    [
+        (0.5, 1e160, "tiny"),  # z^2 overflows; z0 = inf * log(1) = NaN in the series
+        (0.01, 1e300, "tiny"),
+        (1.0, 1e160, "tiny"),
+        (0.2, 5e-324, "inf"),  # z^2 underflows to 0
+        (0.5, 1e-160, "inf"),
+        (1.0, 5e-324, "inf"),
+    ],
+)
+def test_extreme_noise_is_never_nan(q: float, z: float, limit: str) -> None:
+    """Issue 12 item 7: inf where the true value is beyond every float, else the correct limit
+    (a positive value at most a / (2 z^2), never 0 for a released mechanism)."""
+    orders = np.asarray(DEFAULT_ORDERS)
+    with np.errstate(all="raise"):
+        curve = rdp_subsampled_gaussian(q=q, noise_multiplier=z, orders=orders)
+    assert not np.isnan(curve).any()
+    if limit == "inf":
+        assert np.all(np.isinf(curve))
+    else:
+        bound = np.exp(np.log(orders) - math.log(2.0) - 2.0 * math.log(z))  # a / (2 z^2), no overflow
+        assert np.all(curve > 0) and np.all(curve <= np.maximum(bound * (1 + 1e-9), 5e-324))
+
+
+def test_series_never_above_the_gaussian_bound() -> None:
+    """a / (2 z^2) bounds the subsampled curve at every q (quasi-convexity); the curve used is the min."""
+    orders = np.asarray([a for a in DEFAULT_ORDERS if a <= 64])
+    for q, z in [(0.9, 0.5), (0.5, 2.0), (0.99, 5.0), (0.01, 0.575)]:
+        curve = rdp_subsampled_gaussian(q=q, noise_multiplier=z, orders=orders)
+        assert np.all(curve <= orders / (2 * z * z))
+
+
+@pytest.mark.parametrize(
     "kwargs,match",
     [
         ({"q": 1.5, "noise_multiplier": 1.0, "orders": [2.0]}, "q must be"),

@@ -41,11 +41,11 @@ def admin(server):
 def test_list_indexes_shows_public_facts_only(alice):
     (info,) = alice.list_indexes()
     assert (info.name, info.domain, info.dimension, info.public_size) == ("faces", "corpus-a", 16, 400)
-    assert info.encoder.name == "hash-text" and info.private and info.generation
+    assert info.encoder.name == "fake" and info.private and info.generation
     assert {p.name for p in info.profiles} == {"default", "public"}
     prof = next(p for p in info.profiles if p.name == "default")
     expected = epsilon_from_rdp(
-        retrieval_rdp(PROFILE, DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM),
+        retrieval_rdp(PROFILE, orders=DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM),
         DEFAULT_ORDERS,
         info.budget.delta,
     ).epsilon

@@ -7,8 +7,8 @@ its stored release) in the ledger, and replays after the restart return the stor
 ``RELEASE_MISSING``, never a fresh draw for a committed reservation.
 
 Servers are forked from a "zygote" process that imported everything once
-(``python -m dprdm.server.testing --zygote``), so a restart takes ~0.1 s and the default suite
-affords 20 kills; the slow-marked test does 100.
+(``tests/crash_server.py``), so a restart takes ~0.1 s and the default suite affords 20 kills;
+the slow-marked test does 100.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -40,8 +41,8 @@ CLIENTS = 8
 
 def _toml(tmp_path, max_queries: int) -> str:
     eps = 0.5 * (
-        epsilon_for(PROFILE, max_queries, DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, max_queries + 1, DELTA, hardened_dimension=HARDENED_DIM)
+        epsilon_for(PROFILE, queries=max_queries, delta=DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, queries=max_queries + 1, delta=DELTA, hardened_dimension=HARDENED_DIM)
     )
     return f"""
 [server]
@@ -80,7 +81,7 @@ class Zygote:
 
     def __init__(self, config_path: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dprdm.server.testing", "--config", config_path, "--zygote"],
+            [sys.executable, str(Path(__file__).parent / "crash_server.py"), "--config", config_path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -30,8 +30,8 @@ def _profile_doc(p: Profile) -> dict:
 
 def _single_epsilon(p: Profile, m: int) -> float:
     return 0.5 * (
-        epsilon_for(p, m, DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(p, m + 1, DELTA, hardened_dimension=HARDENED_DIM)
+        epsilon_for(p, queries=m, delta=DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(p, queries=m + 1, delta=DELTA, hardened_dimension=HARDENED_DIM)
     )
 
 
@@ -41,7 +41,7 @@ def _filter_epsilon(capacity: float) -> float:
 
 
 def _r(p: Profile) -> float:
-    return float(retrieval_rdp(p, [A_STAR], hardened_dimension=HARDENED_DIM)[0])
+    return float(retrieval_rdp(p, orders=[A_STAR], hardened_dimension=HARDENED_DIM)[0])
 
 
 def _hammer(address: str, jobs: list[tuple[str, str]]) -> tuple[list, list, list]:
@@ -133,7 +133,7 @@ def test_exactly_m_admitted(tmp_path, m, profile, rule):
         assert len(ok) == m and len(refused) == 3 * m
         assert all(e.reason == "PRIVACY_BUDGET_EXHAUSTED" for _p, e in refused)
         _check_agreement(srv, m)
-        expected = retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM) * m
+        expected = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM) * m
         np.testing.assert_allclose(
             srv.running.ledger.budget_state("corpus-x").spent_rdp, expected, rtol=1e-12
         )

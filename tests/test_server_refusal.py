@@ -39,8 +39,8 @@ def _wait_for(cond, timeout=10.0):
 
 def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
     eps = 0.5 * (
-        epsilon_for(PROFILE, 2, DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, 3, DELTA, hardened_dimension=HARDENED_DIM)
+        epsilon_for(PROFILE, queries=2, delta=DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, queries=3, delta=DELTA, hardened_dimension=HARDENED_DIM)
     )
     with (
         _serve(tmp_path, budgets={"corpus-a": {"epsilon": eps}}) as srv,
@@ -65,8 +65,8 @@ def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
 
 def test_tenant_quota(tmp_path):
     quota = 0.5 * (
-        epsilon_for(PROFILE, 1, DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, 2, DELTA, hardened_dimension=HARDENED_DIM)
+        epsilon_for(PROFILE, queries=1, delta=DELTA, hardened_dimension=HARDENED_DIM)
+        + epsilon_for(PROFILE, queries=2, delta=DELTA, hardened_dimension=HARDENED_DIM)
     )
     budgets = {"corpus-a": {"epsilon": 50.0, "quotas": {"alice": quota}}}
     with (

@@ -1,4 +1,4 @@
-"""Empirical privacy audit of the DP-RDM retrieval release (issue 8; ``dprdm audit``).
+"""Empirical privacy audit of the DP-RDM retrieval release (``dprdm privacy audit``).
 
 Method (hypothesis-testing view of DP: P. Kairouz, S. Oh, P. Viswanath, "The Composition Theorem
 for Differential Privacy", ICML 2015, Thm 2.1; used for auditing by M. Jagielski, J. Ullman,
@@ -164,15 +164,15 @@ def _one_run(
         # Every query of the batch reuses the SAME coins: with the same (public) query the search
         # then selects the same rows, so it runs once and each query draws only its own noise.
         selected = search(corpus, ids, u, profile.k, profile.q, rng)
-        return float(sum(release(noise_profile, u, selected, rng) @ u for _ in range(batch)))
+        return float(sum(release(noise_profile, query=u, selected=selected, rng=rng) @ u for _ in range(batch)))
     selected = search(corpus, ids, u, profile.k, profile.q, rng)
     if variant == "divide_by_found" and selected.shape[0] > 0:
         # The bug: the sum is divided by the number found (sensitivity up to 2), while the noise
         # is still calibrated to 2/k. ``release`` of no rows gives the noise and the mixing alone.
         empty = np.zeros((0, u.size))
         mean = np.asarray(selected, np.float64).sum(axis=0) / selected.shape[0]
-        return float((release(profile, u, empty, rng) + profile.lam * mean) @ u)
-    return float(release(noise_profile, u, selected, rng) @ u)
+        return float((release(profile, query=u, selected=empty, rng=rng) + profile.lam * mean) @ u)
+    return float(release(noise_profile, query=u, selected=selected, rng=rng) @ u)
 
 
 def audit_retrieval(

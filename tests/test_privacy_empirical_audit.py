@@ -10,7 +10,7 @@ from scipy import stats
 
 from dprdm.index.search import search_array
 from dprdm.privacy import Profile
-from dprdm.privacy.audit import (
+from dprdm.privacy.empirical_audit import (
     audit_retrieval,
     claimed_epsilon,
     clopper_pearson_upper,
@@ -111,7 +111,7 @@ def test_audit_cli_rejects_bad_arguments_in_one_line(argv: list[str], message: s
     from dprdm.cli.main import main
 
     try:
-        rc = main(["audit", *argv])
+        rc = main(["privacy", "audit", *argv])
     except SystemExit as exc:  # argparse's own errors
         rc = exc.code
     assert rc == 2
