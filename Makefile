@@ -1,5 +1,6 @@
 # One command to set up and run the main job, one to set up and run the tests.
-# Both create the virtual environment they need (.venv) and are idempotent.
+# Both create the virtual environment they need (.venv) and are idempotent. The set-up installs
+# every extra but `gpu` (`.[all,test]`, torch pinned by .ci/constraints.txt); see README "Install".
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -c .ci/constraints.txt -e '.[test]'
+	$(PY) -m pip install -c .ci/constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 # The main job: the end-to-end demo on the embedded default bundle (output in ./dprdm-demo).

@@ -133,7 +133,7 @@ class BudgetPlan:
 
 
 def synthetic_index(directory: Path, *, n: int, d: int, seed: int = 0, block: int = 200_000) -> Path:
-    """Build a private flat index of ``n`` random unit vectors (encoder ``hash-text``, dimension d).
+    """Build a private flat index of ``n`` random unit vectors (encoder ``FakeEncoder(d)``).
 
     Args:
         directory: an empty working directory; the index is ``directory/index``.
@@ -146,7 +146,7 @@ def synthetic_index(directory: Path, *, n: int, d: int, seed: int = 0, block: in
         The index directory.
     """
     from dprdm.index import BuildConfig, build_from_vectors
-    from dprdm.server.testing import HashTextEncoder
+    from dprdm.models.fake import FakeEncoder
 
     raw = directory / "vectors.npy"
     mm = np.lib.format.open_memmap(raw, mode="w+", dtype=np.float32, shape=(n, d))
@@ -158,7 +158,7 @@ def synthetic_index(directory: Path, *, n: int, d: int, seed: int = 0, block: in
     del mm
     out = directory / "index"
     cfg = BuildConfig(output=out, corpus_id=DOMAIN, public_size=n, progress=False, existing="overwrite")
-    build_from_vectors(np.load(raw, mmap_mode="r"), HashTextEncoder(d).identity, cfg)
+    build_from_vectors(np.load(raw, mmap_mode="r"), FakeEncoder(d).identity, cfg)
     raw.unlink()
     return out
 
@@ -183,7 +183,7 @@ def plan_budget(profile: Any, admits: int, delta: float, hardened_dimension: int
 
     if admits < 1:
         raise ValueError(f"queries must be >= 1; found {admits}")
-    curve = [float(x) for x in retrieval_rdp(profile, DEFAULT_ORDERS, hardened_dimension)]
+    curve = [float(x) for x in retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)]
     plan = BudgetPlan(0.0, delta, admits, hardened_dimension, curve)
     lo, hi = plan.composed(admits), plan.composed(admits + 1)
     if not hi > lo:
@@ -201,6 +201,8 @@ def server_document(settings: LoadSettings, index_path: Path, data_dir: Path, pl
     }
     if settings.noise != "auto":
         index["noise"] = settings.noise
+    if settings.noise == "float":  # the benchmark's corpus is synthetic; the opt-in is logged
+        index["allow_float_noise"] = True
     return {
         "server": {
             "listen": "127.0.0.1:0",
@@ -616,7 +618,7 @@ def add_load_arguments(parser: argparse.ArgumentParser, default_out: Path) -> No
     a = parser.add_argument
     a("--n", type=lambda s: int(float(s)), default=d.n, help="synthetic vectors (and public size); e.g. 1e6")
     a("--d", type=int, default=d.d, help="dimension (64 or 512; any d works)")
-    a("--index-path", default=None, help="serve this index (built for encoder hash-text/d) instead of building")
+    a("--index-path", default=None, help="serve this index (built for FakeEncoder(d)) instead of building")
     a("--k", type=int, default=d.k)
     a("--q", type=float, default=d.q, help="Poisson subsampling rate of the profile")
     a("--sigma", type=float, default=d.sigma)

@@ -2,9 +2,11 @@
 
 Naive = the DP-RDM authors' approach: draw N Bernoulli(q) coins per query, then search with a
 faiss ``IDSelectorBatch`` of the survivors (flat: ``IndexFlatIP`` / fp16 ``IndexScalarQuantizer``;
-ivf: ``IndexIVFFlat`` with the same public centroids and lists).  Ours = ``search_subsampled`` on
-the stored, memory-mapped index (geometric-gap survivors over the padded candidate set, gather,
-exact scores, strict top-k).
+ivf: ``IndexIVFFlat`` with the same public centroids and lists).  This baseline is what is timed,
+so it lives here; the tests' reference of the same law (numpy coins and a full sort, for the
+distributional checks) is ``tests/oracles.py``.  Ours = ``search_subsampled`` on the stored,
+memory-mapped index (geometric-gap survivors over the padded candidate set, gather, exact
+scores, strict top-k).
 
 Also reported: the memory floor (the survivors' bytes over the gather bandwidth measured in the
 same run: ``np.take`` of as many fresh random rows into a preallocated buffer), ratios, and the
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from dprdm.index import BuildConfig, build_from_vectors, load
-from dprdm.index.testing import FakeEncoder
+from dprdm.models.fake import FakeEncoder
 
 
 def _unit_rows(n: int, d: int, seed: int, out: np.ndarray | None = None, block: int = 200_000) -> np.ndarray:

@@ -179,7 +179,7 @@ def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
     admission rule assumes every spend is the same retrieval profile.
 
     Returns:
-        A callable storing the artifact's path and fingerprint against the spend.
+        A callable marking the spend released once the artifact is written (``store(out)``).
 
     Raises:
         ValueError: no --domain, a single-profile budget, or a refusal (budget exhausted).
@@ -225,8 +225,7 @@ def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
 
     def store(out: Path) -> None:
         try:
-            ledger.store_release(res.spend_id, np.zeros(0), {"artifact": str(out), "method": args.method,
-                                                           "epsilon": report.epsilon, "delta": report.delta})
+            ledger.store_release(res.spend_id, np.zeros(0))  # the ledger stored the receipt at reserve
         finally:
             ledger.close()
 

@@ -1,4 +1,4 @@
-"""``dprdm index``: build, info, verify, audit-duplicates (registered by :mod:`dprdm.cli.main`)."""
+"""``dprdm index``: build, info, verify, near-duplicates (registered by :mod:`dprdm.cli.main`)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,8 @@ def _count(text: str) -> int:
 
 def resolve_encoder(spec: str, device: str | None = None) -> Any:
     """Load ``--encoder SPEC`` through the model registry (``dprdm.models.registry.load_encoder``)."""
-    try:
-        from dprdm.models.registry import load_encoder
-    except ImportError as exc:
-        raise _cli_error(
-            f"--encoder {spec!r}: the model registry (dprdm.models.registry) is not available in this build ({exc})"
-        ) from None
+    from dprdm.models.registry import load_encoder  # a missing 'models' extra: one line (cli.main)
+
     try:
         return load_encoder(spec) if device is None else load_encoder(spec, device=device)
     except TypeError:
@@ -90,11 +86,11 @@ def register(subparsers: Any) -> None:
     v.add_argument("path", type=Path)
     v.set_defaults(func=_cmd_verify)
 
-    a = sub.add_parser("audit-duplicates", help="operator-only near-duplicate report (never changes the index)")
-    a.add_argument("path", type=Path)
-    a.add_argument("--threshold", type=float, default=0.95, help="cosine similarity threshold")
-    a.add_argument("--out", type=Path, help="report file (default PATH/reports/near_duplicates.json)")
-    a.set_defaults(func=_cmd_audit)
+    nd = sub.add_parser("near-duplicates", help="operator-only near-duplicate report (never changes the index)")
+    nd.add_argument("path", type=Path)
+    nd.add_argument("--threshold", type=float, default=0.95, help="cosine similarity threshold")
+    nd.add_argument("--out", type=Path, help="report file (default PATH/reports/near_duplicates.json)")
+    nd.set_defaults(func=_cmd_near_duplicates)
 
 
 def _wrap(fn: Any) -> Any:
@@ -184,8 +180,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return int(_wrap(run))
 
 
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from dprdm.index.audit import near_duplicate_report
+def _cmd_near_duplicates(args: argparse.Namespace) -> int:
+    from dprdm.index.duplicates import near_duplicate_report
     from dprdm.index.format import atomic_write_json, load
 
     def run() -> int:

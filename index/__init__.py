@@ -15,23 +15,8 @@ import torch or faiss.
 from dprdm.index.build import BuildConfig, BuildResult, build_from_vectors, build_index
 from dprdm.index.errors import IndexBuildError, IndexFormatError, PrivacyPolicyError
 from dprdm.index.format import FORMAT_VERSION, PrivateIndex, load, verify
-from dprdm.index.search import (
-    FlatLayout,
-    IvfLayout,
-    SubsampledNeighbors,
-    naive_subsampled_topk,
-    poisson_positions,
-    subsampled_topk,
-    subsampled_topk_batch,
-)
-
-
-def search_subsampled(
-    index: PrivateIndex, query: object, *, k: int, q: float, rng: object, nprobe: int | None = None
-) -> SubsampledNeighbors:
-    """``index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe)``; see :mod:`dprdm.index.search`."""
-    return index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe)  # type: ignore[arg-type]
-
+from dprdm.index.layouts import FlatLayout, IvfLayout
+from dprdm.index.search import SubsampledNeighbors, poisson_positions, subsampled_topk, subsampled_topk_batch
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,9 +32,7 @@ __all__ = [
     "build_from_vectors",
     "build_index",
     "load",
-    "naive_subsampled_topk",
     "poisson_positions",
-    "search_subsampled",
     "subsampled_topk",
     "subsampled_topk_batch",
     "verify",

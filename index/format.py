@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dprdm.index.errors import IndexFormatError
-from dprdm.index.search import (
-    STORE_GRID_BITS,
-    FlatLayout,
-    IvfLayout,
-    SubsampledNeighbors,
-    subsampled_topk,
-    subsampled_topk_batch,
-)
+from dprdm.index.layouts import FlatLayout, IvfLayout
+from dprdm.index.search import STORE_GRID_BITS, SubsampledNeighbors, subsampled_topk
 from dprdm.models.base import EncoderIdentity
 
 __all__ = [
@@ -280,18 +273,6 @@ class PrivateIndex:
     ) -> SubsampledNeighbors:
         """Top ``k`` of a fresh Poisson(q) subsample; see :func:`dprdm.index.search.subsampled_topk`."""
         return subsampled_topk(self.vectors, self.ids, self.layout, query, k=k, q=q, rng=rng, nprobe=nprobe)
-
-    def search_subsampled_batch(
-        self,
-        queries: npt.ArrayLike,
-        *,
-        k: int,
-        q: float,
-        rng: np.random.Generator | Sequence[np.random.Generator],
-        nprobe: int | None = None,
-    ) -> list[SubsampledNeighbors]:
-        """One independent subsample per query; see :func:`dprdm.index.search.subsampled_topk_batch`."""
-        return subsampled_topk_batch(self.vectors, self.ids, self.layout, queries, k=k, q=q, rng=rng, nprobe=nprobe)
 
     def __repr__(self) -> str:
         return f"PrivateIndex({str(self.path)!r}, corpus_id={self.corpus_id!r}, public_size={self.public_size})"

@@ -1,11 +1,11 @@
 """The exact Poisson-subsampled k-NN of DP-RDM (SPEC §4 steps 1-3, §5).
 
 Mechanism (for one query ``u``): every slot of the *padded candidate set* -- ``N̄`` slots for a
-flat index, the probed lists padded to their public capacities for an IVF index -- is kept
-independently with probability ``q``; dummy slots score ``-inf``; the result is the top ``k``
-real survivors under the strict order (score descending, record id ascending).  Fewer than ``k``
-survivors give fewer vectors (the aggregation still divides by ``k``: zero padding) and nothing
-else changes.
+flat index, the probed lists padded to their public capacities for an IVF index (see
+:mod:`dprdm.index.layouts`) -- is kept independently with probability ``q``; dummy slots score
+``-inf``; the result is the top ``k`` real survivors under the strict order (score descending,
+record id ascending).  Fewer than ``k`` survivors give fewer vectors (the aggregation still
+divides by ``k``: zero padding) and nothing else changes.
 
 How it is computed (:func:`poisson_positions`): survivor positions are generated directly by
 iid geometric gaps, so the work is proportional to the number of survivors ``~ Binomial(L, q)``
@@ -38,20 +38,18 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from dprdm.index.layouts import Candidates, FlatLayout, Layout
+
 __all__ = [
     "STORE_GRID_BITS",
     "QUERY_GRID_BITS",
     "SubsampledNeighbors",
-    "FlatLayout",
-    "IvfLayout",
-    "Candidates",
     "poisson_positions",
     "quantize_query",
     "quantize_store",
     "exact_scores",
     "subsampled_topk",
     "subsampled_topk_batch",
-    "naive_subsampled_topk",
     "search_array",
 ]
 
@@ -77,7 +75,7 @@ class SubsampledNeighbors:
     Attributes:
         vectors: ``(m, d)`` float64, each row clamped to norm <= 1, ``m <= k``; ``m < k`` only
             when fewer than ``k`` real records survived.
-        ids: ``(m,)`` int64 record ids (never -1), for tests, benchmarks and operator audits.
+        ids: ``(m,)`` int64 record ids (never -1), for tests, benchmarks and operator reports.
         scores: ``(m,)`` exact scores ``<Q(u), x>`` (descending).
         k: the requested ``k`` (the divisor of the aggregate).
     """
@@ -95,90 +93,6 @@ class SubsampledNeighbors:
         return f"SubsampledNeighbors(k={self.k}, d={self.vectors.shape[1]}, <private contents redacted>)"
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """The padded candidate set of one query: ``length`` public slots and their storage mapping."""
-
-    length: int
-    _flat_n: int = -1
-    _caps: IntArray | None = None
-    _sizes: IntArray | None = None
-    _starts: IntArray | None = None
-    _n_rows: int = 0
-
-    def rows_for(self, positions: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-        """Map survivor positions to (storage rows to gather, is-real mask).
-
-        Dummy slots are mapped to some real row too, so they are gathered and scored at the same
-        cost as real slots; their score is then replaced by ``-inf``.
-        """
-        if self._caps is None:
-            real = positions < self._flat_n
-            rows = positions % self._flat_n if self._flat_n > 0 else np.zeros_like(positions)
-            return rows, real
-        ends = np.cumsum(self._caps)
-        li = np.searchsorted(ends, positions, side="right")
-        off = positions - (ends[li] - self._caps[li])
-        real = off < self._sizes[li]  # type: ignore[index]
-        rows = self._starts[li] + off  # type: ignore[index]
-        if self._n_rows > 0:
-            rows %= self._n_rows
-        else:
-            rows[:] = 0
-        return rows, real
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """Exact index: the candidate set is every stored record plus dummies up to the public ``N̄``."""
-
-    count: int
-    public_size: int
-
-    def candidates(self, query: FloatArray, nprobe: int | None = None) -> Candidates:
-        """All ``public_size`` slots; slot ``i < count`` is storage row ``i`` (records sorted by id)."""
-        del query, nprobe
-        return Candidates(length=self.public_size, _flat_n=self.count)
-
-
-@dataclass(frozen=True)
-class IvfLayout:
-    """IVF index: public centroids, public per-list capacities, private list extents.
-
-    Storage rows are sorted by (list, record id); list ``l`` occupies rows
-    ``offsets[l]:offsets[l+1]`` and is padded to ``capacities[l]`` slots.
-    """
-
-    centroids: FloatArray  # (nlist, d) public, unit rows
-    capacities: IntArray  # (nlist,) public
-    offsets: IntArray  # (nlist + 1,) private
-    nprobe: int  # default nprobe (public)
-
-    def probe(self, query: FloatArray, nprobe: int | None = None) -> IntArray:
-        """The ``nprobe`` lists nearest the (public) query, ascending by list id."""
-        n = self.nprobe if nprobe is None else int(nprobe)
-        nlist = self.centroids.shape[0]
-        if n < 1:
-            raise ValueError(f"nprobe must be >= 1; found {n}")
-        n = min(n, nlist)
-        sims = self.centroids @ np.asarray(query, dtype=np.float64)
-        order = np.lexsort((np.arange(nlist), -sims))  # similarity desc, list id asc
-        return np.sort(order[:n]).astype(np.int64)
-
-    def candidates(self, query: FloatArray, nprobe: int | None = None) -> Candidates:
-        """Probed lists (ascending id), each padded to its public capacity."""
-        lists = self.probe(query, nprobe)
-        caps = self.capacities[lists].astype(np.int64)
-        return Candidates(
-            length=int(caps.sum()),
-            _caps=caps,
-            _sizes=(self.offsets[lists + 1] - self.offsets[lists]).astype(np.int64),
-            _starts=self.offsets[lists].astype(np.int64),
-            _n_rows=int(self.offsets[-1]),
-        )
-
-
-Layout = FlatLayout | IvfLayout
 
 
 def poisson_positions(length: int, q: float, rng: np.random.Generator) -> IntArray:
@@ -428,35 +342,11 @@ def subsampled_topk_batch(
     ]
 
 
-def naive_subsampled_topk(
-    vectors: npt.NDArray[np.floating],
-    ids: IntArray,
-    layout: Layout,
-    query: npt.ArrayLike,
-    *,
-    k: int,
-    q: float,
-    rng: np.random.Generator,
-    nprobe: int | None = None,
-) -> SubsampledNeighbors:
-    """Reference implementation: one Bernoulli(q) coin per padded slot, then exact search.
-
-    O(L) per query; used by the tests (distributional equivalence) and benchmarks only.
-    """
-    k = _check_k(k)
-    if not 0.0 < float(q) <= 1.0:
-        raise ValueError(f"q must be in (0, 1]; found {q!r}")
-    qhat = quantize_query(query, vectors.shape[1])
-    cands = layout.candidates(qhat, nprobe)
-    coins = rng.random(cands.length) < q
-    return _select(vectors, ids, cands, np.flatnonzero(coins).astype(np.int64), qhat, k)
-
-
 def search_array(
     vectors: npt.ArrayLike, ids: npt.ArrayLike, query: npt.ArrayLike, k: int, q: float, rng: np.random.Generator
 ) -> npt.NDArray[np.float64]:
     """The production subsampled top-k over an in-memory flat corpus (N̄ = N): the search the
-    empirical audit (:func:`dprdm.privacy.audit.audit_retrieval`) runs, passed in by its callers so
+    empirical audit (:func:`dprdm.privacy.empirical_audit.audit_retrieval`) runs, passed in by its callers so
     the privacy core imports nothing of the project.
 
     Returns:

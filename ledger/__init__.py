@@ -2,7 +2,10 @@
 stores: :class:`SqliteLedger` (the default, one file) and :class:`MemoryLedger` (no durability).
 
 Imports only :mod:`dprdm.privacy`: the server, the baselines and the benchmarks use the ledger
-without importing the server.
+without importing the server. The ledger composes and stores every :class:`Receipt`.
+
+Every store passes ONE behavioural suite, ``tests/test_ledger_conformance.py`` (a fixture over
+SQLite with and without group commit and the in-memory store); a new store joins that fixture.
 """
 
 from .api import (
@@ -13,6 +16,8 @@ from .api import (
     LedgerCorrupt,
     LedgerError,
     QuotaExhausted,
+    Receipt,
+    ReleaseConflict,
     ReleaseMissing,
     ReplayMismatch,
     Reservation,
@@ -32,6 +37,7 @@ __all__ = [
     "BudgetState",
     "Spend",
     "Reservation",
+    "Receipt",
     "LedgerError",
     "BudgetExhausted",
     "QuotaExhausted",
@@ -41,5 +47,6 @@ __all__ = [
     "ReleaseMissing",
     "SchemaMismatch",
     "UnknownSpend",
+    "ReleaseConflict",
     "LedgerCorrupt",
 ]

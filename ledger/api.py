@@ -12,13 +12,17 @@ Contract (reserve, then compute):
 3. Only then does the service touch private data; it stores the release with
    ``store_release`` (idempotent per spend) and returns it.
 
+The ledger is the one place that writes receipts: ``reserve`` composes the :class:`Receipt` in
+the same transaction (the figures right after this spend), stores it with the spend and returns
+it; replays and release reuse read the stored one.
+
 Reservations are never refunded. A reserved spend with no stored release (crash in between) is
 answered with :class:`ReleaseMissing` on replay, never with a fresh draw.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,9 +40,11 @@ __all__ = [
     "ReleaseMissing",
     "SchemaMismatch",
     "UnknownSpend",
+    "ReleaseConflict",
     "LedgerCorrupt",
     "BudgetState",
     "Spend",
+    "Receipt",
     "Reservation",
     "Ledger",
 ]
@@ -94,6 +100,10 @@ class UnknownSpend(LedgerError):
     """No spend has this id (``store_release`` with an id ``reserve`` never returned)."""
 
 
+class ReleaseConflict(LedgerError):
+    """``store_release`` of a spend that already has a different release (releases never change)."""
+
+
 class LedgerCorrupt(LedgerError):
     """Stored running curves or counts do not add up to the spends (a consistency check failed)."""
 
@@ -124,7 +134,15 @@ class BudgetState:
 
 @dataclass(frozen=True)
 class Spend:
-    """One row of the audit trail."""
+    """One row of the audit trail.
+
+    Attributes:
+        spend_id, domain, tenant, request_id, binding_hash: as reserved.
+        profile: the profile JSON given to ``reserve``.
+        epsilon_charged: epsilon of the charge alone, at the budget's delta.
+        created_at: admission time, seconds since the epoch (``time.time()``).
+        status: "reserved", or "released" once its release is stored.
+    """
 
     spend_id: str
     domain: str
@@ -138,38 +156,123 @@ class Spend:
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """The privacy cost of one answer, as the client sees it (SPEC §7; wire type ``dprdm.v1.Receipt``).
+
+    Composed by the ledger when it admits a spend and stored with it; spent/left figures are
+    informational (epsilon at the budget's delta) and are those right after that spend, also when
+    the stored receipt answers a replay; a reuse shows the domain's current figures.
+
+    Attributes:
+        spend_id: the spend ("" for an answer that charged no ledger).
+        request_id: the request the receipt answers.
+        index: the index name the spend was made for ("" if none, e.g. a baseline run).
+        domain: the privacy domain charged.
+        profile: the profile's name ("" if the profile had none).
+        epsilon_charged: epsilon of this charge alone (0 on a reused release).
+        delta: the budget's delta.
+        epsilon_spent: the domain's epsilon spent right after this spend.
+        epsilon_left: ``max(0, epsilon_budget - epsilon_spent)``.
+        epsilon_budget: the budget's epsilon.
+        replayed: the answer is the stored release of this very (tenant, request id).
+        reused: the answer is the stored release of another request of the same tenant and input.
+    """
+
+    spend_id: str
+    request_id: str
+    index: str
+    domain: str
+    profile: str
+    epsilon_charged: float
+    delta: float
+    epsilon_spent: float
+    epsilon_left: float
+    epsilon_budget: float
+    replayed: bool = False
+    reused: bool = False
+
+    @classmethod
+    def free(cls, *, request_id: str, index: str, domain: str, profile: str) -> Receipt:
+        """The receipt of an answer that charged no ledger (a profile that never retrieves, or
+        an index whose domain has no budget): no spend, every figure 0."""
+        return cls("", request_id, index, domain, profile, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def as_replay(self) -> Receipt:
+        """This receipt marked ``replayed`` (a replay of its own request: nothing new charged)."""
+        return replace(self, replayed=True)
+
+    def as_reuse(self, request_id: str, state: BudgetState | None = None) -> Receipt:
+        """This receipt answering another request of the same tenant and public input from the
+        stored release: ``reused``, charged 0, labelled with that ``request_id``; with ``state``
+        (the domain's budget now), its spent/left figures are the current ones."""
+        out = replace(self, request_id=request_id, epsilon_charged=0.0, reused=True)
+        if state is not None:
+            out = replace(out, epsilon_spent=state.epsilon_spent, epsilon_left=state.epsilon_left)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (the stored form and the wire message's fields), in field order."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # asdict: 5x slower
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Receipt:
+        """Inverse of :meth:`to_dict` (unknown keys ignored).
+
+        Raises:
+            ValueError: ``data`` lacks a field without a default.
+        """
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise ValueError(f"not a receipt: it has the keys {sorted(data)}") from exc
+
+
+@dataclass(frozen=True)
 class Reservation:
     """The result of :meth:`Ledger.reserve`.
 
     Attributes:
         spend_id: the spend's id (new, or the replayed one).
         replay: True if (tenant, request_id, binding) was seen before; ``release`` then holds the
-            stored release and ``receipt`` the stored receipt, and nothing new was charged.
+            stored release, ``receipt`` the stored receipt marked ``replayed``, and nothing new
+            was charged.
+        state: the budget state right after this reservation (now, for a replay).
+        receipt: the receipt the ledger composed and stored with the spend.
         release: stored release (replay only).
-        receipt: stored receipt dict (replay only), or the new receipt fields.
-        state: the budget state right after this reservation.
     """
 
     spend_id: str
     replay: bool
     state: BudgetState
+    receipt: Receipt
     release: npt.NDArray[np.float64] | None = None
-    receipt: dict[str, Any] = field(default_factory=dict)
 
 
 class Ledger(Protocol):
-    """A durable store of budgets and spends. Implementations: SQLite (default); PostgreSQL later."""
+    """A durable store of budgets and spends. Implementations: SQLite (default), in-memory (tests);
+    PostgreSQL later. ``tests/test_ledger_conformance.py`` runs one behavioural suite against each.
+    """
 
     def create_budget(self, domain: str, budget: Budget, *, tenant_quotas: dict[str, float] | None = None) -> None:
-        """Create the budget of a privacy domain. Raises :class:`DomainExists`."""
+        """Create the budget of a privacy domain.
+
+        Raises:
+            DomainExists: the domain already has a budget (never replaced).
+            ValueError: naming a bad domain, tenant or quota.
+        """
         ...
 
     def budget_state(self, domain: str) -> BudgetState:
-        """Current state. Raises :class:`UnknownDomain`."""
+        """Current state.
+
+        Raises:
+            UnknownDomain: no budget for ``domain``.
+        """
         ...
 
     def domains(self) -> list[str]:
-        """All domains with a budget."""
+        """All domains with a budget, sorted."""
         ...
 
     def reserve(
@@ -181,24 +284,49 @@ class Ledger(Protocol):
         binding_hash: str,
         profile: dict[str, Any],
         charge_rdp: npt.NDArray[np.float64],
+        index: str = "",
     ) -> Reservation:
-        """Check and durably append a charge (one transaction, committed before returning).
+        """Check and durably append a charge (one transaction, committed before returning), and
+        compose, store and return its :class:`Receipt`.
+
+        Args:
+            domain: privacy domain.
+            tenant: the authenticated tenant.
+            request_id: the client's idempotency key (unique per tenant).
+            binding_hash: hash of (index version, profile, prompt) the request id is bound to.
+            profile: the profile as plain JSON (audit trail); its ``"name"``, if any, labels the receipt.
+            charge_rdp: the charge, an RDP curve over ``DEFAULT_ORDERS`` (>= 0, may be ``+inf``).
+            index: the index name the receipt is labelled with ("" if none).
+
+        Returns:
+            The new reservation, or the stored release and receipt of a replay (nothing charged).
 
         Raises:
-            BudgetExhausted, QuotaExhausted, UnknownDomain, ReplayMismatch, ReleaseMissing.
+            UnknownDomain, ReplayMismatch, ReleaseMissing, BudgetExhausted, QuotaExhausted,
+            ValueError (naming a malformed argument).
         """
         ...
 
-    def store_release(self, spend_id: str, release: npt.NDArray[np.float64], receipt: dict[str, Any]) -> None:
-        """Durably attach the release and receipt to a reserved spend (idempotent: a second call
-        with a different release raises ``LedgerError``)."""
+    def store_release(self, spend_id: str, release: npt.NDArray[np.float64]) -> None:
+        """Durably attach the release to a reserved spend (its receipt was stored by ``reserve``).
+
+        Idempotent: the same release again is a no-op.
+
+        Raises:
+            UnknownSpend: no spend has this id.
+            ReleaseConflict: the spend already has a different release.
+        """
         ...
 
     def find_release(
         self, *, domain: str, tenant: str, binding_hash: str
-    ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]] | None:
+    ) -> tuple[str, npt.NDArray[np.float64], Receipt] | None:
         """A stored release of this tenant for the same public input (release reuse, charged 0):
-        ``(spend_id, release, receipt)`` of the newest such release, or None."""
+        ``(spend_id, release, stored receipt)`` of the newest such release, or None.
+
+        Raises:
+            UnknownDomain: no budget for ``domain``.
+        """
         ...
 
     def request_binding(self, *, tenant: str, request_id: str) -> str | None:
@@ -207,13 +335,22 @@ class Ledger(Protocol):
         ...
 
     def audit_trail(self, domain: str, *, limit: int = 1000, offset: int = 0) -> list[Spend]:
-        """Spends of a domain, oldest first (admin only)."""
+        """Spends of a domain, oldest first (admin only).
+
+        Raises:
+            UnknownDomain: no budget for ``domain``.
+            ValueError: ``limit`` not in [1, 100000] or ``offset`` < 0.
+        """
         ...
 
     def tenant_quotas(self, domain: str) -> dict[str, tuple[float, float]]:
-        """tenant -> (epsilon quota, epsilon spent) (admin only)."""
+        """tenant -> (epsilon quota, epsilon spent) (admin only).
+
+        Raises:
+            UnknownDomain: no budget for ``domain``.
+        """
         ...
 
     def close(self) -> None:
-        """Flush and release resources."""
+        """Flush and release resources (idempotent); later calls raise :class:`LedgerError`."""
         ...

@@ -1,25 +1,10 @@
 """The default durable privacy ledger: SQLite in WAL mode with ``synchronous=FULL`` (SPEC §6, §11).
 
-Layout (schema version :data:`SCHEMA_VERSION`, checked at open):
-
-* ``meta(key, value)``: ``schema_version`` and the Rényi order grid the curves are over.
-* ``budgets``: one row per privacy domain: the budget (JSON), the running spent curve (JSON),
-  the number of spends, creation time.
-* ``tenant_quotas``: (domain, tenant) -> epsilon quota and the tenant's own running curve.
-* ``curves``: charge curves (JSON) keyed by a hash of their text; a profile's curve is stored
-  once, not in every spend row (2 KB per row; bigger rows make every commit's fsync slower).
-* ``spends``: the append-only audit trail; ``seq`` is the admission order, (tenant, request_id)
-  is unique, ``charge_id`` names the charge curve; the release (float64 bytes) and receipt (JSON)
-  are attached after the fact.
-
-Every write runs through :meth:`SqliteLedger._execute`, which evaluates a batch of operations in
-order inside ONE ``BEGIN IMMEDIATE`` transaction and commits (one fsync) before any caller is
-answered. With ``group_commit=True`` a committer thread drains whatever callers queued while the
-previous batch was committing; with ``group_commit=False`` each caller runs a batch of one under
-a process-wide lock. Both modes share the code, so they share the semantics; admission inside a
-batch is sequential (each operation sees the ones before it). Several processes may share one
-file: ``BEGIN IMMEDIATE`` serialises them (busy timeout) and ``PRAGMA data_version`` tells a
-process when another one committed, so its in-memory running curves are reloaded.
+The file's layout is in :mod:`dprdm.ledger.schema`; every write runs through the batching writer
+of :mod:`dprdm.ledger.writer` (one ``BEGIN IMMEDIATE`` transaction per batch, committed before
+any caller is answered; group commit optional). This module is the public face: it validates
+arguments into operations (:mod:`dprdm.ledger.ops`), serves reads from per-thread read-only
+connections, and checks consistency (:meth:`SqliteLedger.verify`).
 
 Running curves are updated by ``spent = spent + charge`` in admission order, so they equal,
 bit for bit, the sequential sum of the spends' charge curves in ``seq`` order; :meth:`verify`
@@ -33,80 +18,24 @@ Admission uses :class:`~dprdm.ledger.state.Rule`, a thin wrapper over the privac
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
 import sqlite3
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from dprdm.privacy import DEFAULT_ORDERS, Budget
+from dprdm.privacy import Budget
 from dprdm.privacy.accountant import curve_from_json
 
-from .api import (
-    BudgetExhausted,
-    BudgetState,
-    DomainExists,
-    LedgerCorrupt,
-    LedgerError,
-    QuotaExhausted,
-    ReleaseMissing,
-    ReplayMismatch,
-    Reservation,
-    SchemaMismatch,
-    Spend,
-    UnknownDomain,
-    UnknownSpend,
-)
-from .state import (
-    ORDERS,
-    DomainState,
-    Op,
-    Rule,
-    Tx,
-    check_curve,
-    check_text,
-    chunks,
-    curve_id_of,
-    curve_text,
-    decode_release,
-    short_repr,
-)
+from .api import BudgetState, LedgerCorrupt, LedgerError, Receipt, Reservation, Spend
+from .ops import CreateBudget, Reserve, StoreRelease
+from .schema import SCHEMA_VERSION, check_counts, connect, init_schema
+from .state import ORDERS, Rule, curve_id_of, decode_release, unknown_domain
+from .writer import Writer, stored_receipt
 
 __all__ = ["SCHEMA_VERSION", "SqliteLedger"]
-
-_log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-_ORDERS_JSON = json.dumps([float(a) for a in DEFAULT_ORDERS])
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE budgets (
-    domain TEXT PRIMARY KEY, budget TEXT NOT NULL, spent_rdp TEXT NOT NULL,
-    spends INTEGER NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE tenant_quotas (
-    domain TEXT NOT NULL REFERENCES budgets(domain), tenant TEXT NOT NULL,
-    epsilon_quota REAL NOT NULL, spent_rdp TEXT NOT NULL, spends INTEGER NOT NULL,
-    PRIMARY KEY (domain, tenant));
-CREATE TABLE curves (curve_id TEXT PRIMARY KEY, rdp TEXT NOT NULL);
-CREATE TABLE spends (
-    seq INTEGER PRIMARY KEY, spend_id TEXT NOT NULL UNIQUE, domain TEXT NOT NULL,
-    tenant TEXT NOT NULL, request_id TEXT NOT NULL, binding_hash TEXT NOT NULL,
-    profile TEXT NOT NULL, charge_id TEXT NOT NULL REFERENCES curves(curve_id), epsilon_charged REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('reserved', 'released')),
-    release BLOB, release_shape TEXT, receipt TEXT, created_at REAL NOT NULL,
-    UNIQUE (tenant, request_id));
-CREATE INDEX spends_by_domain ON spends (domain, seq);
-CREATE INDEX spends_by_binding ON spends (tenant, binding_hash);
-"""
 
 
 class SqliteLedger:
@@ -146,303 +75,21 @@ class SqliteLedger:
             raise ValueError(f"batch_window_s must be >= 0; found {batch_window_s!r}")
         self.path = Path(path)
         self._timeout = float(busy_timeout_s)
-        self._window = float(batch_window_s)
-        self._max_batch = int(max_batch)
-        self._conn = self._connect()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._init_schema()
-        self._cache: dict[str, DomainState] = {}
-        self._curves: set[str] = set()  # curve ids known to be committed
-        self._rules: dict[str, Rule] = {}
-        self._data_version = -1
+        conn = connect(self.path, self._timeout)
+        conn.execute("PRAGMA journal_mode=WAL")
+        init_schema(conn, self.path)
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
-        self._lock = threading.Lock()  # the writer connection when group_commit=False, and close()
         self._readers_lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._queue: deque[Op] = deque()
-        self._closed = False
-        self._stats = {"transactions": 0, "operations": 0}
-        self._committer: threading.Thread | None = None
+        self._writer = Writer(
+            conn, group_commit=group_commit, window_s=float(batch_window_s), max_batch=int(max_batch)
+        )
         if check_on_open:
-            self._check_counts()
-        if group_commit:
-            self._committer = threading.Thread(target=self._commit_loop, name="ledger-committer", daemon=True)
-            self._committer.start()
-
-    # ----------------------------------------------------------------------------------------- open
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False, cached_statements=1024
-        )
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-        return conn
-
-    def _init_schema(self) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
-                for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT first
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.executemany(
-                    "INSERT INTO meta VALUES (?, ?)", [("schema_version", str(SCHEMA_VERSION)), ("orders", _ORDERS_JSON)]
-                )
-            elif "meta" not in tables:
-                raise SchemaMismatch(f"{self.path} is not a dprdm ledger (no meta table)")
-            else:
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if meta.get("schema_version") != str(SCHEMA_VERSION):
-                    raise SchemaMismatch(
-                        f"ledger schema version {meta.get('schema_version')!r}; this code reads {SCHEMA_VERSION}"
-                    )
-                if meta.get("orders") is None or json.loads(meta["orders"]) != json.loads(_ORDERS_JSON):
-                    raise SchemaMismatch("ledger curves are over another Rényi order grid than DEFAULT_ORDERS")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            conn.close()
-            raise
-
-    def _check_counts(self) -> None:
-        rows = self._reader().execute(
-            "SELECT b.domain, b.spends, (SELECT COUNT(*) FROM spends s WHERE s.domain = b.domain) FROM budgets b"
-        )
-        for domain, stored, counted in rows:
-            if stored != counted:
-                raise LedgerCorrupt(f"domain {domain!r} records {stored} spends but has {counted}")
-
-    # --------------------------------------------------------------------------------- write path
-
-    def _submit(self, kind: str, *args: Any) -> Any:
-        op = Op(kind, args)
-        if self._committer is None:
-            with self._lock:
-                if self._closed:
-                    raise LedgerError("ledger is closed")
-                self._execute([op])
-        else:
-            op.done.acquire()
-            with self._cv:
-                if self._closed:
-                    raise LedgerError("ledger is closed")
-                self._queue.append(op)
-                self._cv.notify()
-            op.done.acquire()
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    def _commit_loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-            if self._window > 0.0:
-                time.sleep(self._window)
-            with self._cv:
-                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             try:
-                self._execute(batch)
-            finally:
-                for op in batch:
-                    op.done.release()
-
-    def _execute(self, ops: list[Op]) -> None:
-        """Run ``ops`` in order in one transaction; set each op's result or error."""
-        conn = self._conn
-        tx = Tx(conn)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
-            for op in ops:
-                op.result, op.error = None, LedgerError(f"ledger store unavailable ({type(exc).__name__})")
-                op.error.__cause__ = exc
-            return
-        try:
-            try:
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != self._data_version:  # another connection committed: reload
-                    self._cache.clear()
-                    self._data_version = version
-                self._prefetch(tx, ops)
-                for op in ops:
-                    try:
-                        op.result = _HANDLERS[op.kind](self, tx, *op.args)
-                    except LedgerError as exc:
-                        op.error = exc
-                self._flush(tx)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                check_counts(self._reader())
+            except LedgerCorrupt:
+                self.close()
                 raise
-        except Exception as exc:
-            for op in ops:
-                op.result, op.error = None, None
-            if len(ops) == 1:
-                ops[0].error = exc
-            else:  # isolate the failing operation: run each alone
-                for op in ops:
-                    self._execute([op])
-            return
-        self._cache.update(tx.domains)
-        self._curves.update(tx.new_curves)
-        self._stats["transactions"] += 1
-        self._stats["operations"] += len(ops)
-
-    def _prefetch(self, tx: Tx, ops: list[Op]) -> None:
-        keys = list({(op.args[1], op.args[2]) for op in ops if op.kind == "reserve"})
-        for chunk in chunks(keys):
-            rows = tx.conn.execute(
-                "SELECT s.tenant, s.request_id, s.spend_id, s.domain, s.binding_hash, s.release, s.release_shape, "
-                "s.receipt FROM (VALUES " + ", ".join(["(?, ?)"] * len(chunk)) + ") AS v "
-                "JOIN spends s ON s.tenant = v.column1 AND s.request_id = v.column2",
-                [x for key in chunk for x in key],
-            )
-            tx.known.update(((r[0], r[1]), list(r[2:])) for r in rows)
-        ids = list({op.args[0] for op in ops if op.kind == "store"})
-        for chunk in chunks(ids):
-            sql = "SELECT spend_id, release, release_shape FROM spends WHERE spend_id IN (" + ", ".join("?" * len(chunk))
-            tx.by_id.update((r[0], [r[1], r[2]]) for r in tx.conn.execute(sql + ")", chunk))
-
-    def _flush(self, tx: Tx) -> None:
-        if tx.new_curves:
-            tx.conn.executemany("INSERT OR IGNORE INTO curves VALUES (?, ?)", tx.new_curves.items())
-        for chunk in chunks(tx.new_spends):
-            tx.conn.execute(
-                "INSERT INTO spends (spend_id, domain, tenant, request_id, binding_hash, profile, charge_id, "
-                "epsilon_charged, status, created_at) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)"] * len(chunk)),
-                [x for row in chunk for x in row],
-            )
-        for chunk in chunks(tx.new_releases):
-            tx.conn.execute(
-                "UPDATE spends SET release = v.column2, release_shape = v.column3, receipt = v.column4, "
-                "status = 'released' FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)) + ") AS v "
-                "WHERE spends.spend_id = v.column1",
-                [x for row in chunk for x in row],
-            )
-        for domain, st in tx.domains.items():
-            if st.dirty:
-                tx.conn.execute(
-                    "UPDATE budgets SET spent_rdp = ?, spends = ? WHERE domain = ?",
-                    (curve_text(st.spent), st.spends, domain),
-                )
-            for tenant in st.dirty_tenants:
-                _, curve, n = st.tenants[tenant]
-                tx.conn.execute(
-                    "UPDATE tenant_quotas SET spent_rdp = ?, spends = ? WHERE domain = ? AND tenant = ?",
-                    (curve_text(curve), n, domain, tenant),
-                )
-
-    def _domain(self, tx: Tx, domain: str) -> DomainState:
-        st = tx.domains.get(domain)
-        if st is not None:
-            return st
-        cached = self._cache.get(domain)
-        if cached is None:
-            row = tx.conn.execute("SELECT budget, spent_rdp, spends FROM budgets WHERE domain = ?", (domain,)).fetchone()
-            if row is None:
-                raise UnknownDomain(f"no budget for privacy domain {domain!r}")
-            tenants = {
-                t: (float(quota), curve_from_json(json.loads(curve)), int(n))
-                for t, quota, curve, n in tx.conn.execute(
-                    "SELECT tenant, epsilon_quota, spent_rdp, spends FROM tenant_quotas WHERE domain = ?", (domain,)
-                )
-            }
-            cached = DomainState(self._rule(domain, row[0]), curve_from_json(json.loads(row[1])), int(row[2]), tenants)
-            self._cache[domain] = cached
-        st = tx.domains[domain] = cached.copy()
-        return st
-
-    def _rule(self, domain: str, budget_json: str) -> Rule:
-        rule = self._rules.get(domain)
-        if rule is None:
-            rule = self._rules[domain] = Rule(Budget.from_dict(json.loads(budget_json)))
-        return rule
-
-    # ---------------------------------------------------------------------------------- operations
-
-    def _op_create(self, tx: Tx, domain: str, budget: Budget, quotas: dict[str, float]) -> None:
-        if tx.conn.execute("SELECT 1 FROM budgets WHERE domain = ?", (domain,)).fetchone():
-            raise DomainExists(f"privacy domain {domain!r} already has a budget")
-        zero = curve_text(np.zeros_like(ORDERS))
-        tx.conn.execute(
-            "INSERT INTO budgets VALUES (?, ?, ?, 0, ?)", (domain, json.dumps(budget.to_dict()), zero, time.time())
-        )
-        tx.conn.executemany(
-            "INSERT INTO tenant_quotas VALUES (?, ?, ?, ?, 0)", [(domain, t, q, zero) for t, q in quotas.items()]
-        )
-
-    def _op_reserve(
-        self,
-        tx: Tx,
-        domain: str,
-        tenant: str,
-        request_id: str,
-        binding: str,
-        profile: str,
-        charge: npt.NDArray[np.float64],
-        key: bytes,
-    ) -> Reservation:
-        st = self._domain(tx, domain)
-        known = tx.known.get((tenant, request_id))
-        if known is not None:
-            spend_id, spend_domain, spend_binding, release, shape, receipt = known
-            if spend_binding != binding or spend_domain != domain:
-                raise ReplayMismatch(f"request_id {request_id!r} of tenant {tenant!r} was used for another request")
-            if release is None:
-                raise ReleaseMissing(f"request_id {request_id!r} of tenant {tenant!r} has no stored release")
-            return Reservation(spend_id, True, st.state(domain), decode_release(release, shape), json.loads(receipt))
-        rule = st.rule
-        admitted, eps_total = rule.admit(st.spent, charge)
-        if not admitted:
-            raise BudgetExhausted(domain, rule.epsilon(st.spent), rule.epsilon_budget)
-        quota = st.tenants.get(tenant)
-        if quota is not None and rule.epsilon(quota[1] + charge) > quota[0]:
-            raise QuotaExhausted(domain, tenant, rule.epsilon(quota[1]), quota[0])
-        curve_id, charge_json, eps_charged = rule.charge_info(charge, key)
-        if curve_id not in self._curves:
-            tx.new_curves[curve_id] = charge_json
-        spend_id = f"{time.time_ns():016x}{os.urandom(8).hex()}"  # time-ordered: appends to its index
-        tx.new_spends.append((spend_id, domain, tenant, request_id, binding, profile, curve_id, eps_charged, time.time()))
-        tx.known[(tenant, request_id)] = [spend_id, domain, binding, None, None, None]
-        st.spent = st.spent + charge
-        st.spent.flags.writeable = False
-        st.spends += 1
-        st.dirty = True
-        if quota is not None:
-            st.tenants[tenant] = (quota[0], quota[1] + charge, quota[2] + 1)
-            st.dirty_tenants.add(tenant)
-        state = st.state(domain, eps_total)
-        receipt = {
-            "spend_id": spend_id,
-            "domain": domain,
-            "profile": json.loads(profile),
-            "delta": float(rule.budget.delta),
-            "epsilon_charged": eps_charged,
-            "epsilon_spent": state.epsilon_spent,
-            "epsilon_left": state.epsilon_left,
-        }
-        return Reservation(spend_id, False, state, None, receipt)
-
-    def _op_store(self, tx: Tx, spend_id: str, blob: bytes, shape: str, receipt: str) -> None:
-        row = tx.by_id.get(spend_id)
-        if row is None:
-            raise UnknownSpend(f"no spend with id {spend_id!r}")
-        if row[0] is not None:
-            if row[0] != blob or row[1] != shape:
-                raise LedgerError(f"spend {spend_id!r} already has a different release")
-            return
-        row[0], row[1] = blob, shape
-        tx.new_releases.append((spend_id, blob, shape, receipt))
 
     # ------------------------------------------------------------------------------- public writes
 
@@ -459,17 +106,7 @@ class SqliteLedger:
             DomainExists: the domain already has a budget (never replaced).
             ValueError: naming a bad domain, tenant or quota.
         """
-        check_text("domain", domain)
-        if not isinstance(budget, Budget):
-            raise ValueError(f"budget must be a dprdm.privacy.Budget; found {type(budget).__name__}")
-        quotas: dict[str, float] = {}
-        for tenant, quota in (tenant_quotas or {}).items():
-            check_text("tenant", tenant)
-            q = float(quota)
-            if not (q > 0.0) or math.isinf(q):
-                raise ValueError(f"quota of tenant {tenant!r} must be finite and > 0; found {quota!r}")
-            quotas[tenant] = q
-        self._submit("create", domain, budget, quotas)
+        self._writer.submit(CreateBudget.build(domain, budget, tenant_quotas))
 
     def reserve(
         self,
@@ -480,19 +117,22 @@ class SqliteLedger:
         binding_hash: str,
         profile: dict[str, Any],
         charge_rdp: npt.NDArray[np.float64],
+        index: str = "",
     ) -> Reservation:
-        """Check and durably append a charge; committed (fsync) before returning.
+        """Check and durably append a charge with its receipt; committed (fsync) before returning.
 
         Args:
             domain: privacy domain.
             tenant: the authenticated tenant.
             request_id: the client's idempotency key (unique per tenant).
             binding_hash: hash of (index version, profile, prompt) the request id is bound to.
-            profile: the profile as plain JSON (stored in the audit trail and the receipt).
+            profile: the profile as plain JSON (audit trail); its ``"name"`` labels the receipt.
             charge_rdp: the charge, an RDP curve over ``DEFAULT_ORDERS`` (>= 0, may be ``+inf``).
+            index: the index name the receipt is labelled with ("" if none).
 
         Returns:
-            The new reservation, or the stored release of a replay (nothing charged).
+            The new reservation and its receipt, or the stored release and receipt (marked
+            ``replayed``) of a replay (nothing charged).
 
         Raises:
             UnknownDomain: no budget for ``domain``.
@@ -502,63 +142,57 @@ class SqliteLedger:
             QuotaExhausted: the tenant's quota does not admit the charge (nothing written).
             ValueError: naming a malformed argument.
         """
-        for name, value in (("domain", domain), ("tenant", tenant), ("request_id", request_id)):
-            check_text(name, value)
-        check_text("binding_hash", binding_hash)
-        try:
-            profile_json = json.dumps(profile, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"profile must be plain JSON; found {short_repr(profile)}") from exc
-        charge = check_curve(charge_rdp)
-        res: Reservation = self._submit(
-            "reserve", domain, tenant, request_id, binding_hash, profile_json, charge, charge.tobytes()
+        op = Reserve.build(
+            domain=domain,
+            tenant=tenant,
+            request_id=request_id,
+            binding_hash=binding_hash,
+            profile=profile,
+            charge_rdp=charge_rdp,
+            index=index,
         )
+        res: Reservation = self._writer.submit(op)
         return res
 
-    def store_release(self, spend_id: str, release: npt.NDArray[np.float64], receipt: dict[str, Any]) -> None:
-        """Durably attach the release and receipt to a reserved spend.
+    def store_release(self, spend_id: str, release: npt.NDArray[np.float64]) -> None:
+        """Durably attach the release to a reserved spend (its receipt was stored at reservation).
 
-        Idempotent: storing the same release again is a no-op (the first receipt is kept).
+        Idempotent: storing the same release (bit for bit, same shape) again is a no-op.
 
         Args:
             spend_id: the reservation's spend id.
             release: the released array (stored as float64).
-            receipt: the receipt returned to the client (plain JSON).
 
         Raises:
             UnknownSpend: no spend has this id.
-            LedgerError: the spend already has a different release.
+            ReleaseConflict: the spend already has a different release.
             ValueError: a malformed argument.
         """
-        check_text("spend_id", spend_id)
-        arr = np.ascontiguousarray(release, dtype="<f8")
-        try:
-            receipt_json = json.dumps(receipt, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError("receipt must be plain JSON") from exc
-        self._submit("store", spend_id, arr.tobytes(), json.dumps(list(arr.shape)), receipt_json)
+        self._writer.submit(StoreRelease.build(spend_id, release))
 
     # -------------------------------------------------------------------------------------- reads
 
     def _reader(self) -> sqlite3.Connection:
+        if self._writer.closed:
+            raise LedgerError("ledger is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             with self._readers_lock:
-                if self._closed:
+                if self._writer.closed:
                     raise LedgerError("ledger is closed")
-                conn = self._connect()
+                conn = connect(self.path, self._timeout)
                 conn.execute("PRAGMA query_only=ON")
                 self._readers.append(conn)
             self._local.conn = conn
         return conn
 
     def _read_rule(self, conn: sqlite3.Connection, domain: str) -> Rule:
-        rule = self._rules.get(domain)
+        rule = self._writer.known_rule(domain)
         if rule is None:
             row = conn.execute("SELECT budget FROM budgets WHERE domain = ?", (domain,)).fetchone()
             if row is None:
-                raise UnknownDomain(f"no budget for privacy domain {domain!r}")
-            rule = self._rule(domain, row[0])
+                raise unknown_domain(domain)
+            rule = self._writer.rule(domain, row[0])
         return rule
 
     def budget_state(self, domain: str) -> BudgetState:
@@ -570,8 +204,8 @@ class SqliteLedger:
         conn = self._reader()
         row = conn.execute("SELECT budget, spent_rdp, spends FROM budgets WHERE domain = ?", (domain,)).fetchone()
         if row is None:
-            raise UnknownDomain(f"no budget for privacy domain {domain!r}")
-        rule = self._rule(domain, row[0])
+            raise unknown_domain(domain)
+        rule = self._writer.rule(domain, row[0])
         spent = curve_from_json(json.loads(row[1]))
         spent.flags.writeable = False
         return BudgetState(domain, rule.budget, spent, int(row[2]), rule.epsilon(spent))
@@ -582,20 +216,26 @@ class SqliteLedger:
 
     def find_release(
         self, *, domain: str, tenant: str, binding_hash: str
-    ) -> tuple[str, npt.NDArray[np.float64], dict[str, Any]] | None:
+    ) -> tuple[str, npt.NDArray[np.float64], Receipt] | None:
         """The newest stored release of ``tenant`` for the same public input (reuse, charged 0).
 
         Returns:
-            ``(spend_id, release, receipt)``, or None. Other tenants' releases are never returned.
+            ``(spend_id, release, stored receipt)``, or None. Other tenants' releases are never
+            returned.
+
+        Raises:
+            UnknownDomain: no budget for ``domain``.
         """
-        row = self._reader().execute(
+        conn = self._reader()
+        self._read_rule(conn, domain)
+        row = conn.execute(
             "SELECT spend_id, release, release_shape, receipt FROM spends WHERE tenant = ? AND binding_hash = ? "
             "AND domain = ? AND release IS NOT NULL ORDER BY seq DESC LIMIT 1",
             (tenant, binding_hash, domain),
         ).fetchone()
         if row is None:
             return None
-        return row[0], decode_release(row[1], row[2]), json.loads(row[3])
+        return row[0], decode_release(row[1], row[2]), stored_receipt(row[3])
 
     def request_binding(self, *, tenant: str, request_id: str) -> str | None:
         """The binding hash of the spend charged for (tenant, request id), or None."""
@@ -661,7 +301,7 @@ class SqliteLedger:
     def _verify_domain(self, conn: sqlite3.Connection, domain: str) -> None:
         row = conn.execute("SELECT spent_rdp, spends FROM budgets WHERE domain = ?", (domain,)).fetchone()
         if row is None:
-            raise UnknownDomain(f"no budget for privacy domain {domain!r}")
+            raise unknown_domain(domain)
         quotas = {
             t: (curve_from_json(json.loads(c)), n)
             for t, c, n in conn.execute("SELECT tenant, spent_rdp, spends FROM tenant_quotas WHERE domain = ?", (domain,))
@@ -696,19 +336,16 @@ class SqliteLedger:
 
     def stats(self) -> dict[str, int]:
         """Write transactions committed and operations they carried (this process)."""
-        return dict(self._stats)
+        return self._writer.stats()
 
     def close(self) -> None:
-        """Finish queued writes, stop the committer and close every connection (idempotent)."""
-        with self._cv:
-            if self._closed:
-                return
-            self._closed = True
-            self._cv.notify_all()
-        if self._committer is not None:
-            self._committer.join()
-        with self._lock, self._readers_lock:
-            for conn in [*self._readers, self._conn]:
+        """Finish queued writes, stop the committer and close every connection (idempotent).
+
+        Later calls raise :class:`~dprdm.ledger.api.LedgerError` ("ledger is closed").
+        """
+        self._writer.close()
+        with self._readers_lock:
+            for conn in self._readers:
                 conn.close()
             self._readers.clear()
 
@@ -717,10 +354,3 @@ class SqliteLedger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_HANDLERS: dict[str, Callable[..., Any]] = {
-    "create": SqliteLedger._op_create,
-    "reserve": SqliteLedger._op_reserve,
-    "store": SqliteLedger._op_store,
-}

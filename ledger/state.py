@@ -1,15 +1,18 @@
-"""The writer's working parts of :mod:`dprdm.ledger.sqlite`: the admission rule, a domain's running
-state, queued operations and a batch transaction's state, plus the encoding helpers they share.
+"""The parts every store shares: the admission rule, a domain's running state (admission and the
+charge applied in one place), receipt composition, a batch transaction's state, the errors' texts
+and the encoding helpers.
 
-Split from ``ledger.py`` to keep it readable; nothing here touches the database by itself.
+Nothing here touches the database by itself; :class:`~dprdm.ledger.memory.MemoryLedger` and the
+SQLite writer (:mod:`dprdm.ledger.writer`) decide admissions with the same code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
-import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +22,22 @@ import numpy.typing as npt
 from dprdm.privacy import DEFAULT_ORDERS, Budget
 from dprdm.privacy.accountant import curve_to_json
 
-from .api import BudgetState
+from .api import (
+    BudgetExhausted,
+    BudgetState,
+    QuotaExhausted,
+    Receipt,
+    ReleaseConflict,
+    ReleaseMissing,
+    ReplayMismatch,
+    UnknownDomain,
+    UnknownSpend,
+)
 
 __all__ = [
-    "ORDERS", "MAX_TEXT", "Rule", "DomainState", "Op", "Tx", "curve_text", "curve_id_of", "short_repr",
-    "check_text", "check_curve", "chunks", "decode_release",
+    "ORDERS", "MAX_TEXT", "Rule", "DomainState", "SpendRow", "Tx", "curve_text", "curve_id_of", "short_repr",
+    "check_text", "check_curve", "chunks", "decode_release", "new_spend_id", "compose_receipt", "unknown_domain",
+    "unknown_spend", "replay_mismatch", "release_missing", "release_conflict",
 ]
 
 ORDERS = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
@@ -93,7 +107,9 @@ class Rule:
 
 @dataclass
 class DomainState:
-    """A domain's running state inside the writer (copied on first use in a transaction)."""
+    """A domain's running state: its rule, spent curve, spend count and quota tenants
+    (tenant -> (epsilon quota, spent curve, spends)). The SQLite writer copies it on first use in
+    a transaction and marks what it must write back (``dirty``)."""
 
     rule: Rule
     spent: npt.NDArray[np.float64]
@@ -103,6 +119,7 @@ class DomainState:
     dirty_tenants: set[str] = field(default_factory=set)
 
     def copy(self) -> DomainState:
+        """A copy whose updates do not touch this one (curves are replaced, never mutated)."""
         return DomainState(self.rule, self.spent, self.spends, dict(self.tenants))
 
     def state(self, domain: str, epsilon_spent: float | None = None) -> BudgetState:
@@ -110,16 +127,82 @@ class DomainState:
         eps = self.rule.epsilon(self.spent) if epsilon_spent is None else epsilon_spent
         return BudgetState(domain, self.rule.budget, self.spent, self.spends, eps)
 
+    def charge(
+        self, domain: str, tenant: str, charge: npt.NDArray[np.float64], key: bytes
+    ) -> tuple[tuple[str, str, float], BudgetState]:
+        """Admit ``charge`` (domain budget, then the tenant's quota) and apply it.
 
-@dataclass
-class Op:
-    """One queued write, ``kind`` in {"create", "reserve", "store"}; the caller waits on ``done``."""
+        Nothing changes when the charge is refused.
 
-    kind: str
-    args: tuple[Any, ...]
-    result: Any = None
-    error: BaseException | None = None
-    done: threading.Lock = field(default_factory=threading.Lock)
+        Args:
+            domain: the domain's name (errors and the snapshot).
+            tenant: the charged tenant.
+            charge: read-only charge curve over ``ORDERS``.
+            key: ``charge.tobytes()`` (the rule's charge cache key).
+
+        Returns:
+            ``((curve id, curve JSON, epsilon of the charge), state right after the charge)``.
+
+        Raises:
+            BudgetExhausted: the domain budget does not admit the charge.
+            QuotaExhausted: the tenant's quota does not admit it.
+        """
+        rule = self.rule
+        admitted, eps_total = rule.admit(self.spent, charge)
+        if not admitted:
+            raise BudgetExhausted(domain, rule.epsilon(self.spent), rule.epsilon_budget)
+        quota = self.tenants.get(tenant)
+        if quota is not None and rule.epsilon(quota[1] + charge) > quota[0]:
+            raise QuotaExhausted(domain, tenant, rule.epsilon(quota[1]), quota[0])
+        info = rule.charge_info(charge, key)
+        self.spent = self.spent + charge
+        self.spent.flags.writeable = False
+        self.spends += 1
+        self.dirty = True
+        if quota is not None:
+            self.tenants[tenant] = (quota[0], quota[1] + charge, quota[2] + 1)
+            self.dirty_tenants.add(tenant)
+        return info, self.state(domain, eps_total)
+
+
+def compose_receipt(
+    *, spend_id: str, request_id: str, index: str, profile: str, epsilon_charged: float, state: BudgetState
+) -> Receipt:
+    """The receipt of a new spend: its charge and the domain's figures right after it."""
+    budget = state.budget
+    return Receipt(
+        spend_id=spend_id,
+        request_id=request_id,
+        index=index,
+        domain=state.domain,
+        profile=profile,
+        epsilon_charged=float(epsilon_charged),
+        delta=float(budget.delta),
+        epsilon_spent=float(state.epsilon_spent),
+        epsilon_left=float(state.epsilon_left),
+        epsilon_budget=float(budget.epsilon),
+    )
+
+
+def new_spend_id() -> str:
+    """A fresh spend id: nanosecond time then 64 random bits, in hex (time-ordered: appends to
+    its index)."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
+@dataclass(eq=False)
+class SpendRow:
+    """What a batch knows of one spend (prefetched, or reserved earlier in the batch).
+
+    ``receipt`` is the stored JSON text, or the :class:`Receipt` composed in this batch.
+    """
+
+    spend_id: str
+    domain: str
+    binding: str
+    release: bytes | None
+    shape: str | None
+    receipt: str | Receipt | None
 
 
 @dataclass
@@ -127,18 +210,44 @@ class Tx:
     """Working state of one batch transaction.
 
     ``known`` holds the spends of the batch's (tenant, request_id) keys and ``by_id`` those of its
-    ``store_release`` ids, prefetched with one query each and updated as the batch proceeds, so
-    decisions run in Python and the writes go out as a few multi-row statements at the end (each
-    statement releases and re-takes the GIL: per-operation statements convoy behind the callers).
+    ``store_release`` ids (one :class:`SpendRow` per spend, shared by both maps), prefetched with
+    one query each and updated as the batch proceeds, so decisions run in Python and the writes
+    go out as a few multi-row statements at the end (each statement releases and re-takes the
+    GIL: per-operation statements convoy behind the callers).
     """
 
     conn: sqlite3.Connection
     domains: dict[str, DomainState] = field(default_factory=dict)
-    known: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    by_id: dict[str, list[Any]] = field(default_factory=dict)
+    known: dict[tuple[str, str], SpendRow] = field(default_factory=dict)
+    by_id: dict[str, SpendRow] = field(default_factory=dict)
     new_spends: list[tuple[Any, ...]] = field(default_factory=list)
     new_curves: dict[str, str] = field(default_factory=dict)
-    new_releases: list[tuple[str, bytes, str, str]] = field(default_factory=list)
+    new_releases: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+def unknown_domain(domain: str) -> UnknownDomain:
+    """The error for a domain without a budget."""
+    return UnknownDomain(f"no budget for privacy domain {domain!r}")
+
+
+def unknown_spend(spend_id: str) -> UnknownSpend:
+    """The error for a spend id no reservation returned."""
+    return UnknownSpend(f"no spend with id {spend_id!r}")
+
+
+def replay_mismatch(tenant: str, request_id: str) -> ReplayMismatch:
+    """The error for a request id reused with another binding or domain."""
+    return ReplayMismatch(f"request_id {request_id!r} of tenant {tenant!r} was used for another request")
+
+
+def release_missing(tenant: str, request_id: str) -> ReleaseMissing:
+    """The error for a replay of a spend whose release was never stored."""
+    return ReleaseMissing(f"request_id {request_id!r} of tenant {tenant!r} has no stored release")
+
+
+def release_conflict(spend_id: str) -> ReleaseConflict:
+    """The error for a second, different release of a spend (names no private-derived value)."""
+    return ReleaseConflict(f"spend {spend_id!r} already has a different release")
 
 
 def check_text(name: str, value: object) -> None:

@@ -14,7 +14,6 @@ __all__ = [
     "default_device",
     "default_dtype",
     "sha256_file",
-    "sha256_state_dict",
     "to_pil",
     "sampler_generator",
 ]
@@ -48,18 +47,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with p.open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """Canonical hash of a state dict: sorted keys, dtype, shape and little-endian bytes."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

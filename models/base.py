@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: the base install (no pillow) imports this module
+    from PIL import Image
 
 __all__ = ["EncoderIdentity", "Encoder", "IdentityMixin", "Generator", "ProgressCallback"]
 

@@ -1,7 +1,7 @@
 """Tiny random models built from config, for tests (ours and other packages'). Nothing downloads.
 
 Follows diffusers' own fast tests: ``block_out_channels=(4, 8)``-sized UNets, seeded construction.
-Also :class:`HashEncoder`, a deterministic dependency-free encoder for server/index tests.
+The torch-free fake encoder of the server and index tests is :class:`dprdm.models.fake.FakeEncoder`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from typing import Any
 
 import torch
 
-from .hash_encoder import HashEncoder
-
 __all__ = [
-    "HashEncoder",
     "tiny_clip_tokenizer",
     "tiny_rdm_generator",
     "tiny_unclip_pipeline",

@@ -6,7 +6,6 @@ torch or faiss.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,6 @@ import numpy.typing as npt
 from dprdm.models.base import EncoderIdentity
 
 from .catalog import Bundle
-from .errors import StartupError
 
 __all__ = ["IndexAdapter", "load_index", "load_bundle"]
 
@@ -53,36 +51,25 @@ class IndexAdapter:
         return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).vectors)
 
 
-def _import(module: str, attr: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-
-
 def load_index(path: str) -> IndexAdapter:
-    """Load and verify an index directory with ``dprdm.index``.
+    """Load and verify an index directory with :func:`dprdm.index.format.load`.
 
     Raises:
-        StartupError: ``dprdm.index`` is missing from this build.
         ValueError: the index is invalid (``IndexFormatError``).
     """
-    loader = _import("dprdm.index", "load") or _import("dprdm.index.format", "load")
-    if loader is None:
-        raise StartupError("dprdm.index is not available in this build; cannot load indexes")
-    return IndexAdapter(loader(path))
+    from dprdm.index.format import load
+
+    return IndexAdapter(load(path))
 
 
 def load_bundle(name: str) -> Bundle:
-    """Load a named encoder/generator bundle with ``dprdm.models.registry.load_bundle``.
+    """Load a named encoder/generator bundle with :func:`dprdm.models.registry.load_bundle`.
 
     Raises:
-        StartupError: the registry is missing from this build.
         FileNotFoundError: unknown bundle or missing model files.
         ValueError: invalid bundle file.
     """
-    loader = _import("dprdm.models.registry", "load_bundle")
-    if loader is None:
-        raise StartupError("dprdm.models.registry is not available in this build; cannot load bundles")
-    b = loader(name)
-    return Bundle(name=name, encoder=b.encoder, generator=getattr(b, "generator", None))
+    from dprdm.models.registry import load_bundle as load_registry_bundle
+
+    b = load_registry_bundle(name)
+    return Bundle(name=name, encoder=b.encoder, generator=b.generator)

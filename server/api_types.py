@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from dprdm.ledger.api import Receipt  # the ledger composes receipts; the server only converts them
 
 from .config import Limits
 from .errors import InvalidArgument
@@ -52,11 +54,19 @@ class Caller:
 
     tenant: str
     role: str
+    indexes: frozenset[str] | None = None
+    """The only indexes this caller may use (None: all)."""
+    domains: frozenset[str] | None = None
+    """The only privacy domains whose indexes this caller may use (None: all)."""
 
     @property
     def is_admin(self) -> bool:
         """Whether the caller has the admin role."""
         return self.role == "admin"
+
+    def may_use(self, index: str, domain: str) -> bool:
+        """Whether the caller's token allows index ``index`` of privacy domain ``domain``."""
+        return (self.indexes is None or index in self.indexes) and (self.domains is None or domain in self.domains)
 
 
 @dataclass(frozen=True)
@@ -81,33 +91,6 @@ class GenerateArgs:
     num_images: int
     steps: int
     seed: int | None
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """The privacy cost of one answer (SPEC §7). Spent/left figures are informational."""
-
-    spend_id: str
-    request_id: str
-    index: str
-    domain: str
-    profile: str
-    epsilon_charged: float
-    delta: float
-    epsilon_spent: float
-    epsilon_left: float
-    epsilon_budget: float
-    replayed: bool = False
-    reused: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (stored with the release)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Receipt:
-        """Inverse of :meth:`to_dict` (unknown keys ignored)."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)

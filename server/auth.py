@@ -45,7 +45,9 @@ class Authenticator:
     """Maps bearer tokens to callers."""
 
     def __init__(self, tokens: Sequence[TokenConfig]) -> None:
-        self._by_digest = {t.token_sha256: Caller(tenant=t.tenant, role=t.role) for t in tokens}
+        self._by_digest = {
+            t.token_sha256: Caller(tenant=t.tenant, role=t.role, indexes=t.indexes, domains=t.domains) for t in tokens
+        }
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller:
         """The caller for the ``authorization`` metadata.

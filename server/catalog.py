@@ -14,6 +14,7 @@ here, before the port opens:
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class Catalog:
     def domains(self) -> list[str]:
         """Privacy domains with a served index, sorted."""
         return sorted({i.domain for i in self.indexes.values()})
+
+
+_LOG = logging.getLogger("dprdm.server")
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,12 @@ def _load(cfg: IndexConfig, loaders: Loaders) -> _Loaded:
     if index.private and not cfg.private:
         raise StartupError(
             f"indexes.{cfg.name}: the index manifest declares a private corpus; private = false is refused"
+        )
+    if index.private and cfg.noise == "float":  # only with allow_float_noise = true (config check)
+        _LOG.warning(
+            "indexes.%s: private index served with FLOAT noise (allow_float_noise = true): "
+            "floating-point Gaussian samples can leak through their low-order bits (Mironov 2012)",
+            cfg.name,
         )
     return _Loaded(cfg, index, bundle, index.dimension if cfg.noise == "discrete" else None)
 

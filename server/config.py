@@ -26,11 +26,13 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     tenant = "alice"
     role = "tenant"                  # or "admin"
     token_env = "DPRDM_TOKEN_ALICE"  # or token = "..." or token_sha256 = "<hex>"
+    # indexes = ["faces"]            # optional: only these indexes (or domains = ["corpus-id"])
 
     [indexes.faces]
     path = "/srv/faces-index"
     bundle = "dprdm-mini"            # encoder/generator bundle (must match the index's encoder)
     # noise = "discrete"             # discrete (default if private: floating-point-safe) | float
+    # allow_float_noise = true       # required for noise = "float" on a private index (logged)
 
     [indexes.faces.profiles.default]
     k = 18
@@ -113,6 +115,12 @@ class IndexConfig:
     profiles: tuple[ProfileConfig, ...]
     private: bool = True
     noise: str = "discrete"
+    allow_float_noise: bool = False
+    """Explicit opt-in to float noise on a private index (``noise = "float"``): textbook
+    floating-point Gaussian samples leak through their low-order bits (I. Mironov, "On
+    Significance of the Least Significant Bits for Differential Privacy", CCS 2012), so a private
+    index serves the exact discrete Gaussian unless the operator accepts that risk; the server
+    logs a warning naming the index at every start."""
 
     def profile(self, name: str) -> Profile | None:
         """The profile called ``name``, or None."""
@@ -133,11 +141,18 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """A bearer token (kept as its SHA-256) with its tenant and role."""
+    """A bearer token (kept as its SHA-256) with its tenant and role.
+
+    ``indexes`` / ``domains``: when set, a tenant token may use only those indexes (by name) or
+    the indexes of those privacy domains (corpus ids); outside them: ``PERMISSION_DENIED``.
+    None means every served index.
+    """
 
     tenant: str
     role: str
     token_sha256: str = field(repr=False)
+    indexes: frozenset[str] | None = None
+    domains: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,13 @@ def _index(name: str, t: _Table, base: Path) -> IndexConfig:
     noise = t.get("noise", str, "discrete" if private else "float")
     if noise not in NOISE_KINDS:
         raise ConfigError(f"{t.key('noise')}: must be one of {', '.join(NOISE_KINDS)}; found {noise!r}")
+    allow_float = t.get("allow_float_noise", bool, False)
+    if private and noise == "float" and not allow_float:
+        raise ConfigError(
+            f"{t.key('noise')}: float noise on a private index leaks through floating-point "
+            f"rounding (Mironov 2012); use noise = \"discrete\", or set allow_float_noise = true "
+            f"to accept that risk explicitly"
+        )
     idx = IndexConfig(
         name=name,
         path=str(_path(t.require("path", str), base)),
@@ -277,6 +299,7 @@ def _index(name: str, t: _Table, base: Path) -> IndexConfig:
         profiles=_profiles(t.sub("profiles"), private),
         private=private,
         noise=noise,
+        allow_float_noise=allow_float,
     )
     if noise == "discrete":
         for p in idx.profiles:
@@ -328,8 +351,26 @@ def _token(i: int, t: _Table, env: Mapping[str, str]) -> TokenConfig:
         if len(raw) < 16:
             raise ConfigError(f"{t.key(sources[0])}: the token must have at least 16 characters")
         digest = hash_token(raw)
+    scopes = {key: _name_list(t, key) for key in ("indexes", "domains")}
+    if role == "admin" and any(v is not None for v in scopes.values()):
+        key = "indexes" if scopes["indexes"] is not None else "domains"
+        raise ConfigError(f"{t.key(key)}: only tenant tokens are limited to indexes or domains")
     t.done()
-    return TokenConfig(tenant=tenant, role=role, token_sha256=digest)
+    return TokenConfig(tenant=tenant, role=role, token_sha256=digest, **scopes)
+
+
+def _name_list(t: _Table, key: str) -> frozenset[str] | None:
+    """An optional non-empty list of names (``indexes = ["a", "b"]``)."""
+    values = t.get(key, list)
+    if values is None:
+        return None
+    if not values:
+        raise ConfigError(f"{t.key(key)}: must name at least one; remove the key to allow all")
+    for v in values:
+        if not isinstance(v, str):
+            raise ConfigError(f"{t.key(key)}: expected names (strings); found {v!r}")
+        _check_name(t.key(key), v)
+    return frozenset(values)
 
 
 def _check_name(key: str, name: str) -> None:
@@ -369,6 +410,10 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
     names = [i.name for i in cfg.indexes]
     if len(set(names)) != len(names):
         raise ConfigError("indexes: duplicate index name")
+    for i, tok in enumerate(cfg.tokens):
+        unknown = sorted((tok.indexes or frozenset()) - set(names))
+        if unknown:
+            raise ConfigError(f"tokens[{i}].indexes: no index named {unknown[0]!r} is configured")
     return cfg
 
 

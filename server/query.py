@@ -13,6 +13,9 @@
 6. ``ledger.store_release``; from step 4 on the work always runs to completion, whatever
    happens to the caller (the charge is never refunded, and the release stays replayable).
 
+The receipt is the ledger's: ``reserve`` composes and stores it with the spend, replays and
+release reuse return the stored one; this module only marks a reused one (charged 0).
+
 Nothing here logs or returns a private-derived value other than the release itself.
 """
 
@@ -23,7 +26,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -32,9 +35,9 @@ from dprdm.ledger.api import BudgetState, Ledger, ReplayMismatch
 from dprdm.privacy import Budget, check_dp_generator, release
 from dprdm.privacy.discrete import release_hardened
 
-from .api_types import Answer, QueryArgs, Receipt
+from .api_types import Answer, Caller, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
-from .errors import Cancelled, DeadlineTooShort, NotFound
+from .errors import Cancelled, DeadlineTooShort, NotFound, PermissionDenied
 
 __all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query"]
 
@@ -105,41 +108,28 @@ def binding_hash(served: ServedIndex, profile: ServedProfile, prompt: str) -> st
     return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def plan_query(catalog: Catalog, tenant: str, args: QueryArgs) -> QueryPlan:
-    """Resolve index and profile names.
+def plan_query(catalog: Catalog, caller: Caller, args: QueryArgs) -> QueryPlan:
+    """Resolve index and profile names for ``caller``.
 
     Raises:
         NotFound: naming ``index`` or ``profile``.
+        PermissionDenied: the caller's token is limited to other indexes or domains.
     """
     served = catalog.indexes.get(args.index)
     if served is None:
         raise NotFound("index", args.index)
+    if not caller.may_use(served.name, served.domain):
+        raise PermissionDenied(f"this token may not use index {served.name!r}")
     prof = served.profiles.get(args.profile)
     if prof is None:
         raise NotFound("profile", args.profile)
     return QueryPlan(
-        tenant,
+        caller.tenant,
         args,
         served,
         prof,
         binding_hash(served, prof, args.prompt),
         catalog.budgets.get(served.domain),
-    )
-
-
-def _receipt(plan: QueryPlan, spend_id: str, state: BudgetState | None, epsilon_charged: float) -> Receipt:
-    budget = None if state is None else state.budget
-    return Receipt(
-        spend_id=spend_id,
-        request_id=plan.args.request_id,
-        index=plan.served.name,
-        domain=plan.served.domain,
-        profile=plan.profile.name,
-        epsilon_charged=epsilon_charged,
-        delta=0.0 if budget is None else float(budget.delta),
-        epsilon_spent=0.0 if state is None else float(state.epsilon_spent),
-        epsilon_left=0.0 if state is None else float(state.epsilon_left),
-        epsilon_budget=0.0 if budget is None else float(budget.epsilon),
     )
 
 
@@ -184,19 +174,22 @@ def answer_query(
             rng = rng_factory()
             check_dp_generator(rng, production=production)
             c = _release(plan, u, rng, noise)
-        return Answer(release=c, receipt=_receipt(plan, "", None, 0.0))
+        free = Receipt.free(
+            request_id=plan.args.request_id, index=plan.served.name, domain=domain, profile=plan.profile.name
+        )
+        return Answer(release=c, receipt=free)
     if reuse:
         bound = ledger.request_binding(tenant=plan.tenant, request_id=plan.args.request_id)
         if bound is not None and bound != plan.binding:
             raise ReplayMismatch(f"request_id {plan.args.request_id!r} was used for another request")
         found = ledger.find_release(domain=domain, tenant=plan.tenant, binding_hash=plan.binding)
         if found is not None:
-            spend_id, stored, stored_receipt = found
-            if stored_receipt.get("request_id") == plan.args.request_id:  # a replay of that very request
-                rec = replace(Receipt.from_dict(stored_receipt), replayed=True)
+            _spend_id, stored, receipt = found  # the ledger's stored receipt
+            if receipt.request_id == plan.args.request_id:  # a replay of that very request
+                receipt = receipt.as_replay()
             else:
-                rec = replace(_receipt(plan, spend_id, ledger.budget_state(domain), 0.0), reused=True)
-            return Answer(release=np.asarray(stored, dtype=np.float64), receipt=rec)
+                receipt = receipt.as_reuse(plan.args.request_id, ledger.budget_state(domain))
+            return Answer(release=np.asarray(stored, dtype=np.float64), receipt=receipt)
     guard.before_charge()
     res = ledger.reserve(
         domain=domain,
@@ -205,23 +198,18 @@ def answer_query(
         binding_hash=plan.binding,
         profile={"name": plan.profile.name, **plan.profile.profile.to_dict()},
         charge_rdp=plan.profile.charge,
+        index=plan.served.name,
     )
     guard.charged = True
-    if res.replay:
-        rec = (
-            Receipt.from_dict(res.receipt)
-            if res.receipt
-            else _receipt(plan, res.spend_id, res.state, plan.profile.epsilon_per_query)
-        )
-        return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=replace(rec, replayed=True))
+    if res.replay:  # the ledger's stored receipt, marked replayed
+        return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=res.receipt)
     if on_charge is not None:
         on_charge(res.state)
     rng = rng_factory()
     check_dp_generator(rng, production=production)
     c = _release(plan, u, rng, noise)
-    rec = _receipt(plan, res.spend_id, res.state, plan.profile.epsilon_per_query)
-    ledger.store_release(res.spend_id, c, rec.to_dict())
-    return Answer(release=c, receipt=rec)
+    ledger.store_release(res.spend_id, c)
+    return Answer(release=c, receipt=res.receipt)
 
 
 NoiseSource = Callable[[float, int], npt.NDArray[np.float64]]
@@ -239,10 +227,12 @@ def _release(
     prof = plan.profile
     selected = _search(plan, u, rng)
     if prof.hardened_dimension is None:
-        return release(prof.profile, u, selected, rng)
+        return release(prof.profile, query=u, selected=selected, rng=rng)
     if noise is None:
         raise RuntimeError("a hardened profile needs a lattice noise source; none is configured")
-    _noisy, c = release_hardened(prof.profile, u, selected, noise(prof.profile.sigma, prof.hardened_dimension))
+    _noisy, c = release_hardened(
+        prof.profile, query=u, selected=selected, noise=noise(prof.profile.sigma, prof.hardened_dimension)
+    )
     return c
 
 

@@ -44,7 +44,7 @@ from .api_types import (
 )
 from .catalog import Catalog
 from .config import Limits
-from .errors import DeadlineTooShort, InvalidArgument, NotFound, Unsupported
+from .errors import DeadlineTooShort, InvalidArgument, NotFound, PermissionDenied, Unsupported
 from .generation import GenerationJob, GenerationPool
 from .metrics import Metrics
 from .query import ChargeGuard, answer_query, plan_query
@@ -139,7 +139,7 @@ class DprdmService:
             mismatch, missing release).
         """
         start = time.monotonic()
-        plan = plan_query(self.catalog, caller.tenant, args)
+        plan = plan_query(self.catalog, caller, args)
         fixed = self.options.fixed_response_seconds
         guard = ChargeGuard(deadline=deadline, margin=max(self.options.min_deadline_seconds, fixed or 0.0))
         guard.before_charge()
@@ -182,7 +182,7 @@ class DprdmService:
         Raises:
             Unsupported: the index has no generator. Plus the errors of :meth:`retrieve`.
         """
-        plan = plan_query(self.catalog, caller.tenant, args.query)
+        plan = plan_query(self.catalog, caller, args.query)
         generator = plan.served.bundle.generator
         if generator is None:
             raise Unsupported(f"index {plan.served.name!r} has no generator; use Retrieve")
@@ -214,17 +214,21 @@ class DprdmService:
         if self.metrics is not None:
             self.metrics.generation_inside.set(self.generation.inside)
 
-    def _domain_of(self, index: str | None, domain: str | None) -> str:
+    def _domain_of(self, caller: Caller, index: str | None, domain: str | None) -> str:
         if index is not None:
             served = self.catalog.indexes.get(validate_name("index", index))
             if served is None:
                 raise NotFound("index", index)
+            if not caller.may_use(served.name, served.domain):
+                raise PermissionDenied(f"this token may not use index {served.name!r}")
             return served.domain
         if not domain:
             raise InvalidArgument("domain", "one of index or domain is required")
         validate_name("domain", domain)
         if domain not in self.catalog.budgets:
             raise NotFound("domain", str(domain))
+        if not any(caller.may_use(s.name, s.domain) for s in self.catalog.indexes.values() if s.domain == domain):
+            raise PermissionDenied(f"this token may not use domain {domain!r}")
         return str(domain)
 
     async def get_budget(
@@ -233,9 +237,9 @@ class DprdmService:
         """The budget of an index's domain (or of a served domain by name), with the caller's quota.
 
         Raises:
-            InvalidArgument, NotFound.
+            InvalidArgument, NotFound, PermissionDenied (a token limited to other indexes/domains).
         """
-        name = self._domain_of(index, domain)
+        name = self._domain_of(caller, index, domain)
         if name not in self.catalog.budgets:
             raise NotFound("domain", name)
         loop = asyncio.get_running_loop()
@@ -247,9 +251,12 @@ class DprdmService:
         return budget_view(state, quota)
 
     async def list_indexes(self, caller: Caller) -> list[IndexView]:
-        """Public facts about every served index (public size N̄, never the exact count)."""
+        """Public facts about every served index the caller may use (public size N̄, never the exact
+        count)."""
         views = []
         for served in self.catalog.indexes.values():
+            if not caller.may_use(served.name, served.domain):
+                continue
             budget = None
             if served.domain in self.catalog.budgets:
                 budget = await self.get_budget(caller, domain=served.domain)

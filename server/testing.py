@@ -1,24 +1,21 @@
-"""Test doubles and a server harness: tiny fakes for the index, encoder, generator and ledger.
+"""Test doubles and a server harness: tiny fakes for the index, the bundle and the generator.
 
-Used by ``tests/test_server_*.py`` and ``tests/test_client_*.py``; not for production.
+Used by the server and client tests and by the load benchmark; not for production.
 
 * ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0,sleep=0``)
   build an :class:`ArrayIndex` of random unit vectors whose search is the exact top-k of a
   Poisson subsample (the oracle the real index is tested against).
-* bundle names ``hash-<dim>`` (encoder only) and ``hash-<dim>-gen`` (with :class:`TinyGenerator`).
+* bundle names ``hash-<dim>`` (encoder only) and ``hash-<dim>-gen`` (with :class:`TinyGenerator`);
+  the encoder is :class:`dprdm.models.fake.FakeEncoder` of that dimension, whose identity the
+  fake indexes also carry (an index built with ``FakeEncoder(dim).identity`` serves with them).
 * :class:`ServerThread` runs a real server (port 0) on its own event loop thread.
-* ``python -m dprdm.server.testing --config server.toml`` serves a config with these fakes and the
-  real SQLite ledger (the crash-safety test kills it with SIGKILL).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import hashlib
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,13 +24,12 @@ import numpy.typing as npt
 from PIL import Image
 
 from dprdm.models.base import EncoderIdentity, ProgressCallback
-from dprdm.models.hash_encoder import HashEncoder
+from dprdm.models.fake import FakeEncoder
 
 from .catalog import Bundle, Loaders
 from .config import ServerConfig
 
 __all__ = [
-    "HashTextEncoder",
     "TinyGenerator",
     "ArrayIndex",
     "fake_loaders",
@@ -94,26 +90,6 @@ def _unit(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _seed_of(data: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
-
-
-class HashTextEncoder(HashEncoder):
-    """``dprdm.models.hash_encoder.HashEncoder`` with images embedded by a hash of their bytes.
-
-    Texts map to unit Gaussian vectors seeded by their SHA-256 (as in ``HashEncoder``); images do
-    too (so distinct test images get unrelated embeddings, unlike the mean-colour ones).
-    """
-
-    def __init__(self, dimension: int = 16, name: str = "hash-text") -> None:
-        super().__init__(dimension, name)
-
-    def encode_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
-        """Unit vectors seeded by the SHA-256 of each image's pixel bytes."""
-        rows = [np.random.default_rng(_seed_of(im.tobytes())).normal(size=self.dimension) for im in images]
-        return _unit(np.array(rows, dtype=np.float64).reshape(len(images), self.dimension))
-
-
 class TinyGenerator:
     """Small RGB images whose pixels depend on the conditioning and the seed.
 
@@ -171,7 +147,7 @@ class ArrayIndex:
         self.domain, self.version, self.private = domain, version, private
         self.exact_size, self.dimension = self.vectors.shape
         self.public_size = int(public_size or self.exact_size)
-        self.encoder = encoder or EncoderIdentity("hash-text", "0" * 64, self.dimension)
+        self.encoder = encoder or FakeEncoder(self.dimension).identity
         self.gate: threading.Event | None = None
         self.sleep = 0.0  # seconds per search (widens the reserve -> store window in crash tests)
 
@@ -217,7 +193,7 @@ def _fake_bundle(name: str) -> Bundle:
     dim = int(parts[1])
     return Bundle(
         name=name,
-        encoder=HashTextEncoder(dim),
+        encoder=FakeEncoder(dim),
         generator=TinyGenerator(dim) if name.endswith("-gen") else None,
     )
 
@@ -259,54 +235,3 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _zygote(config: ServerConfig) -> None:
-    """Fork a fresh server process per ``start`` line on stdin (modules imported once, so a crash
-    test can kill and restart servers quickly). Prints ``pid N`` then the child prints its port."""
-    import os
-    import sys
-
-    from .app import serve
-    from .catalog import _charge
-
-    for idx in config.indexes:  # warm the per-profile RDP cache before forking
-        for p in idx.profiles:
-            _charge(p.profile)
-    for line in sys.stdin:
-        while True:  # reap finished children
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        if line.strip() != "start":
-            continue
-        pid = os.fork()
-        if pid == 0:
-            try:
-                asyncio.run(serve(config, loaders=fake_loaders()))
-            finally:
-                os._exit(0)
-        print(f"pid {pid}", flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve a configuration with the fake loaders and the real ledger (crash tests)."""
-    from .app import serve
-    from .config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m dprdm.server.testing")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--zygote", action="store_true", help="fork a server per 'start' line on stdin")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
-    if args.zygote:
-        _zygote(config)
-    else:
-        asyncio.run(serve(config, loaders=fake_loaders()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

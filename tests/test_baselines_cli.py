@@ -7,19 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dprdm.baselines.artifacts import load_baseline
 from dprdm.baselines.data import write_image_dir
 from dprdm.baselines.tiny import write_tiny_backbone
 from dprdm.cli.main import main
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

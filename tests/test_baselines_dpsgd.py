@@ -15,13 +15,7 @@ from dprdm.baselines.tiny import write_tiny_backbone
 N = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster single-threaded on the shared machine (no thread contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from dprdm.baselines.tiny import write_tiny_backbone
 CFG = DPSGDConfig(epsilon=5.0, delta=1e-3, batch_size=4, steps=2, max_physical_batch=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,10 @@ from dprdm.index import (
     load,
     verify,
 )
-from dprdm.index.build import owner_record_id, record_id_from_digest
 from dprdm.index.readers import FolderReader, ListReader, ParquetReader, WebDatasetReader, open_reader
-from dprdm.index.testing import FakeEncoder, make_image, random_unit_vectors, write_image_folder
+from dprdm.index.records import owner_record_id, record_id_from_digest
+from dprdm.index.testing import make_image, random_unit_vectors, write_image_folder
+from dprdm.models.fake import FakeEncoder
 
 D = 16
 

@@ -1,4 +1,4 @@
-"""``dprdm index build|info|verify|audit-duplicates`` through the real ``dprdm`` entry point."""
+"""``dprdm index build|info|verify|near-duplicates`` through the real ``dprdm`` entry point."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from dprdm.cli.main import main
 from dprdm.cli import index as index_cli
-from dprdm.index.testing import FakeEncoder, write_image_folder
+from dprdm.cli.main import main
+from dprdm.index.testing import write_image_folder
+from dprdm.models.fake import FakeEncoder
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def _build(tmp_path, *extra):
                  "--corpus-id", "cli-test", "--public-size", "1e2", "--encoder", "fake", "--no-progress", *extra])
 
 
-def test_build_info_verify_audit(tmp_path, capsys, index_fake_encoder):
+def test_build_info_verify_near_duplicates(tmp_path, capsys, index_fake_encoder):
     paths = write_image_folder(tmp_path / "imgs", 12)
     shutil.copy(paths[3], tmp_path / "imgs" / "a" / "zz_copy.png")
     assert _build(tmp_path) == 0
@@ -37,10 +38,10 @@ def test_build_info_verify_audit(tmp_path, capsys, index_fake_encoder):
     assert json.loads(capsys.readouterr().out)["count"] == 12
     assert main(["index", "verify", str(tmp_path / "idx")]) == 0
     assert capsys.readouterr().out.startswith("OK")
-    assert main(["index", "audit-duplicates", str(tmp_path / "idx"), "--threshold", "0.9999"]) == 0
+    assert main(["index", "near-duplicates", str(tmp_path / "idx"), "--threshold", "0.9999"]) == 0
     report = json.loads((tmp_path / "idx" / "reports" / "near_duplicates.json").read_text())
     assert report["pairs"] == 0 and "group size" in report["group_privacy"]  # exact copy was dropped
-    assert main(["index", "verify", str(tmp_path / "idx")]) == 0  # the audit changed nothing
+    assert main(["index", "verify", str(tmp_path / "idx")]) == 0  # the report changed nothing
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, index_fake_encoder):

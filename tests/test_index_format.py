@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from dprdm.index import BuildConfig, IndexFormatError, build_from_vectors, load, verify
-from dprdm.index.testing import FakeEncoder, random_unit_vectors
+from dprdm.index.testing import random_unit_vectors
 from dprdm.models.base import EncoderIdentity
+from dprdm.models.fake import FakeEncoder
 
 
 @pytest.fixture
@@ -32,9 +33,7 @@ def test_round_trip_and_public_info(index_dir):
     info = idx.public_info()
     assert "count" not in info and info["public_size"] == 400
     assert isinstance(idx.vectors.base, np.memmap) or isinstance(idx.vectors, np.memmap)
-    from dprdm.index import search_subsampled
-
-    res = search_subsampled(idx, x[order[0]], k=2, q=1.0, rng=np.random.default_rng(0))
+    res = idx.search_subsampled(x[order[0]], k=2, q=1.0, rng=np.random.default_rng(0))
     assert res.ids[0] == idx.ids[0]
     m = json.loads((path / "manifest.json").read_text())
     for key in ("format_version", "corpus_id", "encoder", "dimension", "count", "public_size", "faiss_factory",

@@ -7,14 +7,13 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from oracles import naive_subsampled_topk
 from scipy import stats
 
 from dprdm.index import search as S
+from dprdm.index.layouts import FlatLayout, IvfLayout
 from dprdm.index.search import (
-    FlatLayout,
-    IvfLayout,
     exact_scores,
-    naive_subsampled_topk,
     poisson_positions,
     quantize_query,
     quantize_store,

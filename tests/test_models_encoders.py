@@ -1,6 +1,9 @@
-"""Encoders: open_clip from local files or the offline HF cache (tiny model), MiniLM, HashEncoder."""
+"""Encoders: open_clip from local files or the offline HF cache (tiny model), MiniLM, FakeEncoder."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,19 +11,14 @@ import torch
 from PIL import Image
 
 from dprdm.models import testing
-from dprdm.models.base import Encoder
+from dprdm.models.base import Encoder, EncoderIdentity
+from dprdm.models.fake import FakeEncoder
 from dprdm.models.openclip_encoder import OpenClipEncoder, parse_source, resolve_hf_cache, write_local_dir
 
 IMAGES = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +106,22 @@ def test_open_clip_source_errors(bad):
         parse_source(bad)
 
 
-def test_hash_encoder_is_an_encoder():
-    _check_encoder(testing.HashEncoder(dimension=8), 8)
+def test_fake_encoder_is_an_encoder():
+    _check_encoder(FakeEncoder(dimension=8), 8)
+
+
+def test_fake_encoder_is_deterministic_torch_free_and_counts_batches():
+    enc = FakeEncoder(8, name="fake-x")
+    assert enc.identity == EncoderIdentity("fake-x", "0" * 64, 8) == FakeEncoder(8, "fake-x").identity
+    rgb = Image.new("RGB", (4, 4), (10, 20, 30))
+    a = enc.encode_images([rgb, rgb.convert("RGBA"), rgb.resize((4, 2))])
+    assert np.array_equal(a[0], a[1]) and not np.allclose(a[0], a[2])  # mode-independent, size-aware
+    assert np.array_equal(FakeEncoder(8).encode_texts(["x"]), enc.encode_texts(["x"]))
+    assert enc.calls == 2 and enc.encode_images([]).shape == (0, 8)
+    with pytest.raises(ValueError, match="dimension must be >= 1; found 0"):
+        FakeEncoder(0)
+    code = "import sys, dprdm.models.fake; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout == "[]\n"
 
 
 def test_minilm_text_tower_offline(monkeypatch):

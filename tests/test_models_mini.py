@@ -11,13 +11,7 @@ import torch
 from dprdm.models import mini_data as md
 from dprdm.models.quality import frechet_distance
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_data_is_deterministic_and_well_formed():

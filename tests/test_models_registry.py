@@ -12,14 +12,7 @@ from dprdm.models import registry, testing
 from dprdm.models.base import EncoderIdentity
 from dprdm.models.openclip_encoder import write_local_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared CPU) single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

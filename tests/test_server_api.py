@@ -94,6 +94,10 @@ def test_release_reuse_per_tenant(alice, server):
     with Client(server.address, OTHER_TOKEN) as bob:  # never across tenants
         other = bob.retrieve("faces", "reuse me", request_id="api-reuse-3")
     assert not other.receipt.reused and other.receipt.spend_id != first.receipt.spend_id
+    later = alice.retrieve("faces", "reuse me", request_id="api-reuse-4")  # after bob's spend
+    now = alice.budget("faces")
+    assert later.receipt.reused and later.receipt.epsilon_spent == pytest.approx(now.epsilon_spent)
+    assert later.receipt.epsilon_spent > first.receipt.epsilon_spent  # current figures, not stale ones
 
 
 def test_reuse_can_be_disabled(tmp_path):

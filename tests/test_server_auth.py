@@ -33,19 +33,6 @@ ADMIN_CALLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread(make_config(), ledger=MemoryLedger()) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    ch = grpc.insecure_channel(server.address)
-    yield ch
-    ch.close()
-
-
 def _code(method, request, metadata):
     try:
         result = method(request, metadata=metadata, timeout=30)
@@ -217,3 +204,57 @@ def test_mtls_requires_a_client_certificate(pki):
         ):
             c.list_indexes()
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _scoped_config():
+    """Two indexes in two domains; carol's token may use only `faces`, dave's only domain corpus-b."""
+    idx = {
+        "faces": {"path": "fake:domain=corpus-a,n=200,dim=16,public=400", "bundle": "hash-16-gen",
+                  "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}},
+        "cars": {"path": "fake:domain=corpus-b,n=100,dim=16,public=200", "bundle": "hash-16-gen",
+                 "profiles": {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}},
+    }  # fmt: skip
+    tokens = [
+        {"tenant": "carol", "role": "tenant", "token": "carol-token-0000000001", "indexes": ["faces"]},
+        {"tenant": "dave", "role": "tenant", "token": "dave-token-00000000002", "domains": ["corpus-b"]},
+        {"tenant": "root", "role": "admin", "token": ADMIN_TOKEN},
+    ]
+    budgets = {"corpus-a": {"epsilon": 50.0}, "corpus-b": {"epsilon": 50.0}}
+    return make_config(indexes=idx, tokens=tokens, budgets=budgets)
+
+
+def test_tokens_limited_to_indexes_or_domains():
+    """Issue 12 item 12: outside its indexes/domains a tenant token gets PERMISSION_DENIED and spends nothing."""
+    with ServerThread(_scoped_config(), ledger=MemoryLedger()) as srv:
+        ledger = srv.running.ledger
+        with Client(srv.address, "carol-token-0000000001") as carol:
+            assert carol.retrieve("faces", "x").receipt.epsilon_charged > 0
+            assert [i.name for i in carol.list_indexes()] == ["faces"]
+            for call in (lambda: carol.retrieve("cars", "x"), lambda: carol.budget("cars"),
+                         lambda: list(carol.generate("cars", "x", steps=1))):  # fmt: skip
+                with pytest.raises(DprdmError) as err:
+                    call()
+                assert err.value.code == DENIED and "may not use index 'cars'" in err.value.message
+        with Client(srv.address, "dave-token-00000000002") as dave:
+            assert dave.retrieve("cars", "y").receipt.domain == "corpus-b"
+            with pytest.raises(DprdmError) as err:
+                dave.retrieve("faces", "y")
+            assert err.value.code == DENIED
+        assert ledger.budget_state("corpus-a").spends == 1 and ledger.budget_state("corpus-b").spends == 1
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ({"indexes": ["nope"]}, r"tokens\[0\]\.indexes: no index named 'nope'"),
+        ({"indexes": []}, r"tokens\[0\]\.indexes: must name at least one"),
+        ({"domains": "corpus-a"}, r"tokens\[0\]\.domains"),
+        ({"role": "admin", "domains": ["corpus-a"]}, r"only tenant tokens are limited"),
+    ],
+)
+def test_bad_token_scopes_are_named(token, message):
+    from dprdm.server.config import ConfigError
+
+    base = {"tenant": "carol", "role": "tenant", "token": "carol-token-0000000001"}
+    with pytest.raises(ConfigError, match=message):
+        make_config(tokens=[{**base, **token}])

@@ -24,6 +24,8 @@ def _config(noise: str | None = None, profiles: dict | None = None) -> object:
     }
     if noise is not None:
         index["noise"] = noise
+    if noise == "float":
+        index["allow_float_noise"] = True
     return make_config(indexes={"faces": index})
 
 
@@ -47,11 +49,24 @@ def test_hardened_release_is_on_the_lattice_and_float_noise_is_never_used(monkey
             assert np.array_equal(round_to_lattice(emb), emb)  # lambda = 1: the release is the noisy aggregate
 
 
-def test_float_noise_is_an_explicit_choice() -> None:
-    with ServerThread(_config(noise="float"), ledger=MemoryLedger()) as srv:
+def test_float_noise_is_an_explicit_choice(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="dprdm.server"), ServerThread(_config(noise="float"), ledger=MemoryLedger()) as srv:
         served = srv.running.catalog.indexes["faces"].profiles["default"]
         assert served.hardened_dimension is None
         np.testing.assert_array_equal(served.charge, profile_rdp(Profile(k=5, q=0.5, sigma=0.5, lam=1.0)))
+    assert any("indexes.faces: private index served with FLOAT noise" in r.getMessage() for r in caplog.records)
+
+
+def test_float_noise_on_a_private_index_needs_the_opt_in() -> None:
+    """Issue 12 item 6: ``noise = "float"`` alone is refused on a private index, naming the key."""
+    doc = {
+        "tokens": [{"tenant": "a", "role": "tenant", "token": "t" * 32}],
+        "indexes": {"x": {"path": "p", "bundle": "b", "noise": "float", "profiles": {"d": LAM1}}},
+    }
+    with pytest.raises(ConfigError, match=r"indexes\.x\.noise: float noise on a private index .*allow_float_noise"):
+        parse_config(doc)
+    doc["indexes"]["x"]["private"] = False  # a public index may use float noise without it
+    assert parse_config(doc).indexes[0].noise == "float"
 
 
 def test_bad_noise_settings_are_named() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import SqliteLedger
-from dprdm.server.api_types import QueryArgs
+from dprdm.server.api_types import Caller, QueryArgs
 from dprdm.server.query import plan_query
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
@@ -104,7 +104,7 @@ def test_concurrent_duplicates_are_charged_once(server):
 
 def test_reservation_without_release_is_an_error_never_a_fresh_draw(server):
     catalog = server.running.catalog
-    plan = plan_query(catalog, "alice", QueryArgs("faces", "default", "crashed", "id-crash"))
+    plan = plan_query(catalog, Caller("alice", "tenant"), QueryArgs("faces", "default", "crashed", "id-crash"))
     ledger = server.running.ledger
     ledger.reserve(
         domain="corpus-a",

@@ -10,13 +10,13 @@ import pytest
 from dprdm.clients.client import Client
 from dprdm.index import BuildConfig, build_from_vectors
 from dprdm.ledger import MemoryLedger
+from dprdm.models.fake import FakeEncoder
 from dprdm.server.adapters import IndexAdapter, load_index
 from dprdm.server.catalog import Loaders
 from dprdm.server.errors import StartupError
 from dprdm.server.testing import (
     ADMIN_TOKEN,
     TENANT_TOKEN,
-    HashTextEncoder,
     ServerThread,
     fake_loaders,
     make_config,
@@ -26,7 +26,7 @@ from dprdm.server.testing import (
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "faces"
-    enc = HashTextEncoder(16)
+    enc = FakeEncoder(16)
     vectors = np.random.default_rng(0).normal(size=(120, 16)).astype(np.float32)
     build_from_vectors(
         vectors,
@@ -46,7 +46,7 @@ def test_adapter_exposes_public_facts_and_selected_vectors(index_dir):
         120,
         True,
     )
-    u = HashTextEncoder(16).encode_texts(["q"])[0]
+    u = FakeEncoder(16).encode_texts(["q"])[0]
     sel = idx.search_subsampled(u, k=5, q=1.0, rng=np.random.default_rng(0))
     assert sel.shape == (5, 16) and np.all(np.linalg.norm(sel, axis=1) <= 1 + 1e-9)
 

@@ -23,13 +23,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    ch = grpc.insecure_channel(server.address)
-    yield ch
-    ch.close()
-
-
 def _call(method, request, token=TENANT_TOKEN):
     try:
         result = method(request, metadata=(("authorization", f"Bearer {token}"),), timeout=30)

@@ -1,7 +1,8 @@
-"""Operator-only near-duplicate audit (SPEC §3): lists similar records, never changes the index.
+"""Operator-only near-duplicate report (SPEC §3): lists similar records, never changes the index.
 
 Similarity-threshold collapsing is not 1-stable (one added image can merge a whole chain), so
-the index keeps every distinct record; this report tells the operator where content repeats.
+the index keeps every distinct record; this report tells the operator where content repeats
+(``dprdm index near-duplicates``, written to ``reports/near_duplicates.json``).
 Content present in ``m`` records is protected at group size ``m`` (group privacy: roughly ``m``
 times the per-record epsilon), and the report says so.
 """
@@ -68,7 +69,7 @@ def near_duplicate_report(index: PrivateIndex, threshold: float, *, block: int =
     sizes, freq = np.unique(np.array([c for c, _ in multi], dtype=np.int64), return_counts=True)
     largest = multi[0][0] if multi else 1
     return {
-        "note": "OPERATOR-ONLY audit; the index is unchanged (similarity collapsing is not 1-stable)",
+        "note": "OPERATOR-ONLY report; the index is unchanged (similarity collapsing is not 1-stable)",
         "corpus_id": index.corpus_id,
         "index_version": index.index_version,
         "threshold": threshold,

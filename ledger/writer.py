@@ -1,0 +1,321 @@
+"""The SQLite ledger's writer: every write runs here, in batches, one transaction each (SPEC §6).
+
+:meth:`Writer.execute` evaluates a batch of operations (:mod:`dprdm.ledger.ops`) in order inside
+ONE ``BEGIN IMMEDIATE`` transaction and commits (one fsync) before any caller is answered. With
+group commit a committer thread drains whatever callers queued while the previous batch was
+committing; without, each caller runs a batch of one under a lock. Both modes share the code, so
+they share the semantics; admission inside a batch is sequential (each operation sees the ones
+before it). Several processes may share one file: ``BEGIN IMMEDIATE`` serialises them (busy
+timeout) and ``PRAGMA data_version`` tells a process when another one committed, so its
+in-memory running curves are reloaded.
+
+Operations are dispatched on their type through :data:`HANDLERS`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dprdm.privacy import Budget
+from dprdm.privacy.accountant import curve_from_json
+
+from .api import DomainExists, LedgerError, Receipt, Reservation
+from .ops import CreateBudget, Pending, Reserve, StoreRelease, WriteOp
+from .state import (
+    ORDERS,
+    DomainState,
+    Rule,
+    SpendRow,
+    Tx,
+    chunks,
+    curve_text,
+    decode_release,
+    release_conflict,
+    unknown_domain,
+    unknown_spend,
+)
+
+__all__ = ["Writer", "HANDLERS", "stored_receipt"]
+
+_SPEND_COLUMNS = "s.spend_id, s.domain, s.binding_hash, s.release, s.release_shape, s.receipt"
+
+
+def stored_receipt(stored: str | Receipt) -> Receipt:
+    """A spend's receipt from its stored JSON text (or the object composed in this batch)."""
+    return stored if isinstance(stored, Receipt) else Receipt.from_dict(json.loads(stored))
+
+
+class Writer:
+    """Runs write operations against one connection, batched; owns the running-state cache.
+
+    Args:
+        conn: the writer connection (WAL, ``synchronous=FULL``).
+        group_commit: run a committer thread that batches concurrent callers.
+        window_s: with group commit, how long to wait for more writes after the first one.
+        max_batch: largest number of operations per transaction.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, *, group_commit: bool, window_s: float, max_batch: int) -> None:
+        self._conn = conn
+        self._window = window_s
+        self._max_batch = max_batch
+        self._cache: dict[str, DomainState] = {}
+        self._curves: set[str] = set()  # curve ids known to be committed
+        self._rules: dict[str, Rule] = {}
+        self._data_version = -1
+        self._lock = threading.Lock()  # the connection when group_commit=False, and close()
+        self._cv = threading.Condition()
+        self._queue: deque[Pending] = deque()
+        self.closed = False
+        self._stats = {"transactions": 0, "operations": 0}
+        self._committer: threading.Thread | None = None
+        if group_commit:
+            self._committer = threading.Thread(target=self._commit_loop, name="ledger-committer", daemon=True)
+            self._committer.start()
+
+    def rule(self, domain: str, budget_json: str) -> Rule:
+        """The cached admission rule of ``domain`` (built from its stored budget on first use)."""
+        rule = self._rules.get(domain)
+        if rule is None:
+            rule = self._rules[domain] = Rule(Budget.from_dict(json.loads(budget_json)))
+        return rule
+
+    def known_rule(self, domain: str) -> Rule | None:
+        """The cached rule of ``domain``, if any (a domain with a rule has a budget: none is deleted)."""
+        return self._rules.get(domain)
+
+    def submit(self, op: WriteOp) -> Any:
+        """Run ``op`` (queued for the committer, or alone) and return its result once committed.
+
+        Raises:
+            LedgerError: the operation's refusal, or "ledger is closed".
+        """
+        pending = Pending(op)
+        if self._committer is None:
+            with self._lock:
+                if self.closed:
+                    raise LedgerError("ledger is closed")
+                self.execute([pending])
+        else:
+            pending.done.acquire()
+            with self._cv:
+                if self.closed:
+                    raise LedgerError("ledger is closed")
+                self._queue.append(pending)
+                self._cv.notify()
+            pending.done.acquire()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self.closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+            if self._window > 0.0:
+                time.sleep(self._window)
+            with self._cv:
+                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            try:
+                self.execute(batch)
+            finally:
+                for pending in batch:
+                    pending.done.release()
+
+    def execute(self, batch: list[Pending]) -> None:
+        """Run ``batch`` in order in one transaction; set each operation's result or error.
+
+        A ledger refusal fails only its operation; an unexpected error rolls the batch back and
+        runs each operation alone, so it fails only the operation that raised it.
+        """
+        conn = self._conn
+        tx = Tx(conn)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
+            for pending in batch:
+                pending.result, pending.error = None, LedgerError(f"ledger store unavailable ({type(exc).__name__})")
+                pending.error.__cause__ = exc
+            return
+        try:
+            try:
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._data_version:  # another connection committed: reload
+                    self._cache.clear()
+                    self._data_version = version
+                self._prefetch(tx, [p.op for p in batch])
+                for pending in batch:
+                    try:
+                        pending.result = HANDLERS[type(pending.op)](self, tx, pending.op)
+                    except LedgerError as exc:
+                        pending.error = exc
+                self._flush(tx)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            for pending in batch:
+                pending.result, pending.error = None, None
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:  # isolate the failing operation: run each alone
+                for pending in batch:
+                    self.execute([pending])
+            return
+        self._cache.update(tx.domains)
+        self._curves.update(tx.new_curves)
+        self._stats["transactions"] += 1
+        self._stats["operations"] += len(batch)
+
+    def _prefetch(self, tx: Tx, ops: list[WriteOp]) -> None:
+        keys = list({(op.tenant, op.request_id) for op in ops if isinstance(op, Reserve)})
+        for chunk in chunks(keys):
+            rows = tx.conn.execute(
+                f"SELECT s.tenant, s.request_id, {_SPEND_COLUMNS} FROM (VALUES "
+                + ", ".join(["(?, ?)"] * len(chunk))
+                + ") AS v JOIN spends s ON s.tenant = v.column1 AND s.request_id = v.column2",
+                [x for key in chunk for x in key],
+            )
+            for r in rows:
+                tx.known[(r[0], r[1])] = tx.by_id[r[2]] = SpendRow(*r[2:])
+        ids = list({op.spend_id for op in ops if isinstance(op, StoreRelease)} - tx.by_id.keys())
+        for chunk in chunks(ids):
+            sql = f"SELECT {_SPEND_COLUMNS} FROM spends s WHERE s.spend_id IN (" + ", ".join("?" * len(chunk))
+            tx.by_id.update((r[0], SpendRow(*r)) for r in tx.conn.execute(sql + ")", chunk))
+
+    def _flush(self, tx: Tx) -> None:
+        if tx.new_curves:
+            tx.conn.executemany("INSERT OR IGNORE INTO curves VALUES (?, ?)", tx.new_curves.items())
+        for chunk in chunks(tx.new_spends):
+            tx.conn.execute(
+                "INSERT INTO spends (spend_id, domain, tenant, request_id, binding_hash, profile, charge_id, "
+                "epsilon_charged, status, receipt, created_at) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?)"] * len(chunk)),
+                [x for row in chunk for x in row],
+            )
+        for chunk in chunks(tx.new_releases):
+            tx.conn.execute(
+                "UPDATE spends SET release = v.column2, release_shape = v.column3, status = 'released' "
+                "FROM (VALUES " + ", ".join(["(?, ?, ?)"] * len(chunk)) + ") AS v "
+                "WHERE spends.spend_id = v.column1",
+                [x for row in chunk for x in row],
+            )
+        for domain, st in tx.domains.items():
+            if st.dirty:
+                tx.conn.execute(
+                    "UPDATE budgets SET spent_rdp = ?, spends = ? WHERE domain = ?",
+                    (curve_text(st.spent), st.spends, domain),
+                )
+            for tenant in st.dirty_tenants:
+                _, curve, n = st.tenants[tenant]
+                tx.conn.execute(
+                    "UPDATE tenant_quotas SET spent_rdp = ?, spends = ? WHERE domain = ? AND tenant = ?",
+                    (curve_text(curve), n, domain, tenant),
+                )
+
+    def _domain(self, tx: Tx, domain: str) -> DomainState:
+        st = tx.domains.get(domain)
+        if st is not None:
+            return st
+        cached = self._cache.get(domain)
+        if cached is None:
+            row = tx.conn.execute("SELECT budget, spent_rdp, spends FROM budgets WHERE domain = ?", (domain,)).fetchone()
+            if row is None:
+                raise unknown_domain(domain)
+            tenants = {
+                t: (float(quota), curve_from_json(json.loads(curve)), int(n))
+                for t, quota, curve, n in tx.conn.execute(
+                    "SELECT tenant, epsilon_quota, spent_rdp, spends FROM tenant_quotas WHERE domain = ?", (domain,)
+                )
+            }
+            cached = DomainState(self.rule(domain, row[0]), curve_from_json(json.loads(row[1])), int(row[2]), tenants)
+            self._cache[domain] = cached
+        st = tx.domains[domain] = cached.copy()
+        return st
+
+    # ---------------------------------------------------------------------------------- operations
+
+    def _create(self, tx: Tx, op: CreateBudget) -> None:
+        if tx.conn.execute("SELECT 1 FROM budgets WHERE domain = ?", (op.domain,)).fetchone():
+            raise DomainExists(f"privacy domain {op.domain!r} already has a budget")
+        zero = curve_text(np.zeros_like(ORDERS))
+        tx.conn.execute(
+            "INSERT INTO budgets VALUES (?, ?, ?, 0, ?)",
+            (op.domain, json.dumps(op.budget.to_dict()), zero, time.time()),
+        )
+        tx.conn.executemany(
+            "INSERT INTO tenant_quotas VALUES (?, ?, ?, ?, 0)", [(op.domain, t, q, zero) for t, q in op.quotas.items()]
+        )
+
+    def _reserve(self, tx: Tx, op: Reserve) -> Reservation:
+        st = self._domain(tx, op.domain)
+        known = tx.known.get((op.tenant, op.request_id))
+        if known is not None:
+            has_release = known.release is not None and known.shape is not None and known.receipt is not None
+            op.check_replay(binding_hash=known.binding, domain=known.domain, has_release=has_release)
+            assert known.release is not None and known.shape is not None and known.receipt is not None
+            receipt = stored_receipt(known.receipt).as_replay()
+            release = decode_release(known.release, known.shape)
+            return Reservation(known.spend_id, True, st.state(op.domain), receipt, release)
+        (curve_id, charge_json, eps_charged), state = st.charge(op.domain, op.tenant, op.charge, op.charge_key)
+        if curve_id not in self._curves:
+            tx.new_curves[curve_id] = charge_json
+        spend_id, receipt = op.new_spend(eps_charged, state)
+        tx.new_spends.append(
+            (spend_id, op.domain, op.tenant, op.request_id, op.binding_hash, op.profile_json, curve_id, eps_charged,
+             json.dumps(receipt.to_dict()), time.time())
+        )  # fmt: skip
+        tx.known[(op.tenant, op.request_id)] = tx.by_id[spend_id] = SpendRow(
+            spend_id, op.domain, op.binding_hash, None, None, receipt
+        )
+        return Reservation(spend_id, False, state, receipt)
+
+    def _store(self, tx: Tx, op: StoreRelease) -> None:
+        row = tx.by_id.get(op.spend_id)
+        if row is None:
+            raise unknown_spend(op.spend_id)
+        if row.release is not None:
+            if row.release != op.blob or row.shape != op.shape:
+                raise release_conflict(op.spend_id)
+            return
+        row.release, row.shape = op.blob, op.shape
+        tx.new_releases.append((op.spend_id, op.blob, op.shape))
+
+    # ------------------------------------------------------------------------------------- misc
+
+    def stats(self) -> dict[str, int]:
+        """Write transactions committed and operations they carried (this process)."""
+        return dict(self._stats)
+
+    def close(self) -> None:
+        """Finish queued writes, stop the committer and close the connection (idempotent)."""
+        with self._cv:
+            if self.closed:
+                return
+            self.closed = True
+            self._cv.notify_all()
+        if self._committer is not None:
+            self._committer.join()
+        with self._lock:
+            self._conn.close()
+
+
+HANDLERS: dict[type, Callable[[Writer, Tx, Any], Any]] = {
+    CreateBudget: Writer._create,
+    Reserve: Writer._reserve,
+    StoreRelease: Writer._store,
+}
+"""Operation type -> the writer method that applies it inside a batch transaction."""
