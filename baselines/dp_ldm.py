@@ -16,7 +16,7 @@ import torch
 
 from .backbone import Backbone, diffusion_loss
 from .data import ImageSet
-from .dpsgd import DPSGDConfig, DPSGDResult, LossFn, train_dpsgd
+from .dpsgd import ChargeFn, DPSGDConfig, DPSGDResult, LossFn, train_dpsgd
 
 __all__ = ["block_depth", "select_attention_parameters", "make_loss", "train_dp_ldm"]
 
@@ -86,7 +86,8 @@ def make_loss(backbone: Backbone, data: ImageSet, seed: int) -> LossFn:
 
 def train_dp_ldm(backbone: Backbone, data: ImageSet, config: DPSGDConfig, *, from_depth: int = 0, seed: int = 0,
                  rng: np.random.Generator | None = None, production: bool = True,
-                 log: Callable[[str], None] | None = None) -> tuple[DPSGDResult, list[str]]:
+                 log: Callable[[str], None] | None = None,
+                 charge: ChargeFn | None = None) -> tuple[DPSGDResult, list[str]]:
     """Fine-tune the attention modules of ``backbone.unet`` in place with DP-SGD.
 
     Args:
@@ -97,7 +98,8 @@ def train_dp_ldm(backbone: Backbone, data: ImageSet, config: DPSGDConfig, *, fro
         seed: training randomness (t, diffusion noise); not DP noise.
         rng: DP generator (default: fresh ChaCha20); see :func:`~dprdm.baselines.dpsgd.train_dpsgd`.
         production: refuse a non-CSPRNG ``rng``.
-        log: progress callback.
+        log: progress callback (public facts only).
+        charge: charges the ledger before any private record is read (:data:`~dprdm.baselines.dpsgd.ChargeFn`).
 
     Returns:
         The DP-SGD result (privacy report, losses) and the names of the trained parameters.
@@ -109,7 +111,7 @@ def train_dp_ldm(backbone: Backbone, data: ImageSet, config: DPSGDConfig, *, fro
     backbone.unet.train()
     try:
         result = train_dpsgd(backbone.unet, make_loss(backbone, data, seed), len(data), config, method="dp-ldm",
-                             rng=rng, production=production, log=log)
+                             rng=rng, production=production, log=log, charge=charge)
     finally:
         backbone.unet.eval().requires_grad_(False)
     return result, names

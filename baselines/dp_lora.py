@@ -23,7 +23,7 @@ import torch
 from .backbone import Backbone
 from .data import ImageSet
 from .dp_ldm import block_depth, make_loss
-from .dpsgd import DPSGDConfig, DPSGDResult, train_dpsgd
+from .dpsgd import ChargeFn, DPSGDConfig, DPSGDResult, train_dpsgd
 
 __all__ = ["LoraSettings", "attention_projection_names", "add_lora", "lora_state", "load_lora", "train_dp_lora"]
 
@@ -112,7 +112,8 @@ def load_lora(unet: torch.nn.Module, settings: LoraSettings, state: dict[str, to
 
 def train_dp_lora(backbone: Backbone, data: ImageSet, config: DPSGDConfig, settings: LoraSettings, *, seed: int = 0,
                   rng: np.random.Generator | None = None, production: bool = True,
-                  log: Callable[[str], None] | None = None) -> tuple[DPSGDResult, list[str]]:
+                  log: Callable[[str], None] | None = None,
+                  charge: ChargeFn | None = None) -> tuple[DPSGDResult, list[str]]:
     """Add LoRA adapters to ``backbone.unet`` and train them with DP-SGD (``config.multiplicity`` = m).
 
     Args:
@@ -123,7 +124,8 @@ def train_dp_lora(backbone: Backbone, data: ImageSet, config: DPSGDConfig, setti
         seed: training randomness (t, diffusion noise); not DP noise.
         rng: DP generator (default: fresh ChaCha20).
         production: refuse a non-CSPRNG ``rng``.
-        log: progress callback.
+        log: progress callback (public facts only).
+        charge: charges the ledger before any private record is read (:data:`~dprdm.baselines.dpsgd.ChargeFn`).
 
     Returns:
         The DP-SGD result and the names of the adapter parameters.
@@ -135,7 +137,7 @@ def train_dp_lora(backbone: Backbone, data: ImageSet, config: DPSGDConfig, setti
     backbone.unet.train()
     try:
         result = train_dpsgd(backbone.unet, make_loss(backbone, data, seed), len(data), config, method="dp-lora",
-                             rng=rng, production=production, log=log)
+                             rng=rng, production=production, log=log, charge=charge)
     finally:
         backbone.unet.eval().requires_grad_(False)
     return result, names

@@ -169,7 +169,8 @@ def aggregate(embeddings: torch.Tensor, init: torch.Tensor, *, clip_norm: float,
 
 def train_dpagg_ti(backbone: Backbone, data: ImageSet, settings: TISettings, *, seed: int = 0,
                    rng: np.random.Generator | None = None, production: bool = True,
-                   log: Callable[[str], None] | None = None) -> DPAggResult:
+                   log: Callable[[str], None] | None = None,
+                   charge: Callable[[PrivacyReport], None] | None = None) -> DPAggResult:
     """Run DPAgg-TI on ``data`` against the frozen ``backbone``.
 
     Args:
@@ -179,7 +180,9 @@ def train_dpagg_ti(backbone: Backbone, data: ImageSet, settings: TISettings, *, 
         seed: inversion randomness (not DP noise).
         rng: DP generator for coins and noise (default: fresh ChaCha20).
         production: refuse a non-CSPRNG ``rng``.
-        log: progress callback.
+        log: progress callback (public facts only).
+        charge: called with the privacy report before any private record is read (it charges
+            the domain's ledger and raises to stop the run); see ``dprdm.baselines.dpsgd.ChargeFn``.
 
     Returns:
         The released embedding with its privacy report.
@@ -198,6 +201,13 @@ def train_dpagg_ti(backbone: Backbone, data: ImageSet, settings: TISettings, *, 
     check_dp_generator(rng, production=production)
     q = float(settings.sample_rate)
     z = calibrate_noise_multiplier(q=q, steps=1, epsilon=settings.epsilon, delta=settings.delta)
+    report = PrivacyReport.build(method="dpagg-ti", epsilon_target=settings.epsilon, delta=settings.delta, q=q,
+                                 noise_multiplier=z, steps=1, clip_norm=settings.clip_norm, public_size=public,
+                                 noise_source=noise_source(rng, production), production=production,
+                                 extra={"ti_steps": settings.steps, "mode": settings.mode,
+                                        "denominator": "q * public_size (public)"})
+    if charge is not None:  # charge first: nothing private has been read yet
+        charge(report)
     keep = np.flatnonzero(rng.random(n) < q)
     cond = backbone.conditioner
     init = cond.word_embedding(settings.init_word) if settings.init_word else cond.placeholder_embedding()
@@ -206,9 +216,4 @@ def train_dpagg_ti(backbone: Backbone, data: ImageSet, settings: TISettings, *, 
     emb = invert_images(backbone, data, keep, settings, init, seed)
     released = aggregate(emb, init, clip_norm=settings.clip_norm, noise_multiplier=z, expected_count=q * public,
                          mode=settings.mode, rng=rng)
-    report = PrivacyReport.build(method="dpagg-ti", epsilon_target=settings.epsilon, delta=settings.delta, q=q,
-                                 noise_multiplier=z, steps=1, clip_norm=settings.clip_norm, public_size=public,
-                                 noise_source=noise_source(rng, production), production=production,
-                                 extra={"ti_steps": settings.steps, "mode": settings.mode,
-                                        "denominator": "q * public_size (public)"})
     return DPAggResult(embedding=released, init=init, report=report)

@@ -42,6 +42,7 @@ from .accounting import PrivacyReport, calibrate_noise_multiplier, check_target
 __all__ = [
     "DPSGDConfig",
     "DPSGDResult",
+    "ChargeFn",
     "LossFn",
     "PoissonBatchSampler",
     "fold_multiplicity",
@@ -107,10 +108,19 @@ class DPSGDConfig:
 
 @dataclass(frozen=True)
 class DPSGDResult:
-    """Outcome of :func:`train_dpsgd`: the privacy report and the mean training loss per step."""
+    """Outcome of :func:`train_dpsgd`: the privacy report and the number of steps run.
+
+    No training loss is kept or logged: the un-noised loss of a private batch is a statistic of
+    the private data that no accountant charges (issue 12, item 3)."""
 
     report: PrivacyReport
-    losses: list[float]
+    steps: int
+
+
+ChargeFn = Callable[[PrivacyReport], None]
+"""``charge(report)``: called with a run's privacy report BEFORE any private record is touched
+(the report depends only on public inputs); it charges the privacy domain's ledger and raises to
+stop the run (a refused budget trains nothing)."""
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -184,6 +194,7 @@ def train_dpsgd(
     rng: np.random.Generator | None = None,
     production: bool = True,
     log: Callable[[str], None] | None = None,
+    charge: ChargeFn | None = None,
 ) -> DPSGDResult:
     """Train the parameters of ``model`` that require grad with DP-SGD on records ``0..n-1``.
 
@@ -195,10 +206,11 @@ def train_dpsgd(
         method: name written into the privacy report.
         rng: DP generator for coins and noise (default: a fresh ChaCha20 from os.urandom).
         production: refuse non-ChaCha generators (tests pass a seeded one with False).
-        log: optional progress callback.
+        log: optional progress callback (public facts only: step counts, never a loss).
+        charge: see :data:`ChargeFn`; called before the first private record is read.
 
     Returns:
-        The privacy report (epsilon from the project's accountant) and the loss per step.
+        The privacy report (epsilon from the project's accountant) and the steps run.
 
     Raises:
         ValueError: naming a bad configuration, budget or generator.
@@ -210,15 +222,23 @@ def train_dpsgd(
     if not params:
         raise ValueError("model has no trainable parameters")
     z = calibrate_noise_multiplier(q=q, steps=config.steps, epsilon=config.epsilon, delta=config.delta)
+    m = config.multiplicity
+    report = PrivacyReport.build(method=method, epsilon_target=config.epsilon, delta=config.delta, q=q,
+                                 noise_multiplier=z, steps=config.steps, clip_norm=config.clip_norm,
+                                 public_size=public, noise_source=noise_source(rng, production),
+                                 production=production,
+                                 extra={"batch_size": config.batch_size, "multiplicity": m, "lr": config.lr})
+    if report.epsilon > config.epsilon * (1 + 1e-9):
+        raise RuntimeError(f"accounted epsilon {report.epsilon} exceeds the target {config.epsilon}")
+    if charge is not None:  # charge first: nothing private has been read yet
+        charge(report)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     opt = _ChaChaDPOptimizer(torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0), noise_multiplier=z,
                              max_grad_norm=config.clip_norm, expected_batch_size=config.batch_size,
                              loss_reduction="mean", dp_rng=rng)
     loader = DataLoader(range(n), batch_sampler=PoissonBatchSampler(n, q, config.steps, rng),
                         collate_fn=lambda b: torch.tensor(b, dtype=torch.long))
-    m = config.multiplicity
-    losses: list[float] = []
-    step_loss: list[float] = []
+    done = 0
     try:
         with BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.max_physical_batch,
                                 optimizer=opt) as physical:
@@ -232,22 +252,13 @@ def train_dpsgd(
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         loss.backward()
                     fold_multiplicity(params, m)
-                    step_loss.append(float(loss.detach()))
                 last = not opt._check_skip_next_step(pop_next=False)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if last:
-                    losses.append(float(np.mean(step_loss)) if step_loss else float("nan"))
-                    step_loss = []
-                    if log is not None and (len(losses) % 10 == 0 or len(losses) == config.steps):
-                        log(f"{method}: step {len(losses)}/{config.steps} loss {losses[-1]:.4f}")
+                    done += 1
+                    if log is not None and (done % 10 == 0 or done == config.steps):
+                        log(f"{method}: step {done}/{config.steps}")
     finally:
         gsm._close()
-    report = PrivacyReport.build(method=method, epsilon_target=config.epsilon, delta=config.delta, q=q,
-                                 noise_multiplier=z, steps=config.steps, clip_norm=config.clip_norm,
-                                 public_size=public, noise_source=noise_source(rng, production),
-                                 production=production,
-                                 extra={"batch_size": config.batch_size, "multiplicity": m, "lr": config.lr})
-    if report.epsilon > config.epsilon * (1 + 1e-9):
-        raise RuntimeError(f"accounted epsilon {report.epsilon} exceeds the target {config.epsilon}")
-    return DPSGDResult(report=report, losses=losses)
+    return DPSGDResult(report=report, steps=done)

@@ -122,6 +122,12 @@ def _train(args: argparse.Namespace) -> int:
     spec = args.model if str(args.model).startswith("bundle:") else str(Path(args.model).resolve())
     settings: dict[str, Any] = {"placeholder": args.placeholder, "seed": args.seed}
     _log(f"{args.method}: {len(data)} records, target epsilon {args.epsilon} at delta {args.delta}")
+    stores: list[Any] = []  # the ledger's "mark released" callback, set by the charge
+
+    def charge(report: Any) -> None:  # runs before any private record is read
+        if args.ledger is not None:
+            stores.append(_charge_ledger(args, report))
+
     if args.method == "dpagg-ti":
         from dprdm.baselines.dpagg_ti import TISettings, train_dpagg_ti
 
@@ -129,7 +135,8 @@ def _train(args: argparse.Namespace) -> int:
                         clip_norm=args.clip_norm, steps=args.ti_steps, lr=args.ti_lr, batch=args.ti_batch,
                         template=args.template, init_word=args.init_word, mode=args.mode,
                         public_size=args.public_size)
-        res = train_dpagg_ti(backbone, data, ti, seed=args.seed, rng=rng, production=production, log=_log)
+        res = train_dpagg_ti(backbone, data, ti, seed=args.seed, rng=rng, production=production, log=_log,
+                             charge=charge)
         report, tensors = res.report, {"embedding": res.embedding, "init": res.init}
         settings["ti"] = ti.to_dict()
     else:
@@ -144,24 +151,23 @@ def _train(args: argparse.Namespace) -> int:
             if args.multiplicity != 1:
                 raise ValueError(f"--multiplicity applies to dp-lora only; found {args.multiplicity}")
             result, names = train_dp_ldm(backbone, data, cfg, from_depth=args.from_depth, seed=args.seed, rng=rng,
-                                         production=production, log=_log)
+                                         production=production, log=_log, charge=charge)
         else:
             from dprdm.baselines.dp_lora import LoraSettings, train_dp_lora
 
             lora = LoraSettings(rank=args.rank, alpha=args.alpha, from_depth=args.from_depth)
             result, names = train_dp_lora(backbone, data, cfg, lora, seed=args.seed, rng=rng,
-                                          production=production, log=_log)
+                                          production=production, log=_log, charge=charge)
             settings["lora"] = lora.to_dict()
         params = dict(backbone.unet.named_parameters())
         report, tensors = result.report, {n: params[n] for n in names}
         settings["dpsgd"] = {"batch_size": cfg.batch_size, "steps": cfg.steps, "clip_norm": cfg.clip_norm,
                              "lr": cfg.lr, "max_physical_batch": cfg.max_physical_batch,
                              "multiplicity": cfg.multiplicity, "from_depth": args.from_depth}
-    charge = _charge_ledger(args, report) if args.ledger is not None else None
     out = write_baseline(args.out, method=args.method, backbone_spec=spec, base_fingerprint=base, tensors=tensors,
                          report=report, settings=settings)
-    if charge is not None:
-        charge(out)
+    for store in stores:
+        store(out)
     summary = {"out": str(out), "method": args.method, "epsilon": report.epsilon, "delta": report.delta,
                "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
                "steps": report.steps, "production": report.production}
@@ -170,12 +176,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
-    """Charge the run's RDP curve to the privacy domain's ledger BEFORE anything is written.
+    """Charge the run's RDP curve to the privacy domain's ledger BEFORE training reads any record.
 
-    Training touched private data, but nothing leaves the process until the weights are written;
-    the charge depends only on public inputs (method, q, steps, noise multiplier), so a refusal
-    leaks nothing, and a crash between the charge and the write loses no committed charge (never
-    refunded). Only a Rényi-filter budget may take a baseline's charge: a single-profile budget's
+    The charge depends only on public inputs (method, q, steps, noise multiplier), so a refusal
+    leaks nothing and trains nothing; a crash after the charge loses no committed charge (never
+    refunded), and nothing derived from the private data (not even a training loss) is logged. Only a Rényi-filter budget may take a baseline's charge: a single-profile budget's
     admission rule assumes every spend is the same retrieval profile.
 
     Returns:

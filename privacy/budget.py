@@ -2,9 +2,13 @@
 
 A privacy domain's budget (epsilon, delta) is the guarantee. Two admission rules:
 
-* **Single profile** (every query charged to the budget uses the same profile): the sequence of
+* **Single profile** (every query charged to the budget is the same MECHANISM): the sequence of
   mechanisms is fixed, only its length grows, and the length at which admission stops depends on
-  public inputs only. Admit a query iff ``min_a eps_a(R_spent + R_query) <= epsilon``
+  public inputs only. A mechanism is everything its RDP curve depends on (SPEC §4): the profile
+  (k, q, sigma, lambda) AND the noise (float Gaussian, or the exact discrete Gaussian on the
+  lattice at embedding dimension d, whose curve differs). The same numbers served with two noise
+  kinds are two mechanisms, and the minimum over orders of a sum of two different curves is not a
+  valid single-profile bound for an adaptive interleaving of them: such a domain needs the filter. Admit a query iff ``min_a eps_a(R_spent + R_query) <= epsilon``
   (Balle et al. 2020, Thm 21, minimised over the shared grid).
 * **Several profiles** (adaptively chosen mechanisms): a Rényi filter at an order ``a*`` fixed
   when the budget is created (V. Feldman, T. Zrnic, "Individual Privacy Accounting via a Rényi
@@ -31,7 +35,7 @@ import numpy.typing as npt
 
 from .accountant import retrieval_rdp
 from .conversion import EpsilonConverter
-from .mechanism import Profile, profile_rdp
+from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
 
 __all__ = ["Budget", "filter_capacity", "choose_filter_order", "default_delta", "check_delta_for_size"]
@@ -66,26 +70,35 @@ def filter_capacity(epsilon: float, delta: float, order: float) -> float:
 
 
 def choose_filter_order(
-    epsilon: float, delta: float, profiles: Sequence[Profile], orders: Sequence[float] = DEFAULT_ORDERS
+    epsilon: float,
+    delta: float,
+    profiles: Sequence[Profile],
+    orders: Sequence[float] = DEFAULT_ORDERS,
+    hardened_dimensions: Sequence[int | None] | None = None,
 ) -> float:
     """Pick the filter order a* maximising the guaranteed number of queries of the worst profile.
 
     For each order a with B(a) > 0, the number of queries of profile p the filter admits is
     B(a) / R_p(a); we maximise the minimum over the retrieving profiles. Depends only on public
-    configuration, never on the private data or the traffic.
+    configuration, never on the private data or the traffic. ``hardened_dimensions`` (parallel to
+    ``profiles``; None: all float noise) selects each mechanism's curve.
 
     Raises:
         ValueError: if no profile retrieves, or no order gives a positive capacity.
     """
-    retrieving = [p for p in profiles if p.retrieves]
+    dims = list(hardened_dimensions) if hardened_dimensions is not None else [None] * len(profiles)
+    if len(dims) != len(profiles):
+        raise ValueError(f"hardened_dimensions must match profiles; found {len(dims)} for {len(profiles)}")
+    retrieving = [(p, d) for p, d in zip(profiles, dims) if p.retrieves]
     if not retrieving:
         raise ValueError("a Rényi filter needs at least one profile with lambda > 0")
+    curves = [retrieval_rdp(p, orders=list(orders), hardened_dimension=d) for p, d in retrieving]
     best_order, best_count = None, -1.0
-    for a in orders:
+    for j, a in enumerate(orders):
         cap = filter_capacity(epsilon, delta, a)
         if cap <= 0:
             continue
-        counts = [cap / float(profile_rdp(p, [a])[0]) if profile_rdp(p, [a])[0] > 0 else math.inf for p in retrieving]
+        counts = [cap / float(c[j]) if c[j] > 0 else math.inf for c in curves]
         if min(counts) > best_count:
             best_order, best_count = float(a), min(counts)
     if best_order is None:
@@ -102,6 +115,12 @@ class Budget:
         delta: total delta, in (0, 1).
         profile: the single profile served (single-profile rule), or None for a filter.
         filter_order: the Rényi filter order a* (several profiles), or None.
+        hardened_dimension: single rule: the embedding dimension when the one mechanism releases
+            through the exact discrete Gaussian (``dprdm.privacy.discrete``), None for float noise.
+        noise_recorded: False for a single-profile budget whose noise kind was not recorded (written
+            before noise kinds were part of a mechanism's identity, or created before any index of
+            the domain was served): it then serves ONE mechanism of its profile, whichever the
+            deployment serves, and a server must refuse to serve two (see :meth:`serves`).
 
     Exactly one of ``profile`` and ``filter_order`` is set. Build with :meth:`single` or
     :meth:`renyi_filter`.
@@ -111,6 +130,8 @@ class Budget:
     delta: float
     profile: Profile | None = None
     filter_order: float | None = None
+    hardened_dimension: int | None = None
+    noise_recorded: bool = True
 
     def __post_init__(self) -> None:
         eps = float(self.epsilon)
@@ -120,6 +141,12 @@ class Budget:
             raise ValueError(f"budget delta must be in (0, 1); found {self.delta!r}")
         if (self.profile is None) == (self.filter_order is None):
             raise ValueError("a budget needs exactly one of profile (single-profile rule) or filter_order")
+        if self.hardened_dimension is not None:
+            d = self.hardened_dimension
+            if self.profile is None or not self.noise_recorded:
+                raise ValueError("hardened_dimension belongs to a single-profile budget with its noise recorded")
+            if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 1:
+                raise ValueError(f"hardened_dimension must be an integer >= 1; found {d!r}")
         if self.filter_order is not None:
             a = float(self.filter_order)
             if a not in DEFAULT_ORDERS:
@@ -128,17 +155,55 @@ class Budget:
                 raise ValueError(f"filter_order {a} gives no capacity at epsilon={eps}, delta={self.delta}")
 
     @classmethod
-    def single(cls, epsilon: float, delta: float, profile: Profile) -> Budget:
-        """A budget that serves only ``profile`` (min-over-orders admission)."""
-        return cls(epsilon=epsilon, delta=delta, profile=profile)
+    def single(
+        cls,
+        epsilon: float,
+        delta: float,
+        profile: Profile,
+        *,
+        hardened_dimension: int | None = None,
+        noise_recorded: bool = True,
+    ) -> Budget:
+        """A budget that serves only the mechanism (``profile``, noise) (min-over-orders admission).
+
+        Args:
+            hardened_dimension: d for the exact discrete Gaussian at dimension d; None: float noise.
+            noise_recorded: False when the noise kind is not known yet (see the class docstring).
+        """
+        return cls(
+            epsilon=epsilon,
+            delta=delta,
+            profile=profile,
+            hardened_dimension=hardened_dimension,
+            noise_recorded=noise_recorded,
+        )
 
     @classmethod
     def renyi_filter(
-        cls, epsilon: float, delta: float, profiles: Sequence[Profile], order: float | None = None
+        cls,
+        epsilon: float,
+        delta: float,
+        profiles: Sequence[Profile],
+        order: float | None = None,
+        hardened_dimensions: Sequence[int | None] | None = None,
     ) -> Budget:
-        """A Rényi-filter budget for several profiles; ``order`` defaults to :func:`choose_filter_order`."""
-        a = choose_filter_order(epsilon, delta, profiles) if order is None else float(order)
+        """A Rényi-filter budget for several mechanisms; ``order`` defaults to
+        :func:`choose_filter_order` over their curves."""
+        if order is None:
+            a = choose_filter_order(epsilon, delta, profiles, hardened_dimensions=hardened_dimensions)
+        else:
+            a = float(order)
         return cls(epsilon=epsilon, delta=delta, filter_order=a)
+
+    def serves(self, profile: Profile, hardened_dimension: int | None) -> bool:
+        """Whether one query of this mechanism may be charged to this budget: any mechanism for a
+        Rényi filter; for the single rule the budget's own mechanism only (its profile alone when
+        the noise was not recorded: the caller must then serve ONE noise kind for it)."""
+        if self.profile is None or not profile.retrieves:
+            return True
+        if profile != self.profile:
+            return False
+        return not self.noise_recorded or hardened_dimension == self.hardened_dimension
 
     def charge(self, profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
         """RDP curve (over ``DEFAULT_ORDERS``) one query of ``profile`` adds to the spend.
@@ -151,8 +216,11 @@ class Budget:
         Raises:
             ValueError: if a single-profile budget is asked to charge another retrieving profile.
         """
-        if self.profile is not None and profile.retrieves and profile != self.profile:
-            raise ValueError(f"this budget serves only profile {self.profile.to_dict()}; found {profile.to_dict()}")
+        if not self.serves(profile, hardened_dimension):
+            raise ValueError(
+                f"this budget serves only {self.describe_mechanism()}; found profile {profile.to_dict()} "
+                f"with {_noise_text(hardened_dimension)}"
+            )
         return retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
 
     @functools.cached_property
@@ -181,22 +249,41 @@ class Budget:
         """Informational epsilon spent at the budget's delta (min over the grid)."""
         return self._converter.epsilon(np.asarray(spent, dtype=np.float64))
 
+    def describe_mechanism(self) -> str:
+        """One line naming the mechanism a single-profile budget serves (or "a Rényi filter")."""
+        if self.profile is None:
+            return f"a Rényi filter at order {self.filter_order:g}"
+        noise = _noise_text(self.hardened_dimension) if self.noise_recorded else "one noise kind (not recorded)"
+        return f"profile {self.profile.to_dict()} with {noise}"
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return {
+        """Plain-JSON form (``hardened_dimension`` present iff a single budget's noise is recorded)."""
+        out: dict[str, Any] = {
             "epsilon": float(self.epsilon),
             "delta": float(self.delta),
             "profile": None if self.profile is None else self.profile.to_dict(),
             "filter_order": self.filter_order,
         }
+        if self.profile is not None and self.noise_recorded:
+            out["hardened_dimension"] = self.hardened_dimension
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a single budget without ``hardened_dimension`` (written before
+        noise kinds were recorded) has ``noise_recorded = False``."""
         prof = data.get("profile")
         return cls(
             epsilon=data["epsilon"],
             delta=data["delta"],
             profile=None if prof is None else Profile.from_dict(prof),
             filter_order=data.get("filter_order"),
+            hardened_dimension=data.get("hardened_dimension"),
+            noise_recorded=prof is None or "hardened_dimension" in data,
         )
+
+
+def _noise_text(hardened_dimension: int | None) -> str:
+    if hardened_dimension is None:
+        return "float noise"
+    return f"discrete noise at dimension {hardened_dimension}"

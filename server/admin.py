@@ -96,10 +96,31 @@ class AdminService:
             raise InvalidArgument("filter_order", "must be finite")
         try:
             if len(profiles) == 1 and not args.renyi_filter and order is None:
-                return Budget.single(args.epsilon, args.delta, profiles[0])
+                return self._single(args, profiles[0])
             return Budget.renyi_filter(args.epsilon, args.delta, profiles, order=order)
         except ValueError as exc:
             raise InvalidArgument("filter_order" if order is not None else "epsilon", str(exc)) from None
+
+    def _single(self, args: CreateBudgetArgs, profile: Profile) -> Budget:
+        """A single-profile budget for the mechanism the domain serves with ``profile``: its noise
+        kind comes from the served indexes (not recorded when none serves it yet: the server then
+        requires ONE mechanism); several noise kinds need a Rényi filter (SPEC §4)."""
+        dims = {
+            p.hardened_dimension
+            for s in self.catalog.indexes.values()
+            if s.domain == args.domain
+            for p in s.profiles.values()
+            if p.profile == profile
+        }
+        if len(dims) > 1:
+            raise InvalidArgument(
+                "profiles",
+                f"domain {args.domain!r} serves this profile with {len(dims)} noise kinds (two mechanisms); "
+                f"use a Rényi filter (renyi_filter = true)",
+            )
+        if not dims:
+            return Budget.single(args.epsilon, args.delta, profile, noise_recorded=False)
+        return Budget.single(args.epsilon, args.delta, profile, hardened_dimension=dims.pop())
 
     async def create_budget(self, args: CreateBudgetArgs) -> BudgetView:
         """Create a domain budget (never replaces one: ``DomainExists``).

@@ -176,12 +176,23 @@ def _epsilon_one(charge: npt.NDArray[np.float64], delta: float | None) -> float:
     return float(epsilon_from_rdp(charge, DEFAULT_ORDERS, delta).epsilon)
 
 
-def budget_from_config(cfg: BudgetConfig, profiles: Sequence[Profile], public_size: int) -> Budget:
+Mechanism = tuple[Profile, int | None]
+"""What one query's RDP curve depends on (SPEC §4): the profile and the noise (None: float
+Gaussian; d: the exact discrete Gaussian at embedding dimension d)."""
+
+
+def _mechanism_text(m: Mechanism) -> str:
+    noise = "float noise" if m[1] is None else f"discrete noise at dimension {m[1]}"
+    return f"{m[0].to_dict()} with {noise}"
+
+
+def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], public_size: int) -> Budget:
     """The :class:`Budget` a ``[budgets.<domain>]`` section describes.
 
     Args:
         cfg: the budget section.
-        profiles: the distinct retrieving profiles served on the domain.
+        mechanisms: the distinct retrieving mechanisms (profile, noise) served on the domain; two
+            indexes serving the same numbers with different noise kinds or dimensions are two.
         public_size: the largest N̄ of the domain's indexes (for the default delta).
 
     Raises:
@@ -191,36 +202,52 @@ def budget_from_config(cfg: BudgetConfig, profiles: Sequence[Profile], public_si
     delta = cfg.delta if cfg.delta is not None else default_delta(public_size)
     rule = cfg.rule
     if rule == "auto":
-        rule = "single" if len(profiles) == 1 and cfg.filter_order is None else "filter"
+        rule = "single" if len(mechanisms) == 1 and cfg.filter_order is None else "filter"
     try:
         if rule == "single":
-            if len(profiles) != 1:
+            if len(mechanisms) != 1:
+                served = "; ".join(_mechanism_text(m) for m in mechanisms)
                 raise ValueError(
-                    f"rule 'single' needs exactly one retrieving profile; the domain serves {len(profiles)}"
+                    f"rule 'single' needs exactly one retrieving mechanism; the domain serves "
+                    f"{len(mechanisms)} ({served}): use rule = \"filter\""
                 )
-            return Budget.single(cfg.epsilon, delta, profiles[0])
-        return Budget.renyi_filter(cfg.epsilon, delta, profiles, order=cfg.filter_order)
+            (profile, dim), = mechanisms
+            return Budget.single(cfg.epsilon, delta, profile, hardened_dimension=dim)
+        return Budget.renyi_filter(
+            cfg.epsilon,
+            delta,
+            [m[0] for m in mechanisms],
+            order=cfg.filter_order,
+            hardened_dimensions=[m[1] for m in mechanisms],
+        )
     except ValueError as exc:
         raise StartupError(f"{key}: {exc}") from None
 
 
-def _same_budget(a: Budget, b: Budget) -> bool:
+def _same_budget(stored: Budget, wanted: Budget) -> bool:
+    """Whether the ledger's budget is the one the configuration describes (a stored single budget
+    without a recorded noise kind matches on its profile; :func:`_domain_budget` then requires ONE
+    mechanism to be served)."""
+    same_noise = not stored.noise_recorded or (
+        stored.hardened_dimension == wanted.hardened_dimension and stored.noise_recorded == wanted.noise_recorded
+    )
     return (
-        math.isclose(a.epsilon, b.epsilon, rel_tol=1e-12)
-        and math.isclose(a.delta, b.delta, rel_tol=1e-12)
-        and a.profile == b.profile
-        and a.filter_order == b.filter_order
+        math.isclose(stored.epsilon, wanted.epsilon, rel_tol=1e-12)
+        and math.isclose(stored.delta, wanted.delta, rel_tol=1e-12)
+        and stored.profile == wanted.profile
+        and stored.filter_order == wanted.filter_order
+        and same_noise
     )
 
 
 def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[_Loaded]) -> Budget:
-    profiles = list(
-        dict.fromkeys(p.profile for s in served for p in s.config.profiles if p.profile.retrieves)
+    mechanisms: list[Mechanism] = list(
+        dict.fromkeys((p.profile, s.hardened) for s in served for p in s.config.profiles if p.profile.retrieves)
     )
     cfg = config.budget_for(domain)
     wanted = None
-    if cfg is not None and profiles:
-        wanted = budget_from_config(cfg, profiles, max(s.index.public_size for s in served))
+    if cfg is not None and mechanisms:
+        wanted = budget_from_config(cfg, mechanisms, max(s.index.public_size for s in served))
     try:
         budget = ledger.budget_state(domain).budget
     except UnknownDomain:
@@ -237,14 +264,24 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
             f"budgets.{domain}: the ledger already holds a different budget for this domain "
             f"({budget.to_dict()}); the ledger is authoritative: fix or remove the section"
         )
+    if budget.profile is not None and not budget.noise_recorded:
+        if len(mechanisms) > 1:
+            served_text = "; ".join(_mechanism_text(m) for m in mechanisms)
+            raise StartupError(
+                f"privacy domain {domain!r}: its single-profile budget (noise kind not recorded) may "
+                f"serve ONE mechanism, but the domain serves {len(mechanisms)} ({served_text}): serve "
+                f"one noise kind, or give the domain a Rényi-filter budget"
+            )
+        _LOG.info("privacy domain %r: single-profile budget without a recorded noise kind; it serves %s",
+                  domain, _mechanism_text(mechanisms[0]) if mechanisms else "no retrieving profile")
     for s in served:
         try:
             check_delta_for_size(budget.delta, s.index.public_size)
             for p in s.config.profiles:
-                if budget.profile is not None and p.profile.retrieves and p.profile != budget.profile:
+                if not budget.serves(p.profile, s.hardened):
                     raise ValueError(
-                        f"the budget serves only profile {budget.profile.to_dict()}; "
-                        f"profile {p.name!r} is {p.profile.to_dict()}"
+                        f"the budget serves only {budget.describe_mechanism()}; profile {p.name!r} is "
+                        f"{_mechanism_text((p.profile, s.hardened))}: two mechanisms need a Rényi filter"
                     )
         except ValueError as exc:
             raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None

@@ -117,7 +117,7 @@ def test_training_changes_only_trainable_parameters_and_reports_budget(lora_back
     cfg = DPSGDConfig(epsilon=5.0, delta=1e-3, batch_size=2, steps=3, max_physical_batch=1, multiplicity=2)
     res = train_dpsgd(bb.unet, _fixed_loss(bb), N, cfg, method="test", rng=np.random.default_rng(3), production=False)
     assert res.report.epsilon <= 5.0 and res.report.steps == 3 and res.report.sample_rate == 0.5
-    assert len(res.losses) == 3
+    assert res.steps == 3
     changed = {k for k, v in bb.unet.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
     assert "NOT suitable" in res.report.noise_source and res.report.production is False
@@ -131,7 +131,42 @@ def test_empty_poisson_batches_still_step(lora_backbone: Backbone) -> None:
     coins = np.random.default_rng(7).random((3, N)) < 0.25
     assert (coins.sum(1) == 0).any()
     res = train_dpsgd(bb.unet, _fixed_loss(bb), N, cfg, method="test", rng=rng, production=False)
-    assert len(res.losses) == 3
+    assert res.steps == 3
+
+
+def test_charge_comes_first_and_nothing_private_is_logged(lora_backbone: Backbone) -> None:
+    """Issue 12 item 3: the ledger is charged before any private record is read (a refusal trains
+    nothing), and the progress log carries public facts only (never the private batch's loss)."""
+    bb = lora_backbone
+    cfg = DPSGDConfig(epsilon=5.0, delta=1e-3, batch_size=2, steps=10, max_physical_batch=2)
+    calls: list[str] = []
+    inner = _fixed_loss(bb)
+
+    def loss(model: torch.nn.Module, idx: torch.Tensor, m: int) -> torch.Tensor:
+        calls.append("loss")
+        return inner(model, idx, m)
+
+    def refuse(report: object) -> None:
+        calls.append("charge")
+        raise ValueError("ledger refused the charge")
+
+    before = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="refused"):
+        train_dpsgd(bb.unet, loss, N, cfg, method="t", rng=np.random.default_rng(1), production=False, charge=refuse)
+    assert calls == ["charge"]
+    assert all(torch.equal(v, before[k]) for k, v in bb.unet.state_dict().items())
+    lines: list[str] = []
+    charged: list[object] = []
+    calls.clear()
+
+    def accept(report: object) -> None:
+        calls.append("charge")
+        charged.append(report)
+
+    res = train_dpsgd(bb.unet, loss, N, cfg, method="t", rng=np.random.default_rng(1), production=False,
+                      log=lines.append, charge=accept)
+    assert charged == [res.report] and calls[0] == "charge" and "loss" in calls
+    assert lines == ["t: step 10/10"] and not any("loss" in line for line in lines)
 
 
 def test_production_refuses_a_seeded_generator(lora_backbone: Backbone) -> None:

@@ -276,3 +276,55 @@ def test_non_private_index_needs_no_budget_and_is_not_charged():
 def test_bad_index_or_bundle_is_named():
     with pytest.raises(StartupError, match="indexes.faces: cannot load bundle"):
         build_catalog(make_config(indexes={"faces": _index(bundle="nope")}), MemoryLedger(), fake_loaders())
+
+
+def test_same_numbers_with_different_noise_are_two_mechanisms():
+    """Issue 12 item 1: two indexes of one domain, same (k, q, sigma, lambda), discrete vs float
+    noise, charge two different curves: the domain gets a Rényi filter, never the single rule."""
+    same = {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}
+    indexes = {
+        "faces": _index(profiles=same),  # private: discrete noise at dimension 16 (default)
+        "faces-float": _index(profiles=same, noise="float", allow_float_noise=True),
+    }
+    cat = build_catalog(make_config(indexes=indexes, budgets={"corpus-a": {"epsilon": 3.0}}), MemoryLedger(), fake_loaders())
+    budget = cat.budgets["corpus-a"]
+    assert budget.filter_order is not None and budget.profile is None
+    a, b = cat.indexes["faces"].profiles["default"], cat.indexes["faces-float"].profiles["default"]
+    assert a.profile == b.profile and not (a.charge == b.charge).all()
+    with pytest.raises(StartupError, match=r"rule 'single' needs exactly one retrieving mechanism.*discrete noise at dimension 16.*float noise"):
+        build_catalog(
+            make_config(indexes=indexes, budgets={"corpus-a": {"epsilon": 3.0, "rule": "single"}}),
+            MemoryLedger(),
+            fake_loaders(),
+        )
+    one = build_catalog(make_config(indexes={"faces": _index(profiles=same)}, budgets={"corpus-a": {"epsilon": 3.0}}),
+                        MemoryLedger(), fake_loaders())
+    assert one.budgets["corpus-a"].profile is not None and one.budgets["corpus-a"].hardened_dimension == 16
+
+
+def test_a_single_budget_refuses_the_same_numbers_with_other_noise():
+    prof = Profile(k=5, q=0.5, sigma=0.5, lam=1.0)
+    same = {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}
+    ledger = MemoryLedger()
+    ledger.create_budget("corpus-a", Budget.single(3.0, 1e-4, prof, hardened_dimension=16))
+    build_catalog(make_config(indexes={"faces": _index(profiles=same)}, budgets={}), ledger, fake_loaders())
+    floaty = {"faces": _index(profiles=same, noise="float", allow_float_noise=True)}
+    with pytest.raises(StartupError, match="serves only profile .* discrete noise at dimension 16.*float noise"):
+        build_catalog(make_config(indexes=floaty, budgets={}), ledger, fake_loaders())
+
+
+def test_budget_without_a_recorded_noise_kind_serves_one_mechanism():
+    """A single budget written before noise kinds were recorded (its JSON has no
+    ``hardened_dimension``) serves one mechanism of its profile, never two."""
+    prof = Profile(k=5, q=0.5, sigma=0.5, lam=1.0)
+    legacy = {"epsilon": 3.0, "delta": 1e-4, "profile": prof.to_dict(), "filter_order": None}
+    old = Budget.from_dict(legacy)
+    assert not old.noise_recorded and old.to_dict() == legacy
+    assert Budget.from_dict(Budget.single(3.0, 1e-4, prof).to_dict()).noise_recorded
+    same = {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}
+    ledger = MemoryLedger()
+    ledger.create_budget("corpus-a", old)
+    build_catalog(make_config(indexes={"faces": _index(profiles=same)}, budgets={}), ledger, fake_loaders())
+    both = {"faces": _index(profiles=same), "faces-float": _index(profiles=same, noise="float", allow_float_noise=True)}
+    with pytest.raises(StartupError, match="may serve ONE mechanism, but the domain serves 2"):
+        build_catalog(make_config(indexes=both, budgets={}), ledger, fake_loaders())
