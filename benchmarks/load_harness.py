@@ -24,27 +24,23 @@ loop over one ``AsyncClient`` channel; its own CPU time per request is reported.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import random
 import secrets
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .load_clients import check_cell, format_table, run_cell, summarize
+from .load_server import TOKEN_ENV, LocalServer
 
 __all__ = [
     "LoadSettings",
@@ -67,12 +63,9 @@ class BenchError(ValueError):
     """A bad benchmark flag or setting (the command line prints it as one line, exit status 2)."""
 
 
-TOKEN_ENV = "DPRDM_BENCH_TOKEN"
 DOMAIN = "bench-load"
 INDEX = "load"
 PROFILE = "default"
-BUDGET_REFUSALS = ("PRIVACY_BUDGET_EXHAUSTED", "TENANT_QUOTA_EXHAUSTED")
-Record = tuple[float, float, str, str, float, float, str, bool]  # end, latency, code, reason, charged, spent, id, reused
 
 
 @dataclass(frozen=True)
@@ -227,255 +220,6 @@ def served_noise(doc: dict[str, Any], token: str) -> str:
     return str(getattr(cfg.indexes[0], "noise", "float"))
 
 
-class LocalServer:
-    """A ``dprdm`` server subprocess on 127.0.0.1 port 0 (real SQLite ledger, test bundle).
-
-    Args:
-        doc: the configuration (``server_document``).
-        token: the tenant token (passed through the environment, never on the command line).
-        workdir: where the configuration and the server's stderr log go.
-        startup_timeout: seconds to wait for the port.
-
-    Raises:
-        RuntimeError: the server exited or did not report its port in time (with its log tail).
-    """
-
-    def __init__(self, doc: dict[str, Any], token: str, workdir: Path, startup_timeout: float = 300.0) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "server.json"
-        conf.write_text(json.dumps(doc))
-        self.log = workdir / "server.log"
-        env = {**os.environ, TOKEN_ENV: token}
-        cmd = [sys.executable, "-m", "dprdm.benchmarks.load_harness", "--serve-child", str(conf)]
-        with self.log.open("wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
-        self.pid = self.proc.pid
-        self.port = self._wait_port(startup_timeout)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _wait_port(self, timeout: float) -> int:
-        assert self.proc.stdout is not None
-        deadline, buf = time.monotonic() + timeout, b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                buf += os.read(self.proc.stdout.fileno(), 4096)
-                for line in buf.decode(errors="replace").splitlines():
-                    if "listening on port" in line:
-                        return int(line.rsplit(" ", 1)[-1])
-        self.stop()
-        tail = self.log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the benchmark server did not start; its log ends with:\n{tail}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux ``/proc``; NaN elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return float("nan")
-
-    def stop(self) -> None:
-        """SIGTERM (graceful stop), then SIGKILL after 30 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What one load-generator process runs (picklable)."""
-
-    address: str
-    token: str
-    method: str
-    client_ids: tuple[int, ...]
-    index: str
-    profile: str
-    steps: int
-    start_at: float
-    stop_at: float
-    max_requests: int
-    timeout: float
-    backoff: float
-    nonce: str
-
-
-async def _client_loop(client: Any, job: _Job, cid: int, budget: list[int], out: list[Record]) -> None:
-    from dprdm.clients.client import DprdmError
-
-    i = 0
-    while time.time() < job.stop_at and budget[0] > 0:
-        budget[0] -= 1
-        prompt = f"bench {job.nonce} c{cid} r{i}"  # distinct: no release reuse (charged 0)
-        t0 = time.perf_counter()
-        try:
-            if job.method == "retrieve":
-                rec = (await client.retrieve(job.index, prompt, profile=job.profile, timeout=job.timeout)).receipt
-            else:
-                res = await client.generate(job.index, prompt, profile=job.profile, steps=job.steps, seed=i,
-                                            timeout=job.timeout)  # fmt: skip
-                rec = res.receipt
-            lat = time.perf_counter() - t0
-            out.append((time.time() - job.start_at, lat, "OK", "", rec.epsilon_charged, rec.epsilon_spent,
-                        rec.spend_id, bool(rec.reused or rec.replayed)))  # fmt: skip
-        except DprdmError as err:
-            lat = time.perf_counter() - t0
-            out.append((time.time() - job.start_at, lat, err.code.name, err.reason, 0.0, 0.0, "", False))
-            if err.reason in BUDGET_REFUSALS:
-                return
-            if err.reason == "OVERLOADED":  # nothing charged; back off (jittered) and retry
-                await asyncio.sleep(job.backoff * (0.5 + random.random()))
-        i += 1
-
-
-async def _drive(job: _Job) -> tuple[list[Record], float]:
-    from dprdm.clients.client import AsyncClient
-
-    async with AsyncClient(job.address, job.token, timeout=job.timeout) as client:
-        await client.list_indexes()  # connect before the start line (not charged)
-        await asyncio.sleep(max(0.0, job.start_at - time.time()))
-        cpu0, out = time.process_time(), list[Record]()
-        budget = [job.max_requests]
-        await asyncio.gather(*(_client_loop(client, job, cid, budget, out) for cid in job.client_ids))
-        return out, time.process_time() - cpu0
-
-
-def _run_job(job: _Job) -> tuple[list[Record], float]:
-    """Entry point of a load-generator process: (records, CPU seconds spent driving)."""
-    return asyncio.run(_drive(job))
-
-
-def run_cell(
-    address: str, token: str, method: str, clients: int, settings: LoadSettings, pool: ProcessPoolExecutor | None
-) -> dict[str, Any]:
-    """Drive ``method`` with ``clients`` concurrent clients until refusal or the bounds.
-
-    Args:
-        address: ``host:port`` of the server.
-        token: tenant token.
-        method: ``retrieve`` or ``generate``.
-        clients: concurrent clients (spread over ``settings.client_procs`` processes).
-        settings: bounds and request options.
-        pool: spawned worker processes, or None to drive from this process.
-
-    Returns:
-        Raw results: ``records`` (per call), ``client_cpu_s``, ``wall_s``.
-    """
-    procs = max(1, min(settings.client_procs, clients))
-    limit = settings.max_requests or (settings.admits(method) * 4 + clients * 16)
-    start = time.time() + 0.5 + 0.5 * procs
-    jobs = [
-        _Job(address, token, method, tuple(range(p, clients, procs)), settings.index, settings.profile,
-             settings.steps, start, start + settings.max_seconds, -(-limit // procs), settings.timeout,
-             settings.overload_backoff, secrets.token_hex(4))  # fmt: skip
-        for p in range(procs)
-    ]
-    results = list(pool.map(_run_job, jobs)) if pool is not None else [_run_job(j) for j in jobs]
-    records = sorted((r for rs, _ in results for r in rs), key=lambda r: r[0])
-    return {"records": records, "client_cpu_s": sum(c for _, c in results), "wall_s": time.time() - start}
-
-
-def _pct(values: Sequence[float], p: float) -> float | None:
-    return float(np.percentile(np.asarray(values) * 1e3, p)) if len(values) else None
-
-
-def summarize(raw: dict[str, Any], *, series_points: int = 10) -> dict[str, Any]:
-    """Throughput, latency percentiles (ms), refusals by code/reason, epsilon-over-time series.
-
-    Args:
-        raw: the output of :func:`run_cell`.
-        series_points: length of the epsilon series.
-
-    Returns:
-        The cell summary (public facts only).
-    """
-    recs: list[Record] = raw["records"]
-    ok = [r for r in recs if r[2] == "OK"]
-    refused = Counter(f"{r[2]}/{r[3]}" if r[3] else r[2] for r in recs if r[2] != "OK")
-    end = max((r[0] for r in recs), default=0.0)
-    t_granted = max((r[0] for r in ok), default=0.0)
-    series = []
-    for j in range(1, series_points + 1):
-        t = end * j / series_points
-        series.append([round(t, 3), max((r[5] for r in ok if r[0] <= t), default=0.0)])
-    cpu = raw["client_cpu_s"]
-    return {
-        "requests": len(recs),
-        "granted": len(ok),
-        "refusals": dict(sorted(refused.items())),
-        "seconds": end,
-        "granted_per_s": len(ok) / t_granted if t_granted > 0 else 0.0,
-        "responses_per_s": len(recs) / end if end > 0 else 0.0,
-        "latency_ms": {"p50": _pct([r[1] for r in ok], 50), "p95": _pct([r[1] for r in ok], 95),
-                       "p99": _pct([r[1] for r in ok], 99)},  # fmt: skip
-        "refusal_latency_p50_ms": _pct([r[1] for r in recs if r[2] != "OK"], 50),
-        "client_cpu_us_per_request": cpu / len(recs) * 1e6 if recs else None,
-        "epsilon_series": series,
-    }
-
-
-def check_cell(
-    raw: dict[str, Any], budget: Any, plan: BudgetPlan | None, *, start_spent: float = 0.0
-) -> dict[str, Any]:
-    """The never-overspent invariants of one cell (see the module docstring).
-
-    Args:
-        raw: the output of :func:`run_cell`.
-        budget: the ledger's ``BudgetInfo`` after the cell (``GetBudget``).
-        plan: the local budget plan (None against an external server: composition unknown).
-        start_spent: the ledger's epsilon spent before the cell.
-
-    Returns:
-        ``ok`` and the checked quantities; ``violations`` names every failed check.
-    """
-    recs: list[Record] = raw["records"]
-    ok = [r for r in recs if r[2] == "OK"]
-    charged = [r for r in ok if not r[7]]
-    exhausted = any(r[3] in BUDGET_REFUSALS for r in recs)
-    unknown = sum(1 for r in recs if r[2] not in ("OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INVALID_ARGUMENT"))
-    eps, tol = float(budget.epsilon), 1e-9 * max(1.0, float(budget.epsilon))
-    bad: list[str] = []
-    out: dict[str, Any] = {"budget_epsilon": eps, "ledger_epsilon_spent": float(budget.epsilon_spent),
-                           "granted": len(charged), "unknown_outcome": unknown, "budget_refused": exhausted}  # fmt: skip
-    if len({r[6] for r in charged}) != len(charged):
-        bad.append("duplicate spend ids among granted receipts")
-    max_spent = max((r[5] for r in charged), default=0.0)
-    out["max_receipt_epsilon_spent"] = max_spent
-    out["naive_sum_epsilon_charged"] = float(sum(r[4] for r in charged))  # basic composition (loose, info)
-    if max_spent > eps + tol:
-        bad.append(f"a receipt reports epsilon_spent {max_spent!r} > budget {eps!r}")
-    if float(budget.epsilon_spent) > eps + tol:
-        bad.append(f"GetBudget reports epsilon_spent {budget.epsilon_spent!r} > budget {eps!r}")
-    if plan is not None:
-        composed = plan.composed(len(charged))
-        out.update(expected_admits=plan.admits, composed_granted_epsilon=composed)
-        if len(charged) > plan.admits:
-            bad.append(f"{len(charged)} queries granted; the budget admits {plan.admits}")
-        if composed > eps + tol:
-            bad.append(f"composed epsilon of the granted charges {composed!r} > budget {eps!r}")
-        if exhausted and len(charged) + unknown < plan.admits:
-            bad.append(f"refused after {len(charged)} grants (+{unknown} unknown); the budget admits {plan.admits}")
-        lo, hi = composed, plan.composed(len(charged) + unknown)
-        if not (lo - tol <= float(budget.epsilon_spent) - start_spent <= hi + tol):
-            bad.append(f"ledger spend {budget.epsilon_spent!r} is not within [{lo!r}, {hi!r}] of the grants")
-    out["violations"] = bad
-    out["ok"] = not bad
-    return out
-
-
 def _budget_info(address: str, token: str, index: str) -> Any:
     from dprdm.clients.client import Client
 
@@ -579,29 +323,6 @@ def _cell(method: str, clients: int, raw: dict[str, Any], checks: dict[str, Any]
             "server_cpu_us_per_request": per_req, "checks": checks}  # fmt: skip
 
 
-def format_table(cells: Sequence[dict[str, Any]], *, header: bool = True) -> str:
-    """A Markdown table of cells: throughput, latency, refusals, CPU per request, invariant."""
-
-    def f(x: float | None, spec: str = ".1f") -> str:
-        return "-" if x is None else format(x, spec)
-
-    lines = []
-    if header:
-        lines += ["| method | clients | noise | granted/M | granted/s | p50 ms | p95 ms | p99 ms | refusals "
-                  "| client CPU us/req | server CPU us/req | eps spent / budget | ok |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
-    for c in cells:
-        ch, lat = c["checks"], c["latency_ms"]
-        refusals = ", ".join(f"{k} {v}" for k, v in c["refusals"].items()) or "-"
-        lines.append(
-            f"| {c['method']} | {c['clients']} | {c['noise']} | {ch['granted']}/{ch.get('expected_admits', '?')} "
-            f"| {c['granted_per_s']:,.0f} | {f(lat['p50'], '.2f')} | {f(lat['p95'], '.2f')} | {f(lat['p99'], '.2f')} "
-            f"| {refusals} | {f(c['client_cpu_us_per_request'], '.0f')} | {f(c['server_cpu_us_per_request'], '.0f')} "
-            f"| {ch['ledger_epsilon_spent']:.4g} / {ch['budget_epsilon']:.4g} | {'yes' if ch['ok'] else 'NO'} |"
-        )
-    return "\n".join(lines)
-
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(float(x)) for x in text.split(",") if x.strip())
@@ -703,23 +424,3 @@ def load_command(args: argparse.Namespace) -> int:
             print(f"INVARIANT VIOLATED ({c['method']}, {c['clients']} clients): {v}", file=sys.stderr)
     print(f"wrote {path}")
     return 0 if result["ok"] else 1
-
-
-def _serve_child(config_file: str) -> None:
-    """Serve a bench configuration: the real index loader and SQLite ledger, the test bundles."""
-    from dprdm.server.adapters import load_index
-    from dprdm.server.app import serve
-    from dprdm.server.catalog import Loaders
-    from dprdm.server.config import parse_config
-    from dprdm.server.testing import fake_loaders
-
-    path = Path(config_file)
-    config = parse_config(json.loads(path.read_text()), base_dir=path.parent)
-    asyncio.run(serve(config, loaders=Loaders(index=load_index, bundle=fake_loaders().bundle)))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve-child":
-        _serve_child(sys.argv[2])
-    else:
-        sys.exit("usage: python -m dprdm.benchmarks.load_harness --serve-child CONFIG.json (internal)")
