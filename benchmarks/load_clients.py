@@ -66,7 +66,7 @@ async def _client_loop(client: Any, job: _Job, cid: int, budget: list[int], out:
             out.append((time.time() - job.start_at, lat, err.code.name, err.reason, 0.0, 0.0, "", False))
             if err.reason in BUDGET_REFUSALS:
                 return
-            if err.reason == "OVERLOADED":  # nothing charged; back off (jittered) and retry
+            if err.reason in ("OVERLOADED", "NOISE_POOL_EMPTY"):  # nothing charged; back off, retry
                 await asyncio.sleep(job.backoff * (0.5 + random.random()))
         i += 1
 

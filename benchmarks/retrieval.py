@@ -39,7 +39,7 @@ from dprdm.index import BuildConfig, build_from_vectors, load
 from dprdm.models.fake import FakeEncoder
 
 
-def _unit_rows(n: int, d: int, seed: int, out: np.ndarray | None = None, block: int = 200_000) -> np.ndarray:
+def unit_rows(n: int, d: int, seed: int, out: np.ndarray | None = None, block: int = 200_000) -> np.ndarray:
     out = np.empty((n, d), np.float32) if out is None else out
     rng = np.random.default_rng(seed)
     for s in range(0, n, block):
@@ -100,12 +100,13 @@ def _faiss_ivf(idx: Any) -> Any:
     ivf = faiss.IndexIVFFlat(quant, d, lay.centroids.shape[0], faiss.METRIC_INNER_PRODUCT)
     ivf.is_trained = True
     for li in range(lay.centroids.shape[0]):
-        a, b = int(lay.offsets[li]), int(lay.offsets[li + 1])
+        a = int(lay.starts[li])
+        b = a + int(np.count_nonzero(idx.ids[a : a + int(lay.capacities[li])] >= 0))  # real prefix of the list
         if b > a:
             codes = np.ascontiguousarray(idx.vectors[a:b], dtype=np.float32).view(np.uint8)
             rows = np.arange(a, b, dtype=np.int64)
             ivf.invlists.add_entries(li, b - a, faiss.swig_ptr(rows), faiss.swig_ptr(codes))
-    ivf.ntotal = int(lay.offsets[-1])
+    ivf.ntotal = int(idx.count)
     _KEEP_ALIVE.append(quant)  # the IVF index does not own its quantizer
     return ivf
 
@@ -137,7 +138,7 @@ def _gather_floor(vectors: np.ndarray, m: int, reps: int, rng: np.random.Generat
 
 def bench_one(idx: Any, naive_index: Any, kind: str, queries: np.ndarray, k: int, q: float, rng_kind: str,
               nprobe: int | None) -> dict[str, Any]:
-    n = idx.count
+    n = idx.vectors.shape[0] if kind == "ivf" else idx.count  # naive coins: one per faiss id (ivf: storage row)
     ours_rng, naive_rng, floor_rng = _make_rng(rng_kind, 1), _make_rng(rng_kind, 2), np.random.default_rng(3)
     ours_t, naive_t, survivors = [], [], []
     for i, u in enumerate(queries):
@@ -158,7 +159,7 @@ def bench_one(idx: Any, naive_index: Any, kind: str, queries: np.ndarray, k: int
     ours, naive = _stats(ours_t), _stats(naive_t)
     u0 = queries[0]
     return {
-        "kind": kind, "N": n, "public_size": idx.public_size, "d": idx.dimension, "dtype": str(idx.vectors.dtype),
+        "kind": kind, "N": idx.count, "public_size": idx.public_size, "d": idx.dimension, "dtype": str(idx.vectors.dtype),
         "q": q, "k": k, "nprobe": nprobe, "expected_survivors": m,
         "ours": ours, "naive": naive, "floor": floor,
         "speedup_median": naive["median_ms"] / ours["median_ms"],
@@ -177,7 +178,7 @@ def _build(workdir: Path, kind: str, n: int, d: int, dtype: str, nlist: int, npr
     vec_path = workdir / f"vectors-{n}-{dtype}.npy"
     if not vec_path.exists():
         mm = np.lib.format.open_memmap(vec_path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
-        _unit_rows(n, d, seed, out=mm)
+        unit_rows(n, d, seed, out=mm)
         mm.flush()
         del mm
     vectors = np.load(vec_path, mmap_mode="r")
@@ -186,7 +187,7 @@ def _build(workdir: Path, kind: str, n: int, d: int, dtype: str, nlist: int, npr
     if kind == "ivf":
         train = workdir / f"public-{d}.npy"
         if not train.exists():
-            np.save(train, _unit_rows(max(40 * nlist, 20_000), d, seed + 1))
+            np.save(train, unit_rows(max(40 * nlist, 20_000), d, seed + 1))
         cfg.update(index_type="ivf", nlist=nlist, nprobe=nprobe, train_vectors=train)
     build_from_vectors(vectors, enc.identity, BuildConfig(**cfg))
     return load(out, verify_checksums=False, prefault=True)
@@ -218,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in (int(x) for x in args.n):
             dtype = args.dtype if args.dtype != "auto" else ("float16" if n > 2_000_000 else "float32")
-            queries = _unit_rows(args.queries, args.d, seed=777).astype(np.float64)
+            queries = unit_rows(args.queries, args.d, seed=777).astype(np.float64)
             for kind in args.kinds:
                 nlist = args.nlist or int(min(1024, max(4, round(n**0.5 / 4))))
                 nprobe = max(1, int(nlist * args.nprobe_frac))
                 t0 = time.perf_counter()
                 idx = _build(workdir, kind, n, args.d, dtype, nlist, nprobe, seed=n % 1000)
-                naive_index = _faiss_ivf(idx) if kind == "ivf" else _faiss_flat(idx.vectors)
+                naive_index = _faiss_ivf(idx) if kind == "ivf" else _faiss_flat(idx.vectors[: idx.count])
                 print(f"[{kind} N={n} {dtype}] ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
                 for q in args.q:
                     r = bench_one(idx, naive_index, kind, queries, args.k, q, args.rng,

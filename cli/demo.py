@@ -120,8 +120,15 @@ def _server_config(settings: DemoSettings, index_dir: Path, data_dir: Path, toke
     from dprdm.server.config import parse_config
 
     delta = default_delta(settings.public_size)
+    # the private index is served with the exact discrete Gaussian at its dimension: calibrate that curve
+    dimension = int(json.loads((index_dir / "manifest.json").read_text())["dimension"])
     sigma = calibrate_sigma(
-        epsilon=settings.epsilon, delta=delta, queries=settings.budget_queries, k=settings.k, q=settings.q
+        epsilon=settings.epsilon,
+        delta=delta,
+        queries=settings.budget_queries,
+        k=settings.k,
+        q=settings.q,
+        hardened_dimension=dimension,
     )
     private = {"k": settings.k, "q": settings.q, "sigma": sigma, "lambda": settings.lam}
     doc = {

@@ -29,15 +29,14 @@ def _count(text: str) -> int:
 
 
 def resolve_encoder(spec: str, device: str | None = None) -> Any:
-    """Load ``--encoder SPEC`` through the model registry (``dprdm.models.registry.load_encoder``)."""
+    """Load ``--encoder SPEC`` on ``--device`` (``None``: CUDA, then MPS, then CPU) through the model registry."""
     from dprdm.models.registry import load_encoder  # a missing 'models' extra: one line (cli.main)
 
     try:
-        return load_encoder(spec) if device is None else load_encoder(spec, device=device)
-    except TypeError:
-        raise _cli_error(f"--device {device!r}: the model registry does not accept a device") from None
+        return load_encoder(spec, device=device)
     except (ValueError, KeyError, LookupError, OSError) as exc:
-        raise _cli_error(f"--encoder {spec!r}: {exc}") from None
+        flag = f"--device {device!r}" if device is not None and "device" in str(exc) else f"--encoder {spec!r}"
+        raise _cli_error(f"{flag}: {exc}") from None
 
 
 def register(subparsers: Any) -> None:
@@ -54,7 +53,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--corpus-id", required=True, help="privacy domain of the corpus (one ledger)")
     b.add_argument("--public-size", required=True, type=_count, help="declared public size N̄ >= N")
     b.add_argument("--encoder", required=True, help="model registry spec of the image encoder")
-    b.add_argument("--device", default=None, help="encoder device (e.g. cpu, cuda)")
+    b.add_argument("--device", default=None, help="encoder device: cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     b.add_argument("--image-column", help="parquet: column with image bytes")
     b.add_argument("--path-column", help="parquet: column with image paths")
     b.add_argument("--key-column", help="parquet: column with a stable record key")

@@ -31,6 +31,7 @@ _COMMAND_MODULES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("admin", "dprdm.cli.client", (), "administer budgets and read the audit trail"),
     ("demo", "dprdm.cli.demo", ("server", "build", "models"), "run the end-to-end demo on the embedded default bundle"),
     ("train-default", "dprdm.cli.train_default", ("models",), "retrain the embedded default bundle"),
+    ("models", "dprdm.cli.models", ("models",), "list model bundles and check their encoder/generator pairing"),
     ("baseline", "dprdm.cli.baseline", ("baselines",), "train and sample the DP fine-tuning baselines"),
     ("bench", "dprdm.cli.bench", ("server",), "load benchmarks against a server (query-budget drain)"),
 )

@@ -8,8 +8,9 @@ Stages, each in its own module:
 2. :mod:`~dprdm.index.records`: the 1-stable preprocessing: record ids, exact-duplicate removal
    by content hash (set semantics), one record per owner; the kept rows are staged sorted by id
    on the storage grid;
-3. here: the public-size check, the IVF layout (public quantizer, public capacities), the data
-   files, operator-only reports and ``manifest.json``, written last.
+3. here: the public-size check, the IVF layout (public quantizer, public capacities, the
+   overflow rule of :mod:`dprdm.index.ivf`), the padded data files (one stored row per public
+   slot, :mod:`dprdm.index.storage`), operator-only reports and ``manifest.json``, written last.
 
 :func:`build_from_vectors` skips stages 1 and 2 for precomputed embeddings.  Memory: the images
 of one batch, one shard of vectors, and O(N) small per-item metadata (hashes, ids); vectors are
@@ -45,10 +46,12 @@ from dprdm.index.format import (
 from dprdm.index.records import deduplicate, write_records
 from dprdm.index.search import QUERY_GRID_BITS, STORE_GRID_BITS, quantize_store
 from dprdm.index.shards import encode_shards, prepare_output, save_npy_atomic
+from dprdm.index.storage import write_padded
 from dprdm.models.base import Encoder, EncoderIdentity
 
 __all__ = ["BuildConfig", "BuildResult", "build_index", "build_from_vectors"]
 
+_CHECKPOINT_VERSION = 1  # the shard checkpoints' layout (unchanged by index format 2)
 _CORPUS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _REFUSED_TYPES_WHY = {
     "hnsw": "a graph index's structure (which records link to which) depends on every record, sampled "
@@ -151,7 +154,8 @@ def build_index(
 
     Raises:
         IndexBuildError: output exists (without resume/overwrite), changed inputs on resume,
-            N > N̄, capacity overflow, encoder misbehaviour.
+            N > N̄, encoder misbehaviour.  (IVF list overflow never fails a build: see
+            :func:`dprdm.index.ivf.place_records`.)
         PrivacyPolicyError: a configuration that would void the privacy argument.
     """
     say = log or (_stderr if config.progress else (lambda _m: None))
@@ -161,7 +165,7 @@ def build_index(
         if train[0].shape[1] != encoder.dimension:
             raise IndexBuildError(f"--train-vectors have dimension {train[0].shape[1]}, encoder has {encoder.dimension}")
     fingerprint = {
-        "format_version": FORMAT_VERSION,
+        "format_version": _CHECKPOINT_VERSION,
         "reader": reader.describe(),
         "encoder": encoder.identity.to_dict(),
         "owner_mode": reader.has_owners,
@@ -247,11 +251,20 @@ def _emit(
     if config.index_type == "ivf":
         ids, extra = _finalize_ivf(config, build_dir, staged, ids, train, files, identity.dimension)
     else:
-        os.replace(staged, out / "vectors.npy")
+        src = np.concatenate([np.arange(n, dtype=np.int64), np.full(config.public_size - n, -1, np.int64)])
+        records = np.load(staged, mmap_mode="r")
+        ids = write_padded(str(out / "vectors.npy.tmp"), records, ids, src)
+        del records
+        os.replace(out / "vectors.npy.tmp", out / "vectors.npy")
+        staged.unlink(missing_ok=True)
         files["vectors.npy"] = out / "vectors.npy"
+        extra["group_size"] = 1
+    stored = int(np.count_nonzero(ids >= 0))  # n minus the records an IVF overflow dropped
     save_npy_atomic(out / "ids.npy", np.ascontiguousarray(ids, dtype=np.int64))
     files["ids.npy"] = out / "ids.npy"
-    _write_operator_reports(out, {**report, "records": n}, sources, extra.pop("list_sizes", None))
+    overflow = extra.pop("overflow", None)
+    _write_operator_reports(out, {**report, "records": n, "records_stored": stored, **({"ivf_overflow": overflow} if overflow else {})},
+                            sources, extra.pop("list_sizes", None))
     entries = {name: file_entry(p) for name, p in sorted(files.items())}
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -263,8 +276,10 @@ def _emit(
         "encoder": identity.to_dict(),
         "dimension": identity.dimension,
         "dtype": config.dtype,
-        "count": n,
+        "count": stored,
         "public_size": config.public_size,
+        "storage_rows": int(ids.size),
+        "storage": "padded: one row per public slot; filler rows have id -1 (dprdm.index.storage)",
         "record_unit": record_unit,
         "index_type": config.index_type,
         "metric": "inner_product",
@@ -276,7 +291,7 @@ def _emit(
         "dedup": dedup,
         "files": entries,
         "build": {"tool": f"dprdm.index format {FORMAT_VERSION}", **build_info},
-        "operator_only": ["count", "dedup", "build", "sources.tsv", "reports/", "list_offsets.npy"],
+        "operator_only": ["count", "dedup", "build", "sources.tsv", "reports/"],
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
@@ -343,27 +358,15 @@ def _finalize_ivf(
                                   min_capacity=config.min_capacity)
     lists = np.concatenate([_ivf.assign_lists(records[s : s + 65536], centroids)
                             for s in range(0, records.shape[0], 65536)] or [np.zeros(0, np.int64)])
-    sizes = np.bincount(lists, minlength=nlist).astype(np.int64)
-    over = np.flatnonzero(sizes > caps)
-    if over.size:
-        raise IndexBuildError(
-            f"private list size exceeds its public capacity in {over.size} list(s) (operator-only: list "
-            f"{int(over[0])} holds {int(sizes[over[0]])} > {int(caps[over[0]])}). Raise --capacity-slack (choose "
-            "it on public proxy data; every retry on the private corpus leaks) or --public-size, then --resume"
-        )
-    perm = np.argsort(lists, kind="stable")  # ids ascending within each list
-    final = np.lib.format.open_memmap(out / "vectors.npy.tmp", mode="w+", dtype=records.dtype, shape=records.shape)
-    for s in range(0, perm.size, 65536):
-        final[s : s + 65536] = records[perm[s : s + 65536]]
-    final.flush()
-    del final
+    src, sizes = _ivf.place_records(lists, caps)  # overflow: keep the cap_l smallest ids (never fails)
+    row_ids = write_padded(str(out / "vectors.npy.tmp"), records, ids, src)
+    del records
     os.replace(out / "vectors.npy.tmp", out / "vectors.npy")
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    for name, arr in (("centroids.npy", centroids), ("capacities.npy", caps.astype(np.int64)),
-                      ("list_offsets.npy", offsets)):
+    for name, arr in (("centroids.npy", centroids), ("capacities.npy", caps.astype(np.int64))):
         save_npy_atomic(out / name, arr)
         files[name] = out / name
     files["vectors.npy"] = out / "vectors.npy"
+    group = _ivf.group_size(config.public_size, caps)
     extra = {
         "faiss_factory": f"IVF{nlist},Flat",
         "quantizer": {"trained_on": "public", **train[1], "algorithm": "faiss spherical k-means",
@@ -372,11 +375,16 @@ def _finalize_ivf(
                 "capacity_rule": {"formula": "max(min_capacity, ceil(slack * public_size * (t_l + 1) / (T + nlist)))",
                                   "slack": config.capacity_slack, "min_capacity": config.min_capacity,
                                   "public_training_counts": [int(c) for c in train_counts]},
+                "overflow_rule": "a list keeps its cap_l records of smallest id; the others are dropped "
+                                 "(neighbouring corpora: stored sets at add/remove distance <= 2)",
                 "total_capacity": int(caps.sum())},
+        "group_size": group,
         "list_sizes": sizes,
+        "overflow": {"lists": int(np.count_nonzero(sizes > caps)),
+                     "records_dropped": int(np.maximum(sizes - caps, 0).sum())},
     }
     (build_dir / staged.name).unlink(missing_ok=True)
-    return ids[perm], extra
+    return row_ids, extra
 
 
 def _write_operator_reports(out: Path, report: dict[str, Any], sources: dict[int, str],

@@ -39,14 +39,15 @@ def near_duplicate_report(index: PrivateIndex, threshold: float, *, block: int =
 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1]; found {threshold}")
-    n, d = index.vectors.shape
+    real = np.flatnonzero(index.ids >= 0)  # stored rows holding records (the others are public filler)
+    n, d = real.size, index.vectors.shape[1]
     flat = faiss.IndexFlatIP(d)
     for s in range(0, n, 65536):
-        flat.add(np.ascontiguousarray(index.vectors[s : s + 65536], dtype=np.float32))
+        flat.add(np.ascontiguousarray(index.vectors[real[s : s + 65536]], dtype=np.float32))
     parent = np.arange(n)
     pairs = 0
     for s in range(0, n, block):
-        xq = np.ascontiguousarray(index.vectors[s : s + block], dtype=np.float32)
+        xq = np.ascontiguousarray(index.vectors[real[s : s + block]], dtype=np.float32)
         lims, _dist, labels = flat.range_search(xq, float(threshold) - 1e-6)
         for qi in range(xq.shape[0]):
             for j in labels[lims[qi] : lims[qi + 1]]:
@@ -64,7 +65,7 @@ def near_duplicate_report(index: PrivateIndex, threshold: float, *, block: int =
     groups = []
     for size, root in multi[:max_groups]:
         members = np.flatnonzero(roots == root)
-        rids = [int(index.ids[m]) for m in members]
+        rids = [int(index.ids[real[m]]) for m in members]
         groups.append({"size": size, "record_ids": rids, "sources": [sources.get(r, "") for r in rids]})
     sizes, freq = np.unique(np.array([c for c, _ in multi], dtype=np.int64), return_counts=True)
     largest = multi[0][0] if multi else 1

@@ -3,15 +3,25 @@
 An index directory holds::
 
     manifest.json        format version, corpus id, encoder identity, sizes, checksums (below)
-    vectors.npy          (N, d) float32|float16 unit rows on the 2**-24 grid, memory-mapped
-    ids.npy              (N,) int64 record ids (a hash of the content or of the owner)
+    vectors.npy          (S, d) float32|float16 unit rows on the 2**-24 grid, memory-mapped
+    ids.npy              (S,) int64 record ids (a hash of the content or of the owner), -1 = filler
     centroids.npy        ivf only: (nlist, d) float64 PUBLIC coarse centroids
     capacities.npy       ivf only: (nlist,) int64 PUBLIC per-list capacities
-    list_offsets.npy     ivf only: (nlist + 1,) int64 list extents in storage (operator-only)
     sources.tsv          operator-only: record id -> source key(s)
-    reports/             operator-only: build report (unreadable files, dedup details)
+    reports/             operator-only: build report (unreadable files, dedup details, list sizes)
 
-Storage order: flat indexes sort rows by record id; ivf indexes by (list, record id).
+Format 2 (padded storage, :mod:`dprdm.index.storage`): ``S`` is public, ``N̄`` for flat and
+``sum(capacities)`` for ivf, one stored row per slot of the candidate set.  Flat: the ``N``
+records sorted by id, then public filler rows.  Ivf: list ``l`` at rows ``starts[l]`` to
+``starts[l] + capacities[l]``, its kept records sorted by id, then filler.  ``count`` (operator-
+only) is the number of real rows.  ``group_size`` is the add/remove distance between the stored
+sets of neighbouring corpora (1 flat; 2 ivf with possible overflow, see :mod:`dprdm.index.ivf`):
+the server charges the group-of-that-size curve.
+
+Format 1 (rows ``N``, ivf extents in ``list_offsets.npy``) still loads: :func:`load` pads it
+in memory (anonymous memory of ``S * d`` values instead of a file mapping, and the copy at load
+time); rebuild the index to get a memory-mapped format 2.  Its charge is ``group_size`` 1 (flat)
+or 2 (ivf: such a build passed a private capacity check, which the drop rule subsumes).
 ``manifest.json`` is written last (atomically), so a directory without it is not an index.
 
 Exact counts, list sizes and reports are operator-only (SPEC §3): :meth:`PrivateIndex.public_info`
@@ -33,6 +43,7 @@ import numpy.typing as npt
 from dprdm.index.errors import IndexFormatError
 from dprdm.index.layouts import FlatLayout, IvfLayout
 from dprdm.index.search import STORE_GRID_BITS, SubsampledNeighbors, subsampled_topk
+from dprdm.index.storage import FILLER_ID, filler_rows
 from dprdm.models.base import EncoderIdentity
 
 __all__ = [
@@ -50,7 +61,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dprdm-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 _DTYPES = ("float32", "float16")
 _NORM_TOLERANCE = 1e-3  # float16 rounding can exceed 1 by ~6e-5; anything above 1e-3 is corrupt
@@ -129,10 +141,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise IndexFormatError(f"{mpath}: manifest is missing field(s) {', '.join(missing)}")
     if manifest["format"] != FORMAT_NAME:
         raise IndexFormatError(f"{mpath}: format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in _READABLE_VERSIONS:
         raise IndexFormatError(
             f"{mpath}: unknown format version {manifest['format_version']!r} "
-            f"(this build reads version {FORMAT_VERSION})"
+            f"(this build reads versions {', '.join(map(str, _READABLE_VERSIONS))})"
         )
     return manifest
 
@@ -244,6 +256,18 @@ class PrivateIndex:
         return int(self._manifest["count"])
 
     @property
+    def group_size(self) -> int:
+        """Add/remove distance between the stored sets of neighbouring corpora (public).
+
+        The server charges a query the RDP curve of a group of this size (1: the profile's own
+        curve; 2: see :mod:`dprdm.index.ivf`).
+        """
+        m = self._manifest
+        if "group_size" in m:
+            return int(m["group_size"])
+        return 1 if m["index_type"] == "flat" else 2  # format 1
+
+    @property
     def private(self) -> bool:
         return bool(self._manifest["private"])
 
@@ -261,6 +285,7 @@ class PrivateIndex:
             "encoder": self.encoder.to_dict(),
             "index_type": self.index_type,
             "private": self.private,
+            "group_size": self.group_size,
         }
         if isinstance(self.layout, IvfLayout):
             info["nlist"] = int(self.layout.capacities.shape[0])
@@ -320,20 +345,27 @@ def load(
             f"{root}: built with encoder {encoder.to_dict()}, but the server uses {expected_encoder.to_dict()}"
         )
     n, d = int(m["count"]), int(m["dimension"])
-    vectors = _npy(_check_file(root, m, "vectors.npy", verify_checksums), (n, d), m["dtype"], mmap=True)
-    vectors = vectors.view(np.ndarray)  # plain ndarray over the mapping: no memmap indexing overhead
+    if m["format_version"] == 1:
+        vectors, ids, layout = _load_v1(root, m, n, d, verify_checksums)
+    else:
+        layout = _layout(root, m, d, verify_checksums)
+        rows = layout.storage_rows
+        if m.get("storage_rows") != rows or m.get("group_size") not in (1, 2):
+            raise IndexFormatError(f"{root / MANIFEST}: storage_rows must be {rows} (the public slots) and "
+                                   f"group_size 1 or 2; found {m.get('storage_rows')!r}, {m.get('group_size')!r}")
+        vectors = _npy(_check_file(root, m, "vectors.npy", verify_checksums), (rows, d), m["dtype"], mmap=True)
+        vectors = vectors.view(np.ndarray)  # plain ndarray over the mapping: no memmap indexing overhead
+        ids = _npy(_check_file(root, m, "ids.npy", verify_checksums), (rows,), "int64")
+        if np.any(ids < FILLER_ID) or int(np.count_nonzero(ids >= 0)) != n:
+            raise IndexFormatError(f"{root / 'ids.npy'}: expected {n} record ids >= 0 and filler ids {FILLER_ID}")
     if prefault and vectors.size:
         _prefault(vectors)
-    ids = _npy(_check_file(root, m, "ids.npy", verify_checksums), (n,), "int64")
-    layout: FlatLayout | IvfLayout
-    if m["index_type"] == "flat":
-        layout = FlatLayout(count=n, public_size=int(m["public_size"]))
-    else:
-        layout = _load_ivf(root, m, n, d, verify_checksums)
     return PrivateIndex(root, m, encoder, vectors, ids, layout)
 
 
-def _load_ivf(root: Path, m: dict[str, Any], n: int, d: int, checksum: bool) -> IvfLayout:
+def _layout(root: Path, m: dict[str, Any], d: int, checksum: bool) -> FlatLayout | IvfLayout:
+    if m["index_type"] == "flat":
+        return FlatLayout(public_size=int(m["public_size"]))
     ivf = m.get("ivf")
     where = root / MANIFEST
     if not isinstance(ivf, dict) or not isinstance(ivf.get("nlist"), int) or not isinstance(ivf.get("nprobe"), int):
@@ -341,41 +373,76 @@ def _load_ivf(root: Path, m: dict[str, Any], n: int, d: int, checksum: bool) -> 
     nlist = ivf["nlist"]
     cents = _npy(_check_file(root, m, "centroids.npy", checksum), (nlist, d), "float64")
     caps = _npy(_check_file(root, m, "capacities.npy", checksum), (nlist,), "int64")
-    offs = _npy(_check_file(root, m, "list_offsets.npy", checksum), (nlist + 1,), "int64")
-    sizes = np.diff(offs)
-    if offs[0] != 0 or offs[-1] != n or np.any(sizes < 0):
-        raise IndexFormatError(f"{root / 'list_offsets.npy'}: offsets must rise from 0 to count={n}")
-    if np.any(sizes > caps):
-        raise IndexFormatError(f"{root / 'capacities.npy'}: a list exceeds its public capacity")
+    if np.any(caps < 1):
+        raise IndexFormatError(f"{root / 'capacities.npy'}: capacities must be >= 1")
     if ivf["nprobe"] < 1:
         raise IndexFormatError(f"{where}: ivf.nprobe must be >= 1; found {ivf['nprobe']}")
-    return IvfLayout(centroids=cents, capacities=caps, offsets=offs, nprobe=int(ivf["nprobe"]))
+    return IvfLayout(centroids=cents, capacities=caps, nprobe=int(ivf["nprobe"]))
+
+
+def _load_v1(
+    root: Path, m: dict[str, Any], n: int, d: int, checksum: bool
+) -> tuple[np.ndarray, npt.NDArray[np.int64], FlatLayout | IvfLayout]:
+    """Format 1 (unpadded): verify its files, then pad into anonymous memory (module docstring)."""
+    vec = _npy(_check_file(root, m, "vectors.npy", checksum), (n, d), m["dtype"], mmap=True)
+    ids = _npy(_check_file(root, m, "ids.npy", checksum), (n,), "int64")
+    layout = _layout(root, m, d, checksum)
+    if isinstance(layout, FlatLayout):
+        src = np.concatenate([np.arange(n, dtype=np.int64), np.full(layout.public_size - n, -1, np.int64)])
+    else:
+        nlist = layout.capacities.shape[0]
+        offs = _npy(_check_file(root, m, "list_offsets.npy", checksum), (nlist + 1,), "int64")
+        sizes = np.diff(offs)
+        if offs[0] != 0 or offs[-1] != n or np.any(sizes < 0):
+            raise IndexFormatError(f"{root / 'list_offsets.npy'}: offsets must rise from 0 to count={n}")
+        if np.any(sizes > layout.capacities):
+            raise IndexFormatError(f"{root / 'capacities.npy'}: a list exceeds its public capacity")
+        src = np.full(layout.storage_rows, -1, np.int64)
+        dest = np.repeat(layout.starts - offs[:-1], sizes) + np.arange(n)
+        src[dest] = np.arange(n)
+    padded = np.empty((src.size, d), dtype=vec.dtype)
+    for s in range(0, src.size, 65536):
+        block = filler_rows(s, min(s + 65536, src.size), d, vec.dtype)
+        real = np.flatnonzero(src[s : s + 65536] >= 0)
+        block[real] = vec[src[s : s + 65536][real]]
+        padded[s : s + block.shape[0]] = block
+    row_ids = np.full(src.size, FILLER_ID, dtype=np.int64)
+    row_ids[src >= 0] = ids[src[src >= 0]]
+    return padded, row_ids, layout
 
 
 def verify(path: str | os.PathLike[str], *, block_rows: int = 65536) -> PrivateIndex:
     """Full verification: :func:`load` with checksums, then a scan of every stored row.
 
-    Checks that rows are finite, on the storage grid, with norm <= 1 + 1e-3, that ids are unique
-    and non-negative, and that rows are in storage order (flat: ascending id; ivf: ascending id
-    within each list).
+    Checks that rows are finite, on the storage grid, with norm <= 1 + 1e-3, that record ids are
+    unique and non-negative, that rows are in storage order (each segment -- the whole array for
+    flat, one list for ivf -- holds its records in ascending id, then only filler), and that
+    every filler row is the public filler (so no private data hides in it).
 
     Raises:
         IndexFormatError: naming the first problem found.
     """
     index = load(path, verify_checksums=True)
     vec, ids = index.vectors, index.ids
-    if ids.size and (ids.min() < 0 or np.unique(ids).size != ids.size):
+    real_ids = ids[ids >= 0]
+    if np.unique(real_ids).size != real_ids.size:
         raise IndexFormatError(f"{index.path / 'ids.npy'}: record ids must be unique and non-negative")
-    if isinstance(index.layout, IvfLayout):
-        offs = index.layout.offsets
-        bad = any(np.any(np.diff(ids[offs[i] : offs[i + 1]]) <= 0) for i in range(offs.size - 1))
+    lay = index.layout
+    if isinstance(lay, IvfLayout):
+        segments = list(zip(lay.starts.tolist(), lay.capacities.tolist(), strict=True))
     else:
-        bad = bool(np.any(np.diff(ids) <= 0))
-    if bad:
-        raise IndexFormatError(f"{index.path / 'ids.npy'}: rows are not in storage order (ascending id)")
+        segments = [(0, lay.public_size)]
+    for start, length in segments:
+        seg = ids[start : start + length]
+        real = seg >= 0
+        m = int(np.count_nonzero(real))
+        if not np.all(real[:m]) or np.any(np.diff(seg[:m]) <= 0):
+            raise IndexFormatError(f"{index.path / 'ids.npy'}: rows are not in storage order (ascending id, "
+                                   f"then filler) in rows {start}..{start + length}")
     scale = float(2**STORE_GRID_BITS)
     for s in range(0, vec.shape[0], block_rows):
-        x = np.asarray(vec[s : s + block_rows], dtype=np.float64)
+        e = min(s + block_rows, vec.shape[0])
+        x = np.asarray(vec[s:e], dtype=np.float64)
         if not np.all(np.isfinite(x)):
             raise IndexFormatError(f"{index.path / 'vectors.npy'}: non-finite values near row {s}")
         if np.any(np.ldexp(x, STORE_GRID_BITS) % 1.0 != 0) or np.any(np.abs(x) * scale > scale):
@@ -383,4 +450,8 @@ def verify(path: str | os.PathLike[str], *, block_rows: int = 65536) -> PrivateI
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         if np.any(norms > 1.0 + _NORM_TOLERANCE):
             raise IndexFormatError(f"{index.path / 'vectors.npy'}: a row has norm {norms.max():.6g} > 1 near row {s}")
+        fill = ids[s:e] < 0
+        if np.any(fill) and not np.array_equal(vec[s:e][fill], filler_rows(s, e, vec.shape[1], vec.dtype)[fill]):
+            raise IndexFormatError(f"{index.path / 'vectors.npy'}: a filler row differs from the public filler "
+                                   f"near row {s}")
     return index

@@ -7,18 +7,47 @@ Rules enforced here:
   records share a list, hence which records are candidates for a query) depend on records that
   were not sampled, which voids the amplification-by-subsampling argument; it is refused.
 * Each private record goes to its nearest public centroid (largest exact inner product, lowest
-  list id on ties), with no balancing and no capacity constraint.
+  list id on ties), with no balancing; a list's capacity only decides which of its own
+  records are kept (below).
 * Capacities (the padded list sizes every query pays for) are public: a fixed rule of public
   inputs only,
 
       cap_l = max(min_capacity, ceil(slack * N̄ * p_l)),   p_l = (t_l + 1) / (T + nlist),
 
   where ``t_l`` is the number of PUBLIC training vectors nearest centroid ``l`` (``T`` in all)
-  and ``slack``/``min_capacity`` are declared by the operator.  The private list sizes enter
-  only through the operator-only build check ``size_l <= cap_l``; a failing check stops the
-  build (no record is ever dropped or moved).  So the capacities reveal what N̄ reveals plus the
-  operator's one scalar ``slack``: choose it on public proxy data (like N̄, from a coarse menu
-  such as 1.5, 2, 3, 4), not by retrying on the private corpus; every retry leaks a bit.
+  and ``slack``/``min_capacity`` are declared by the operator (from public proxy data, like N̄).
+* Overflow never fails the build (:func:`place_records`).  The rule: list ``l`` keeps the
+  ``cap_l`` records of smallest record id among those assigned to it; the others are DROPPED
+  (not stored, never candidates).  The build report (operator-only) says how many lists
+  overflowed and how many records were dropped; nothing public depends on it.
+
+  **What one record changes** (neighbouring corpora: add or remove one record ``x``).  Centroids,
+  capacities and every record's list are unchanged (public inputs; the assignment of a record is
+  a function of that record alone), so only ``x``'s list ``l`` can change.  Let ``S_l`` be the
+  records assigned to ``l`` without ``x`` and ``K = keep(S_l)`` the ``cap_l`` smallest ids of
+  ``S_l`` (all of ``S_l`` if ``|S_l| <= cap_l``).  With ``x``: ``K' = keep(S_l + {x})``.
+  (a) ``|S_l| < cap_l``: ``K' = K + {x}``, one record added.  (b) ``|S_l| >= cap_l`` and
+  ``id(x)`` above every id in ``K``: ``K' = K``, nothing changes.  (c) otherwise ``x`` enters and
+  the largest id ``y`` of ``K`` is pushed out: ``K' = K + {x} - {y}``.  Keeping the smallest ids
+  of a set is a 1-Lipschitz rule in this sense, so in every case the two stored record sets are
+  at add/remove distance at most 2 (one addition and one removal, both in list ``l``), and
+  never more.  Ids are a per-record key (:mod:`dprdm.index.records`), so the order is itself a
+  function of each record alone.
+
+  **What it must be charged.**  Neighbouring corpora map to stored sets ``A``, ``B`` with a path
+  ``A -> A - {y} -> A - {y} + {x} = B`` of two add/remove steps, each of which the served
+  mechanism's RDP curve ``R(a)`` (Poisson-subsampled Gaussian, sensitivity 2/k, SPEC §4) bounds
+  in both directions.  By the weak triangle inequality of Rényi divergence (Mironov 2017,
+  "Rényi Differential Privacy", Prop. 11 with p = q = 2), for every order ``a > 1``
+
+      D_a(M(A) || M(B)) <= (a - 1/2)/(a - 1) * R(2a) + R(2a - 1) =: G(a),
+
+  and, Rényi divergence being non-decreasing in the order, ``min over a' >= a of G(a')`` too.
+  So an IVF index built with this rule is charged the group-of-2 curve ``G`` instead of ``R``;
+  the manifest records ``"group_size": 2`` (and ``1`` when every capacity is at least N̄, a
+  public condition under which overflow is impossible).  The alternative (capacities of N̄ per
+  list, overflow impossible by construction) would make every query pay ``nprobe * N̄`` slots,
+  more than the flat index it is meant to beat, so it is not the default.
 * Centroids are rounded to multiples of 2**-28 so the assignment scores <x, c> (x on the 2**-24
   grid) are exact in float64 and the assignment is a deterministic function of the record.
 """
@@ -42,6 +71,8 @@ __all__ = [
     "train_centroids",
     "assign_lists",
     "public_capacities",
+    "group_size",
+    "place_records",
 ]
 
 KMEANS_SEED = 1234
@@ -161,3 +192,40 @@ def public_capacities(
     p = (counts + 1.0) / (counts.sum() + counts.size)
     caps = np.ceil(slack * public_size * p).astype(np.int64)
     return np.maximum(caps, min_capacity)
+
+
+def group_size(public_size: int, capacities: npt.NDArray[np.int64]) -> int:
+    """Add/remove distance between the stored sets of neighbouring corpora (module docstring).
+
+    1 when every list can hold all N̄ records (no overflow possible), else 2.  A function of
+    public inputs only: the charge never depends on whether a private list overflowed.
+    """
+    return 1 if bool(np.all(np.asarray(capacities) >= public_size)) else 2
+
+
+def place_records(
+    lists: npt.NDArray[np.int64], capacities: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Storage placement of the IVF records under the overflow rule (module docstring).
+
+    Args:
+        lists: ``(N,)`` list of each record, records in ascending id order.
+        capacities: ``(nlist,)`` public capacities.
+
+    Returns:
+        ``src``: ``(sum(capacities),)`` record index of each storage row (-1: filler): list
+        ``l`` occupies rows ``starts[l]:starts[l] + cap_l``, its kept records (the ``cap_l``
+        smallest ids) first, in id order.  ``sizes``: ``(nlist,)`` records assigned to each list
+        before the rule (operator-only; ``sizes - capacities`` > 0 are the overflows).
+    """
+    caps = np.asarray(capacities, dtype=np.int64)
+    nlist = caps.size
+    sizes = np.bincount(lists, minlength=nlist).astype(np.int64)
+    perm = np.argsort(lists, kind="stable")  # by list, ids ascending within each list
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    rank = np.arange(perm.size, dtype=np.int64) - first[lists[perm]]
+    kept = rank < caps[lists[perm]]
+    starts = np.concatenate([[0], np.cumsum(caps)[:-1]]).astype(np.int64)
+    src = np.full(int(caps.sum()), -1, dtype=np.int64)
+    src[starts[lists[perm][kept]] + rank[kept]] = perm[kept]
+    return src, sizes

@@ -1,13 +1,15 @@
 """Candidate-set layouts of the subsampled k-NN (SPEC §3 timing, §5): which public slots a query
-samples, and where each slot is stored.
+samples, and which storage row holds each slot.
 
-* :class:`FlatLayout`: every record plus dummy slots up to the public size ``N̄``;
-* :class:`IvfLayout`: the ``nprobe`` lists nearest the query under PUBLIC centroids, each padded
-  to its PUBLIC capacity.
+* :class:`FlatLayout`: ``N̄`` slots, slot ``p`` is storage row ``p``;
+* :class:`IvfLayout`: the ``nprobe`` lists nearest the query under PUBLIC centroids, list ``l``
+  being the ``capacities[l]`` storage rows starting at ``starts[l] = sum(capacities[:l])``.
 
-Either way the padded length is public, and :meth:`Candidates.rows_for` maps dummy slots to real
-storage rows too, so they are gathered and scored at the cost of real ones (then score ``-inf``:
-see :mod:`dprdm.index.search`).
+Both are functions of public inputs only (``N̄``, centroids, capacities, nprobe): the storage is
+padded so that every slot has its own row (:mod:`dprdm.index.storage`), and whether a slot is
+real is read from the stored ids (``id >= 0``), not from the layout.  Hence the rows a query
+reads are a function of the public layout, the public query and the coins, never of the private
+corpus: dummy slots are read exactly where a real record would be.
 """
 
 from __future__ import annotations
@@ -25,62 +27,63 @@ IntArray = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class Candidates:
-    """The padded candidate set of one query: ``length`` public slots and their storage mapping."""
+    """The padded candidate set of one query: ``length`` public slots in segments of storage.
+
+    Segment ``j`` covers slots ``ends[j] - lengths[j] : ends[j]`` and storage rows
+    ``starts[j] : starts[j] + lengths[j]``.
+    """
 
     length: int
-    _flat_n: int = -1
-    _caps: IntArray | None = None
-    _sizes: IntArray | None = None
-    _starts: IntArray | None = None
-    _n_rows: int = 0
+    starts: IntArray
+    lengths: IntArray
 
-    def rows_for(self, positions: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-        """Map survivor positions to (storage rows to gather, is-real mask).
+    def rows_for(self, positions: IntArray) -> IntArray:
+        """Storage rows of the sampled slots ``positions`` (sorted, in ``range(length)``).
 
-        Dummy slots are mapped to some real row too, so they are gathered and scored at the same
-        cost as real slots; their score is then replaced by ``-inf``.
+        Fixed work per position (a search over the ``nprobe`` segment ends); no branch on data.
         """
-        if self._caps is None:
-            real = positions < self._flat_n
-            rows = positions % self._flat_n if self._flat_n > 0 else np.zeros_like(positions)
-            return rows, real
-        ends = np.cumsum(self._caps)
-        li = np.searchsorted(ends, positions, side="right")
-        off = positions - (ends[li] - self._caps[li])
-        real = off < self._sizes[li]  # type: ignore[index]
-        rows = self._starts[li] + off  # type: ignore[index]
-        if self._n_rows > 0:
-            rows %= self._n_rows
-        else:
-            rows[:] = 0
-        return rows, real
+        ends = np.cumsum(self.lengths)
+        seg = np.searchsorted(ends, positions, side="right")
+        return self.starts[seg] + (positions - (ends[seg] - self.lengths[seg]))
 
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Exact index: the candidate set is every stored record plus dummies up to the public ``N̄``."""
+    """Exact index: the candidate set is the ``public_size`` stored slots (records sorted by id, then filler)."""
 
-    count: int
     public_size: int
 
     def candidates(self, query: FloatArray, nprobe: int | None = None) -> Candidates:
-        """All ``public_size`` slots; slot ``i < count`` is storage row ``i`` (records sorted by id)."""
+        """All ``public_size`` slots; slot ``p`` is storage row ``p``."""
         del query, nprobe
-        return Candidates(length=self.public_size, _flat_n=self.count)
+        return Candidates(length=self.public_size, starts=np.zeros(1, np.int64),
+                          lengths=np.array([self.public_size], np.int64))
+
+    @property
+    def storage_rows(self) -> int:
+        return self.public_size
 
 
 @dataclass(frozen=True)
 class IvfLayout:
-    """IVF index: public centroids, public per-list capacities, private list extents.
+    """IVF index: public centroids and public per-list capacities (storage padded to them).
 
-    Storage rows are sorted by (list, record id); list ``l`` occupies rows
-    ``offsets[l]:offsets[l+1]`` and is padded to ``capacities[l]`` slots.
+    List ``l`` occupies storage rows ``starts[l] : starts[l] + capacities[l]``: its kept records
+    sorted by id, then filler rows (:mod:`dprdm.index.storage`).
     """
 
     centroids: FloatArray  # (nlist, d) public, unit rows
     capacities: IntArray  # (nlist,) public
-    offsets: IntArray  # (nlist + 1,) private
     nprobe: int  # default nprobe (public)
+
+    @property
+    def starts(self) -> IntArray:
+        """First storage row of each list (public: cumulative capacities)."""
+        return np.concatenate([[0], np.cumsum(self.capacities)[:-1]]).astype(np.int64)
+
+    @property
+    def storage_rows(self) -> int:
+        return int(np.sum(self.capacities))
 
     def probe(self, query: FloatArray, nprobe: int | None = None) -> IntArray:
         """The ``nprobe`` lists nearest the (public) query, ascending by list id."""
@@ -97,13 +100,7 @@ class IvfLayout:
         """Probed lists (ascending id), each padded to its public capacity."""
         lists = self.probe(query, nprobe)
         caps = self.capacities[lists].astype(np.int64)
-        return Candidates(
-            length=int(caps.sum()),
-            _caps=caps,
-            _sizes=(self.offsets[lists + 1] - self.offsets[lists]).astype(np.int64),
-            _starts=self.offsets[lists].astype(np.int64),
-            _n_rows=int(self.offsets[-1]),
-        )
+        return Candidates(length=int(caps.sum()), starts=self.starts[lists], lengths=caps)
 
 
 Layout = FlatLayout | IvfLayout

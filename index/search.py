@@ -2,15 +2,26 @@
 
 Mechanism (for one query ``u``): every slot of the *padded candidate set* -- ``N̄`` slots for a
 flat index, the probed lists padded to their public capacities for an IVF index (see
-:mod:`dprdm.index.layouts`) -- is kept independently with probability ``q``; dummy slots score
-``-inf``; the result is the top ``k`` real survivors under the strict order (score descending,
-record id ascending).  Fewer than ``k`` survivors give fewer vectors (the aggregation still
+:mod:`dprdm.index.layouts`) -- is kept independently with probability ``q``; dummy slots rank
+below every real one and are never returned; the result is the top ``k`` real survivors under
+the strict order (score descending, record id ascending).  Fewer than ``k`` survivors give fewer vectors (the aggregation still
 divides by ``k``: zero padding) and nothing else changes.
 
 How it is computed (:func:`poisson_positions`): survivor positions are generated directly by
 iid geometric gaps, so the work is proportional to the number of survivors ``~ Binomial(L, q)``
 (``L`` the public padded length) and never to the private corpus.  Survivors are mapped to
 storage rows, gathered in blocks, scored exactly, and the strict-order top ``k`` is taken.
+
+Timing is a release (SPEC §3).  The storage is padded so that every public slot has its own
+stored row (:mod:`dprdm.index.storage`): a dummy slot is a PUBLIC filler row with id -1, read at
+the address its slot maps to, exactly as a real slot would be.  For a fixed public layout, query
+and coins, the sequence of operations and the shape of every array processed (positions, rows,
+gathered blocks, scores, keys, partitions, the ``(k, d)`` padded winners) are identical for every
+corpus; so are the storage addresses read, which are spread over the whole stored array.  No
+step branches on the number of real survivors or masks by it (dummies are excluded by
+branch-free arithmetic on the keys, :func:`_selection_keys`).  What remains data dependent is
+what no numpy code can avoid and what does not depend on ``N`` as such: the values compared by
+the partitions and the cache state left by other work.
 
 Exact scores (:func:`quantize_query`, :data:`STORE_GRID_BITS`): stored coordinates are integer
 multiples of ``2**-24`` (float16 values in [-1, 1] always are; float32 vectors are rounded to that
@@ -78,16 +89,24 @@ class SubsampledNeighbors:
         ids: ``(m,)`` int64 record ids (never -1), for tests, benchmarks and operator reports.
         scores: ``(m,)`` exact scores ``<Q(u), x>`` (descending).
         k: the requested ``k`` (the divisor of the aggregate).
+        padded: ``(k, d)`` float64: ``vectors`` followed by zero rows (None from the test oracle).
+            What the release step should be given: the same sum as ``vectors``, and a shape
+            that never reveals the number of real survivors.
     """
 
     vectors: FloatArray
     ids: IntArray
     scores: FloatArray
     k: int
+    padded: FloatArray | None = None
 
     def aggregate(self) -> FloatArray:
-        """``v = (1/k) * sum(vectors)``: zero padding when fewer than ``k`` survived (SPEC §4.3)."""
-        return self.vectors.sum(axis=0) / float(self.k)
+        """``v = (1/k) * sum(vectors)``: zero padding when fewer than ``k`` survived (SPEC §4.3).
+
+        Sums the ``(k, d)`` :attr:`padded` rows when present (the same value; fixed work).
+        """
+        rows = self.vectors if self.padded is None else self.padded
+        return rows.sum(axis=0) / float(self.k)
 
     def __repr__(self) -> str:
         return f"SubsampledNeighbors(k={self.k}, d={self.vectors.shape[1]}, <private contents redacted>)"
@@ -222,18 +241,42 @@ def exact_scores(vectors: npt.NDArray[np.floating], rows: IntArray, qhat: FloatA
     return out
 
 
-def _strict_topk(scores: FloatArray, ids: IntArray, k: int) -> IntArray:
-    """Indices of the top ``k`` finite scores, ordered by (score desc, id asc)."""
-    m = scores.shape[0]
-    finite = scores > -np.inf
-    n_real = int(np.count_nonzero(finite))
-    if n_real <= k:
-        cand = np.flatnonzero(finite)
+_DUMMY_SHIFT = 8.0  # dummy keys = score - 8 < -6 < -2 < every real score (|score| < 2)
+_I64_MIN = np.iinfo(np.int64).min
+_I64_MAX = np.iinfo(np.int64).max
+
+
+def _selection_keys(scores: FloatArray, real: npt.NDArray[np.bool_]) -> FloatArray:
+    """Order keys: the exact score for real slots, ``score - 8`` (below every real score) for dummies.
+
+    Branch-free arithmetic over every gathered slot (no masked assignment whose work is the
+    number of dummies).  Dummy keys stay as spread as real ones, so the selection below sees
+    distinct-looking values whatever the share of dummies (an array of ``-inf`` ties would be
+    partitioned at a different speed).  The shifted keys are not exact, and need not be: they
+    are only compared with real keys, which they lie strictly below.
+    """
+    return scores - _DUMMY_SHIFT * (~real)
+
+
+def _strict_topk(keys: FloatArray, ids: IntArray, k: int) -> IntArray:
+    """Indices of the top ``min(k, m)`` keys under (key desc, id asc), in that order.
+
+    Fixed work for a given number ``m`` of gathered slots and ``k`` (the only branch is on
+    ``m <= k``, a function of the public sizes and the coins): ``t`` = the k-th largest key by one
+    partition; then one integer partition of the composite ``INT64_MIN`` (key > t), ``id``
+    (key == t), ``INT64_MAX`` (key < t) takes every key above ``t`` (fewer than ``k`` of them)
+    and, among the ties at ``t``, the smallest ids: exactly the strict-order top ``k``.  Ties at
+    ``t`` are either all real or all dummies (their keys are disjoint ranges).
+    """
+    m = keys.shape[0]
+    if m <= k:
+        cand = np.arange(m)
     else:
-        kth = np.partition(scores, m - k)[m - k]  # k-th largest; finite since n_real > k
-        cand = np.flatnonzero(scores >= kth)
-    order = np.lexsort((ids[cand], -scores[cand]))
-    return cand[order[:k]]
+        t = np.partition(keys, m - k)[m - k]
+        comp = np.where(keys > t, _I64_MIN, np.where(keys == t, ids, _I64_MAX))
+        cand = np.argpartition(comp, k - 1)[:k]
+    order = np.lexsort((ids[cand], -keys[cand]))
+    return cand[order]
 
 
 def _clamped(vectors: npt.NDArray[np.floating], rows: IntArray) -> FloatArray:
@@ -256,20 +299,27 @@ def _select(
     qhat: FloatArray,
     k: int,
 ) -> SubsampledNeighbors:
-    """Gather, score (dummies -> -inf), strict top-k, clamp."""
-    rows, real = cands.rows_for(positions)
-    if vectors.shape[0] == 0:
-        scores = np.full(rows.shape[0], -np.inf)
-        row_ids = np.zeros(rows.shape[0], dtype=np.int64)
-    else:
-        scores = exact_scores(vectors, rows, qhat)
-        row_ids = ids[rows]
-        scores[~real] = -np.inf
-    chosen = _strict_topk(scores, row_ids, k)
-    sel_rows = rows[chosen]
+    """Gather, score, strict top-k, clamp, zero the dummies: no branch on the number of real slots.
+
+    Every step processes arrays whose shapes are ``len(positions)`` (the sampled slots: public
+    sizes and coins), ``min(k, len(positions))`` or ``k``: the rows read, the ids read, the
+    scores, the keys, the partitions, the gathered winners and the ``(k, d)`` padded output.
+    How many survivors are real only decides ``m_real``, which slices views of the already
+    computed arrays (O(1)).
+    """
+    rows = cands.rows_for(positions)
+    row_ids = ids[rows]
+    real = row_ids >= 0  # filler rows carry FILLER_ID = -1
+    scores = exact_scores(vectors, rows, qhat)
+    keys = _selection_keys(scores, real)
+    chosen = _strict_topk(keys, row_ids, k)
     d = vectors.shape[1]
-    vecs = _clamped(vectors, sel_rows) if sel_rows.size else np.zeros((0, d), dtype=np.float64)
-    return SubsampledNeighbors(vectors=vecs, ids=row_ids[chosen].copy(), scores=scores[chosen].copy(), k=k)
+    padded = np.zeros((k, d), dtype=np.float64)
+    c = chosen.shape[0]
+    padded[:c] = _clamped(vectors, rows[chosen]) * real[chosen][:, None]
+    m_real = int(np.count_nonzero(real[chosen]))  # dummies sort last: the real winners are a prefix
+    return SubsampledNeighbors(vectors=padded[:m_real], ids=row_ids[chosen][:m_real],
+                               scores=scores[chosen][:m_real], k=k, padded=padded)
 
 
 def subsampled_topk(
@@ -286,9 +336,9 @@ def subsampled_topk(
     """Top ``k`` of an independent Poisson(q) subsample of the padded candidate set of ``query``.
 
     Args:
-        vectors: ``(N, d)`` stored rows on the storage grid (float32/float16, may be a memmap),
-            in the layout's storage order.
-        ids: ``(N,)`` record ids of the rows.
+        vectors: ``(S, d)`` stored rows on the storage grid (float32/float16, may be a memmap),
+            padded to one row per public slot of the layout (:mod:`dprdm.index.storage`).
+        ids: ``(S,)`` record ids of the rows; -1 marks a filler (dummy) row.
         layout: :class:`FlatLayout` or :class:`IvfLayout` (public sizes / capacities).
         query: ``(d,)`` unit query embedding (public).
         k: number of neighbours (>= 1).
@@ -353,5 +403,8 @@ def search_array(
         The selected vectors (at most k rows), in the strict order.
     """
     stored = quantize_store(np.asarray(vectors), "float32")
-    layout = FlatLayout(count=stored.shape[0], public_size=stored.shape[0])
-    return subsampled_topk(stored, np.asarray(ids), layout, np.asarray(query), k=k, q=q, rng=rng).vectors
+    layout = FlatLayout(public_size=stored.shape[0])
+    rids = np.asarray(ids, dtype=np.int64)
+    if rids.size and rids.min() < 0:
+        raise ValueError("record ids must be non-negative (-1 marks a filler row)")
+    return subsampled_topk(stored, rids, layout, np.asarray(query), k=k, q=q, rng=rng).vectors

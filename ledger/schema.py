@@ -2,7 +2,10 @@
 
 Layout (schema version :data:`SCHEMA_VERSION`, checked at open):
 
-* ``meta(key, value)``: ``schema_version`` and the Rényi order grid the curves are over.
+* ``meta(key, value)``: ``schema_version``, the Rényi order grid the curves are over (``orders``)
+  and, once a file has been migrated to a new grid, ``grid_migrations`` (a JSON list of records;
+  see :mod:`dprdm.ledger.migration`: a file written with another grid is migrated conservatively
+  at open, in the open's transaction).
 * ``budgets``: one row per privacy domain: the budget (JSON), the running spent curve (JSON),
   the number of spends, creation time.
 * ``tenant_quotas``: (domain, tenant) -> epsilon quota and the tenant's own running curve.
@@ -17,20 +20,16 @@ Layout (schema version :data:`SCHEMA_VERSION`, checked at open):
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
-from dprdm.privacy import DEFAULT_ORDERS
-
 from .api import LedgerCorrupt, SchemaMismatch
+from .migration import ORDERS_JSON, grid_is_current, migrate_grid
 
 __all__ = ["SCHEMA_VERSION", "connect", "init_schema", "check_counts"]
 
 SCHEMA_VERSION = 1
 """The layout this code reads and writes; a file with another version is refused at open."""
-
-_ORDERS_JSON = json.dumps([float(a) for a in DEFAULT_ORDERS])
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,10 +71,13 @@ def connect(path: Path, timeout_s: float) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Create the schema in an empty file, or check an existing file's version and order grid.
 
+    A file whose curves are over another order grid is migrated to ``DEFAULT_ORDERS`` in this
+    transaction (:func:`~dprdm.ledger.migration.migrate_grid`, logged and recorded in ``meta``).
     Closes ``conn`` when it raises.
 
     Raises:
-        SchemaMismatch: another schema version, another order grid, or not a dprdm ledger.
+        SchemaMismatch: another schema version, a grid that cannot be migrated, or not a dprdm
+            ledger.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -85,7 +87,7 @@ def init_schema(conn: sqlite3.Connection, path: Path) -> None:
                 if statement.strip():
                     conn.execute(statement)
             conn.executemany(
-                "INSERT INTO meta VALUES (?, ?)", [("schema_version", str(SCHEMA_VERSION)), ("orders", _ORDERS_JSON)]
+                "INSERT INTO meta VALUES (?, ?)", [("schema_version", str(SCHEMA_VERSION)), ("orders", ORDERS_JSON)]
             )
         elif "meta" not in tables:
             raise SchemaMismatch(f"{path} is not a dprdm ledger (no meta table)")
@@ -95,8 +97,8 @@ def init_schema(conn: sqlite3.Connection, path: Path) -> None:
                 raise SchemaMismatch(
                     f"ledger schema version {meta.get('schema_version')!r}; this code reads {SCHEMA_VERSION}"
                 )
-            if meta.get("orders") is None or json.loads(meta["orders"]) != json.loads(_ORDERS_JSON):
-                raise SchemaMismatch("ledger curves are over another Rényi order grid than DEFAULT_ORDERS")
+            if not grid_is_current(meta.get("orders")):
+                migrate_grid(conn, path, meta.get("orders"))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -53,9 +53,13 @@ class SqliteLedger:
         check_on_open: check every domain's spend count against its spends at open
             (one aggregate query; :meth:`verify` checks the curves too).
 
+    A file written with another Rényi order grid is migrated to the current one at open,
+    conservatively and in one transaction (:mod:`dprdm.ledger.migration`; logged, and recorded
+    in the file's ``meta`` table).
+
     Raises:
-        SchemaMismatch: the file holds another schema version, another order grid, or is not
-            a dprdm ledger.
+        SchemaMismatch: the file holds another schema version, an order grid it cannot migrate
+            from, or is not a dprdm ledger.
         LedgerCorrupt: a domain's spend count does not match its spends.
     """
 
@@ -280,7 +284,9 @@ class SqliteLedger:
 
         Recomputes, in one read snapshot, the sequential sum of the charge curves in admission
         order per domain and per quota tenant, which must equal the running curves bit for bit,
-        and checks the spend counts and that a spend is ``released`` iff it has a release.
+        and checks the spend counts and that a spend is ``released`` iff it has a release. After a
+        migration to a new order grid (:mod:`dprdm.ledger.migration`) the same equality holds: the
+        running and charge curves were migrated by the same selection of stored values.
 
         Args:
             domain: one domain, or None for all.

@@ -13,25 +13,90 @@ from PIL import Image
 __all__ = [
     "default_device",
     "default_dtype",
+    "resolve_device",
+    "resolve_dtype",
+    "bf16_supported_on_cpu",
     "sha256_file",
     "to_pil",
     "sampler_generator",
 ]
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_device() -> torch.device:
-    """CUDA when present (unless ``DPRDM_DEVICE`` says otherwise), else CPU."""
+    """``DPRDM_DEVICE`` when set, else the first available of CUDA, MPS (Apple GPUs), CPU."""
     name = os.environ.get("DPRDM_DEVICE")
     if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device from a name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) or ``None`` (auto).
+
+    Raises:
+        ValueError: naming an unknown device or one this machine does not have.
+    """
+    if device is None:
+        return default_device()
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: torch.cuda.is_available() is False")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: torch.backends.mps.is_available() is False")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {str(device)!r}; expected cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on a GPU that supports it, else fp16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """fp32 on CPU; on CUDA bf16 where supported, else fp16; fp16 on MPS. ``DPRDM_DTYPE`` overrides."""
+    name = os.environ.get("DPRDM_DTYPE")
+    if name:
+        return resolve_dtype(name, device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or a torch dtype); ``None`` for :func:`default_dtype`.
+
+    Raises:
+        ValueError: naming an unknown dtype.
+    """
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+
+
+def bf16_supported_on_cpu() -> bool:
+    """Whether this torch runs a bf16 matmul and convolution on the CPU (for tests)."""
+    try:
+        x = torch.ones(1, 1, 4, 4, dtype=torch.bfloat16)
+        torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3, dtype=torch.bfloat16))
+        (x.flatten(1) @ x.flatten(1).T).sum().item()
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ._torch import sha256_file
+from ._torch import resolve_dtype, sha256_file
 from .base import EncoderIdentity
 
 __all__ = [
@@ -172,14 +172,29 @@ class MiniEncoder:
 
     name = "dprdm-mini"
 
-    def __init__(self, model: MiniEncoderModel, text_tower: MiniLMTextTower, weights_sha256: str) -> None:
-        self.model = model.eval()
+    def __init__(
+        self,
+        model: MiniEncoderModel,
+        text_tower: MiniLMTextTower,
+        weights_sha256: str,
+        device: torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        self.device = device or torch.device("cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
         self.text_tower = text_tower
         combined = hashlib.sha256(f"{weights_sha256}:{text_tower.weights_sha256}".encode()).hexdigest()
         self._identity = EncoderIdentity(name=self.name, weights_sha256=combined, dimension=model.cfg.dim)
 
     @classmethod
-    def load(cls, directory: str | Path, text_tower: MiniLMTextTower | None = None) -> MiniEncoder:
+    def load(
+        cls,
+        directory: str | Path,
+        text_tower: MiniLMTextTower | None = None,
+        device: torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> MiniEncoder:
         """Load from a directory holding ``mini_encoder.json`` and ``mini_encoder.safetensors``.
 
         Raises:
@@ -202,7 +217,7 @@ class MiniEncoder:
             model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
         except RuntimeError as exc:
             raise ValueError(f"weights {d / WEIGHTS_NAME} do not match {d / CONFIG_NAME}: {exc}") from None
-        return cls(model, text_tower or MiniLMTextTower(), sha256_file(d / WEIGHTS_NAME))
+        return cls(model, text_tower or MiniLMTextTower(), sha256_file(d / WEIGHTS_NAME), device, dtype)
 
     @staticmethod
     def save(model: MiniEncoderModel, directory: str | Path) -> Path:
@@ -232,7 +247,7 @@ class MiniEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """Embed RGB images (any size; resized to the tower's input). Returns unit rows, float32."""
         out = [
-            self.model.image(pixels_from_pil(images[i : i + 512], self.model.cfg.image_size))
+            self.model.image(self._in(pixels_from_pil(images[i : i + 512], self.model.cfg.image_size)))
             for i in range(0, len(images), 512)
         ]
         return _rows(out, self.dimension)
@@ -240,7 +255,7 @@ class MiniEncoder:
     @torch.no_grad()
     def encode_pixels(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Embed a ``(n, s, s, 3)`` uint8 array at the tower's input size (training/benchmark path)."""
-        out = [self.model.image(pixels_from_uint8(images[i : i + 1024])) for i in range(0, len(images), 1024)]
+        out = [self.model.image(self._in(pixels_from_uint8(images[i : i + 1024]))) for i in range(0, len(images), 1024)]
         return _rows(out, self.dimension)
 
     @torch.no_grad()
@@ -253,10 +268,13 @@ class MiniEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"texts must be strings; found {type(t).__name__}: {t!r}")
-        return _rows([self.model.text(self.text_tower.embed(list(texts)))], self.dimension)
+        return _rows([self.model.text(self._in(self.text_tower.embed(list(texts))))], self.dimension)
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype)
 
 
 def _rows(chunks: list[torch.Tensor], dim: int) -> npt.NDArray[np.float32]:
     if not chunks or sum(c.shape[0] for c in chunks) == 0:
         return np.zeros((0, dim), np.float32)
-    return torch.cat(chunks).float().numpy().astype(np.float32)
+    return torch.cat(chunks).float().cpu().numpy().astype(np.float32)

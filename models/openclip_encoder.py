@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from ._torch import default_device, sha256_file
+from ._torch import default_device, resolve_dtype, sha256_file
 from .base import EncoderIdentity, IdentityMixin
 
 __all__ = ["OpenClipSource", "OpenClipEncoder", "parse_source", "resolve_hf_cache"]
@@ -105,7 +105,7 @@ def _checkpoint_in(directory: Path) -> Path:
 
 
 class OpenClipEncoder(IdentityMixin):
-    """An open_clip CLIP model behind :class:`dprdm.models.base.Encoder` (fp32 on CPU)."""
+    """An open_clip CLIP model behind :class:`dprdm.models.base.Encoder` (fp32 on CPU, bf16/fp16 on GPUs)."""
 
     def __init__(
         self,
@@ -114,15 +114,22 @@ class OpenClipEncoder(IdentityMixin):
         tokenizer: Any,
         identity: EncoderIdentity,
         device: torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         self.device = device or default_device()
-        self.model = model.to(self.device).eval()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self._identity = identity
 
     @classmethod
-    def load(cls, source: str | OpenClipSource, device: torch.device | None = None) -> OpenClipEncoder:
+    def load(
+        cls,
+        source: str | OpenClipSource,
+        device: torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> OpenClipEncoder:
         """Build from a local source (see :func:`parse_source`).
 
         Raises:
@@ -153,7 +160,7 @@ class OpenClipEncoder(IdentityMixin):
             name = f"open_clip:{src.name}"
         dim = int(_embed_dim(model))
         identity = EncoderIdentity(name=name, weights_sha256=sha256_file(checkpoint), dimension=dim)
-        return cls(model, preprocess, tokenizer, identity, device=device)
+        return cls(model, preprocess, tokenizer, identity, device=device, dtype=dtype)
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> npt.NDArray[np.float32]:
@@ -161,7 +168,7 @@ class OpenClipEncoder(IdentityMixin):
         out = []
         for i in range(0, len(images), batch_size):
             px = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i : i + batch_size]])
-            out.append(self.model.encode_image(px.to(self.device), normalize=True).float().cpu())
+            out.append(self.model.encode_image(px.to(self.device, self.dtype), normalize=True).float().cpu())
         return _rows(out, self.dimension)
 
     @torch.no_grad()

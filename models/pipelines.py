@@ -3,12 +3,20 @@
 Each is loaded with ``from_pretrained(local_dir, local_files_only=True)``: nothing is downloaded.
 fp32 on CPU; bf16/fp16 on a GPU (see :func:`dprdm.models._torch.default_dtype`).
 
+The release ``c`` (a unit-scale vector) is passed as ``embedding_scale * c``: the pipelines were
+trained on their CLIP image encoder's unnormalised ``image_embeds`` (see
+:mod:`dprdm.models.conditioning`). Everything else matches the pipeline's own image path:
+
 - :class:`UnCLIPGenerator`: Stable unCLIP (``StableUnCLIPImg2ImgPipeline``), ``image_embeds`` plus
-  the text prompt.
+  the text prompt; the pipeline applies its ``image_normalizer`` and ``noise_level`` itself
+  (``_encode_image``), negative = zeros.
 - :class:`KandinskyGenerator`: Kandinsky 2.2 decoder (``KandinskyV22Pipeline``), ``image_embeds``
-  against a negative embedding (zeros unless given); the prompt is not used by the decoder.
-- :class:`IPAdapterGenerator`: Stable Diffusion + IP-Adapter, ``ip_adapter_image_embeds`` plus the
-  text prompt.
+  against the prior's embedding of a zero image (``get_zero_embed``); the prompt is not used.
+- :class:`IPAdapterGenerator`: Stable Diffusion + IP-Adapter, ``ip_adapter_image_embeds`` (negative
+  = zeros, as ``encode_image``) plus the text prompt.
+
+Each call runs on its own ``from_pipe`` view with fresh scheduler state, so concurrent calls on one
+generator (the server's worker threads) never share a scheduler; the weights are shared.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from ._torch import default_device, default_dtype, sampler_generator
+from ._torch import default_device, resolve_dtype, sampler_generator
 from .base import EncoderIdentity, ProgressCallback
+from .conditioning import ClipVisionReference
 from .rdm import check_request
 
 __all__ = ["UnCLIPGenerator", "KandinskyGenerator", "IPAdapterGenerator", "PIPELINE_GENERATORS"]
@@ -37,10 +46,22 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return d
 
 
-def _dtype_kwargs(device: torch.device) -> dict[str, Any]:
-    """``from_pretrained`` dtype argument: omitted for fp32 (the default), so any diffusers >= 0.27 works."""
-    dtype = default_dtype(device)
-    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+def _dtype_kwargs(device: torch.device, dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """``from_pretrained`` dtype argument: omitted for fp32 (the default), so any diffusers >= 0.27 works;
+    ``dtype=`` where diffusers deprecates ``torch_dtype=`` (0.36+), ``torch_dtype=`` before."""
+    from diffusers.utils import deprecation_utils
+
+    resolved = resolve_dtype(dtype, device)
+    if resolved == torch.float32:
+        return {}
+    new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype" if new else "torch_dtype": resolved}
+
+
+def _scale(value: float) -> float:
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"embedding_scale must be a positive number; found {value!r}")
+    return float(value)
 
 
 def _vector(conditioning: npt.ArrayLike, dim: int) -> npt.NDArray[np.float32]:
@@ -56,6 +77,7 @@ class _PipelineGenerator:
     """Shared plumbing: device/dtype, validation, seeding and progress reporting."""
 
     what = "diffusers"
+    thread_safe = True  # each call gets its own scheduler state (see _call_pipe)
 
     def __init__(
         self,
@@ -65,15 +87,23 @@ class _PipelineGenerator:
         size: int | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        embedding_scale: float = 1.0,
+        reference: ClipVisionReference | None = None,
     ) -> None:
         self.device = device or default_device()
-        self.dtype = default_dtype(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.pipe = pipe.to(self.device) if self.dtype == torch.float32 else pipe.to(self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.dim = dim
         self.guidance_scale = guidance_scale
         self.size = size
         self.expected_encoder = expected_encoder
+        self.embedding_scale = _scale(embedding_scale)
+        self.embedding_scale_source = "declared"
+        self.reference = reference
+        """The pipeline's own CLIP image encoder, when it has one (pairing check, scale measurement)."""
 
     @property
     def conditioning_dimension(self) -> int:
@@ -84,7 +114,27 @@ class _PipelineGenerator:
         return {"height": self.size, "width": self.size} if self.size else {}
 
     def _embed(self, conditioning: npt.ArrayLike) -> torch.Tensor:
-        return torch.from_numpy(_vector(conditioning, self.dim))[None].to(self.device, self.dtype)
+        """The pipeline's ``image_embeds`` for a release: ``embedding_scale * c``, shape ``(1, dim)``."""
+        c = torch.from_numpy(_vector(conditioning, self.dim))[None] * self.embedding_scale
+        return c.to(self.device, self.dtype)
+
+    def _call_pipe(self) -> Any:
+        """A view of the pipeline sharing its weights with fresh scheduler state (diffusers' server guide)."""
+        from diffusers.utils import logging as diffusers_logging
+
+        fresh = {
+            name: getattr(self.pipe, name).from_config(getattr(self.pipe, name).config)
+            for name in ("scheduler", "image_noising_scheduler")
+            if getattr(self.pipe, name, None) is not None
+        }
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # from_pipe's notes about dtypes of shared modules
+        try:
+            pipe = type(self.pipe).from_pipe(self.pipe, **fresh)
+        finally:
+            diffusers_logging.set_verbosity(level)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def generate(
         self,
@@ -118,7 +168,7 @@ class _PipelineGenerator:
         kwargs.update(self._size_kwargs())
         kwargs.update(self._progress_kwargs(progress, steps))
         with torch.no_grad():
-            out = self.pipe(
+            out = self._call_pipe()(
                 num_inference_steps=steps,
                 num_images_per_prompt=n,
                 generator=sampler_generator(seed),
@@ -143,9 +193,25 @@ class _PipelineGenerator:
 
 
 class UnCLIPGenerator(_PipelineGenerator):
-    """Stable unCLIP: the release is the CLIP image embedding; the prompt conditions the UNet's text path."""
+    """Stable unCLIP: the release is the CLIP image embedding; the prompt conditions the UNet's text path.
+
+    The pipeline's ``_encode_image`` then normalises, noises (``noise_level``) and un-normalises it,
+    and appends the noise-level embedding, exactly as for an image it encoded itself.
+    """
 
     what = "Stable unCLIP"
+
+    def __init__(self, pipe: Any, dim: int, guidance_scale: float, *args: Any, noise_level: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(pipe, dim, guidance_scale, *args, **kwargs)
+        limit = int(pipe.image_noising_scheduler.config.num_train_timesteps)
+        if not isinstance(noise_level, int) or isinstance(noise_level, bool) or not 0 <= noise_level < limit:
+            raise ValueError(f"noise_level must be an int in [0, {limit - 1}]; found {noise_level!r}")
+        self.noise_level = noise_level
+        if self.reference is None and getattr(pipe, "image_encoder", None) is not None:
+            self.reference = ClipVisionReference(
+                self.pipe.image_encoder, self.pipe.feature_extractor, "the pipeline's image_encoder"
+            )
 
     @classmethod
     def load(
@@ -155,8 +221,11 @@ class UnCLIPGenerator(_PipelineGenerator):
         size: int | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        **options: Any,
     ) -> UnCLIPGenerator:
         """Load a ``StableUnCLIPImg2ImgPipeline`` folder.
+
+        ``options``: ``dtype``, ``embedding_scale`` (default 1), ``noise_level`` (default 0).
 
         Raises:
             FileNotFoundError: naming the missing ``model_index.json``.
@@ -166,9 +235,9 @@ class UnCLIPGenerator(_PipelineGenerator):
         d = _require_dir(directory, cls.what)
         dev = device or default_device()
         pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(
-            str(d), local_files_only=True, **_dtype_kwargs(dev)
+            str(d), local_files_only=True, **_dtype_kwargs(dev, options.get("dtype"))
         )
-        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev)
+        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev, **options)
 
     @classmethod
     def from_pipeline(
@@ -178,13 +247,14 @@ class UnCLIPGenerator(_PipelineGenerator):
         size: int | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        **options: Any,
     ) -> UnCLIPGenerator:
         """Wrap an already-built pipeline (its image normalizer fixes the dimension)."""
         dim = int(pipe.image_normalizer.mean.shape[-1])
-        return cls(pipe, dim, guidance_scale, size, expected_encoder, device)
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device, **options)
 
     def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
-        return {"image_embeds": embeds, "prompt": prompt}
+        return {"image_embeds": embeds, "prompt": prompt, "noise_level": self.noise_level}
 
     def _progress_kwargs(self, progress: ProgressCallback | None, steps: int) -> dict[str, Any]:
         if progress is None:
@@ -193,21 +263,20 @@ class UnCLIPGenerator(_PipelineGenerator):
 
 
 class KandinskyGenerator(_PipelineGenerator):
-    """Kandinsky 2.2 decoder: the release replaces the prior's image embedding; the prompt is unused."""
+    """Kandinsky 2.2 decoder: the release replaces the prior's image embedding; the prompt is unused.
+
+    The negative image embedding is the prior's ``get_zero_embed`` (its image encoder on an all-zero
+    pixel tensor): taken from ``reference`` when given, else ``negative``, else zeros (tests only; a
+    bundle must give one or the other).
+    """
 
     what = "Kandinsky 2.2 decoder"
 
-    def __init__(
-        self,
-        pipe: Any,
-        dim: int,
-        guidance_scale: float,
-        size: int | None = None,
-        expected_encoder: EncoderIdentity | None = None,
-        device: torch.device | None = None,
-        negative: npt.ArrayLike | None = None,
-    ) -> None:
-        super().__init__(pipe, dim, guidance_scale, size, expected_encoder, device)
+    def __init__(self, pipe: Any, dim: int, guidance_scale: float, *args: Any,
+                 negative: npt.ArrayLike | None = None, **kwargs: Any) -> None:
+        super().__init__(pipe, dim, guidance_scale, *args, **kwargs)
+        if negative is None and self.reference is not None:
+            negative = self.reference.zero_embed().numpy()
         self.negative = np.zeros(dim, np.float32) if negative is None else _vector(negative, dim)
 
     @classmethod
@@ -218,9 +287,12 @@ class KandinskyGenerator(_PipelineGenerator):
         size: int | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
-        negative: npt.ArrayLike | None = None,
+        **options: Any,
     ) -> KandinskyGenerator:
-        """Load a ``KandinskyV22Pipeline`` folder; ``negative`` is the unconditional image embedding.
+        """Load a ``KandinskyV22Pipeline`` folder.
+
+        ``options``: ``dtype``, ``embedding_scale``, ``reference`` (the prior's image encoder),
+        ``negative`` (the unconditional image embedding).
 
         Raises:
             FileNotFoundError: naming the missing ``model_index.json``.
@@ -229,8 +301,10 @@ class KandinskyGenerator(_PipelineGenerator):
 
         d = _require_dir(directory, cls.what)
         dev = device or default_device()
-        pipe = KandinskyV22Pipeline.from_pretrained(str(d), local_files_only=True, **_dtype_kwargs(dev))
-        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev, negative)
+        pipe = KandinskyV22Pipeline.from_pretrained(
+            str(d), local_files_only=True, **_dtype_kwargs(dev, options.get("dtype"))
+        )
+        return cls.from_pipeline(pipe, guidance_scale, size, expected_encoder, dev, **options)
 
     @classmethod
     def from_pipeline(
@@ -240,11 +314,11 @@ class KandinskyGenerator(_PipelineGenerator):
         size: int | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
-        negative: npt.ArrayLike | None = None,
+        **options: Any,
     ) -> KandinskyGenerator:
         """Wrap an already-built pipeline (the UNet's ``encoder_hid_dim`` fixes the dimension)."""
         dim = int(pipe.unet.config.encoder_hid_dim)
-        return cls(pipe, dim, guidance_scale, size, expected_encoder, device, negative)
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device, **options)
 
     def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
         neg = torch.from_numpy(self.negative)[None].to(self.device, self.dtype)
@@ -266,10 +340,12 @@ class IPAdapterGenerator(_PipelineGenerator):
         scale: float = 1.0,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        **options: Any,
     ) -> IPAdapterGenerator:
         """Load a ``StableDiffusionPipeline`` folder and an IP-Adapter weights file.
 
         ``ip_adapter`` is the original single-file format, e.g. ``ip-adapter_sd15.safetensors``.
+        ``options``: ``dtype``, ``embedding_scale``, ``reference`` (the adapter's image encoder).
 
         Raises:
             FileNotFoundError: naming the missing pipeline folder or IP-Adapter file.
@@ -284,7 +360,7 @@ class IPAdapterGenerator(_PipelineGenerator):
         pipe = StableDiffusionPipeline.from_pretrained(
             str(d),
             local_files_only=True,
-            **_dtype_kwargs(dev),
+            **_dtype_kwargs(dev, options.get("dtype")),
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -295,7 +371,7 @@ class IPAdapterGenerator(_PipelineGenerator):
             image_encoder_folder=None,
             local_files_only=True,
         )
-        return cls.from_pipeline(pipe, guidance_scale, size, scale, expected_encoder, dev)
+        return cls.from_pipeline(pipe, guidance_scale, size, scale, expected_encoder, dev, **options)
 
     @classmethod
     def from_pipeline(
@@ -306,6 +382,7 @@ class IPAdapterGenerator(_PipelineGenerator):
         scale: float = 1.0,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        **options: Any,
     ) -> IPAdapterGenerator:
         """Wrap a pipeline whose UNet already has IP-Adapter weights loaded.
 
@@ -318,9 +395,15 @@ class IPAdapterGenerator(_PipelineGenerator):
             raise ValueError("the Stable Diffusion UNet has no IP-Adapter loaded (encoder_hid_proj is empty)")
         dim = int(layers[0].image_embeds.in_features)
         pipe.set_ip_adapter_scale(scale)
-        return cls(pipe, dim, guidance_scale, size, expected_encoder, device)
+        if options.get("reference") is None and getattr(pipe, "image_encoder", None) is not None:
+            options["reference"] = ClipVisionReference(
+                pipe.image_encoder, pipe.feature_extractor, "the pipeline's image_encoder"
+            )
+        return cls(pipe, dim, guidance_scale, size, expected_encoder, device, **options)
 
     def _call_kwargs(self, embeds: torch.Tensor, prompt: str) -> dict[str, Any]:
+        # prepare_ip_adapter_image_embeds chunks (negative, positive) along dim 0; encode_image's
+        # negative for a plain (non-"plus") adapter is zeros_like(image_embeds).
         pair = torch.stack([torch.zeros_like(embeds), embeds]) if self.guidance_scale > 1 else embeds[None]
         return {"ip_adapter_image_embeds": [pair], "prompt": prompt}
 

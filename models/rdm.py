@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from ._torch import default_device, default_dtype, sampler_generator, to_pil
+from ._torch import default_device, resolve_dtype, sampler_generator, to_pil
 from .base import EncoderIdentity, ProgressCallback
 
 __all__ = ["RDMConfig", "RDMGenerator", "mix_tokens", "expand_tokens"]
@@ -133,7 +133,12 @@ def check_request(n: int, steps: int) -> None:
 
 
 class RDMGenerator:
-    """Generator behind :class:`dprdm.models.base.Generator` for RDM-style UNets."""
+    """Generator behind :class:`dprdm.models.base.Generator` for RDM-style UNets.
+
+    Thread-safe: every call builds its own scheduler from the stored config.
+    """
+
+    thread_safe = True
 
     def __init__(
         self,
@@ -143,9 +148,10 @@ class RDMGenerator:
         vae: Any | None = None,
         expected_encoder: EncoderIdentity | None = None,
         device: torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         self.device = device or default_device()
-        self.dtype = default_dtype(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.unet = _move(unet, self.device, self.dtype).eval()
         self.vae = _move(vae, self.device, self.dtype).eval() if vae is not None else None
         self.scheduler = scheduler
@@ -161,7 +167,9 @@ class RDMGenerator:
         return self.config.dim
 
     @classmethod
-    def load(cls, directory: str | Path, device: torch.device | None = None) -> RDMGenerator:
+    def load(
+        cls, directory: str | Path, device: torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> RDMGenerator:
         """Load from a directory written by :meth:`save`.
 
         Raises:
@@ -188,7 +196,7 @@ class RDMGenerator:
             else None
         )
         identity = EncoderIdentity.from_dict(enc) if enc else None
-        return cls(unet, scheduler, cfg, vae=vae, expected_encoder=identity, device=device)
+        return cls(unet, scheduler, cfg, vae=vae, expected_encoder=identity, device=device, dtype=dtype)
 
     def save(self, directory: str | Path) -> None:
         """Write the directory layout described in the module docstring (fp32 safetensors)."""
@@ -204,7 +212,9 @@ class RDMGenerator:
             self.vae.save_pretrained(str(d / "vae"), safe_serialization=True)
 
     @classmethod
-    def load_packed(cls, json_path: str | Path, device: torch.device | None = None) -> RDMGenerator:
+    def load_packed(
+        cls, json_path: str | Path, device: torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> RDMGenerator:
         """Load the packed form: ``<name>.json`` (configs) beside ``<name>.safetensors`` (UNet weights).
 
         Raises:
@@ -232,7 +242,7 @@ class RDMGenerator:
             raise ValueError(f"weights {weights} do not match the UNet config in {p}: {exc}") from None
         enc = raw.get("encoder")
         identity = EncoderIdentity.from_dict(enc) if enc else None
-        return cls(unet, scheduler, cfg, expected_encoder=identity, device=device)
+        return cls(unet, scheduler, cfg, expected_encoder=identity, device=device, dtype=dtype)
 
     def save_packed(self, json_path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the packed form (pixel-space models only); returns the weights path.

@@ -8,7 +8,9 @@ A bundle is a small JSON file (``models/bundles/<name>.json`` in the package, or
       "description": "...",
       "encoder": "open_clip:ViT-H-14@/models/vit-h-14.safetensors",
       "encoder_identity": {"name": ..., "weights_sha256": ..., "dimension": ...},   (optional)
-      "generator": {"type": "stable-unclip", "path": "/models/sd21-unclip-h", "guidance_scale": 10}
+      "generator": {"type": "stable-unclip", "path": "/models/sd21-unclip-h", "guidance_scale": 10,
+                    "embedding_scale": "mean-norm", "noise_level": 0},
+      "min_pairing_cosine": 0.98                                                      (optional)
     }
 
 Relative paths are resolved against the bundle file's folder. Encoder specs (:func:`load_encoder`):
@@ -17,13 +19,24 @@ Relative paths are resolved against the bundle file's folder. Encoder specs (:fu
 ``rdm`` (folder), ``rdm-packed`` (JSON + safetensors), ``stable-unclip``, ``kandinsky-2.2``,
 ``sd-ip-adapter`` (needs ``ip_adapter``: a weights file).
 
-Loading refuses a pair whose encoder identity differs from the one the bundle or generator declares.
+Diffusers generators also take ``embedding_scale`` (a number, or ``"mean-norm"``: the mean norm of
+the pipeline's own image encoder on public probe images; the default when it has one),
+``image_encoder`` (Kandinsky 2.2: the prior's ``image_encoder/`` folder, whose zero-image embedding
+is the negative; IP-Adapter: its ``image_encoder/``), ``negative_embedding`` (Kandinsky, a ``.npy``
+instead of ``image_encoder``) and ``noise_level`` (unCLIP). See :mod:`dprdm.models.conditioning`.
+
+Loading refuses a pair whose encoder identity differs from the one the bundle or generator declares,
+whose dimensions differ, or whose encoder disagrees with the pipeline's own image encoder on the probe
+images (mean cosine below ``min_pairing_cosine``, default 0.98). :func:`shared_bundle` loads each
+resolved bundle once per process (one pipeline for every index that uses it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,13 +56,16 @@ __all__ = [
     "load_encoder",
     "load_generator",
     "load_bundle",
+    "shared_bundle",
     "check_identity",
+    "Check",
 ]
 
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_BUNDLE = "dprdm-mini"
 GENERATOR_TYPES = ("rdm", "rdm-packed", "stable-unclip", "kandinsky-2.2", "sd-ip-adapter")
+DEFAULT_MIN_PAIRING_COSINE = 0.98
 
 
 class BundleMismatchError(ValueError):
@@ -66,16 +82,27 @@ class BundleSpec:
     generator: Mapping[str, Any]
     description: str = ""
     encoder_identity: EncoderIdentity | None = None
+    min_pairing_cosine: float = DEFAULT_MIN_PAIRING_COSINE
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pairing check of a loaded bundle: its name, whether it passed, and a one-line detail."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 @dataclass
 class Bundle:
-    """A loaded encoder + generator pair."""
+    """A loaded encoder + generator pair and the checks it passed (or failed, with ``refuse=False``)."""
 
     spec: BundleSpec
     encoder: Encoder
     generator: Generator
     extras: dict[str, Any] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -151,6 +178,9 @@ def read_bundle(name_or_path: str | Path) -> BundleSpec:
     if not isinstance(gen, dict) or gen.get("type") not in GENERATOR_TYPES:
         raise ValueError(f"bundle {path}: generator.type must be one of {GENERATOR_TYPES}; found {gen!r}")
     ident = raw.get("encoder_identity")
+    min_cos = raw.get("min_pairing_cosine", DEFAULT_MIN_PAIRING_COSINE)
+    if not isinstance(min_cos, (int, float)) or isinstance(min_cos, bool) or not -1 <= min_cos <= 1:
+        raise ValueError(f"bundle {path}: min_pairing_cosine must be a number in [-1, 1]; found {min_cos!r}")
     return BundleSpec(
         name=str(raw["name"]),
         path=path,
@@ -158,6 +188,7 @@ def read_bundle(name_or_path: str | Path) -> BundleSpec:
         generator=gen,
         description=str(raw.get("description", "")),
         encoder_identity=EncoderIdentity.from_dict(ident) if ident else None,
+        min_pairing_cosine=float(min_cos),
     )
 
 
@@ -166,83 +197,203 @@ def _resolve(base: Path | None, value: str) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
-def load_encoder(spec: str, base_dir: Path | None = None) -> Encoder:
+def load_encoder(
+    spec: str, base_dir: Path | None = None, device: Any = None, dtype: Any = None
+) -> Encoder:
     """Load an encoder from a spec string (see the module docstring).
 
+    Args:
+        spec: the encoder spec.
+        base_dir: folder that relative paths are resolved against.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"``, a ``torch.device``, or ``None`` (CUDA, then MPS,
+            then CPU; ``DPRDM_DEVICE`` overrides; ``dprdm-mini`` stays on the CPU).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (fp32 on CPU, half on GPUs).
+
     Raises:
-        ValueError: naming an unknown scheme.
+        ValueError: naming an unknown scheme, device or dtype.
         FileNotFoundError: naming a missing weights/config file.
     """
+    from ._torch import resolve_device
+
     if spec == "dprdm-mini" or spec.startswith("dprdm-mini:"):
         from .mini_encoder import MiniEncoder
 
+        dev = resolve_device(device) if device is not None else None
         directory = _resolve(base_dir, spec.partition(":")[2]) if ":" in spec else WEIGHTS_DIR
-        return MiniEncoder.load(directory)
+        return MiniEncoder.load(directory, device=dev, dtype=dtype)
     if spec.startswith("open_clip:"):
         from .openclip_encoder import OpenClipEncoder, parse_source
 
         source = parse_source(spec[len("open_clip:") :])
         if source.path is not None and not source.path.is_absolute() and base_dir is not None:
             source = type(source)(source.kind, source.name, base_dir / source.path)
-        return OpenClipEncoder.load(source)
+        return OpenClipEncoder.load(source, device=resolve_device(device), dtype=dtype)
     raise ValueError(f"unknown encoder spec {spec!r}; expected 'dprdm-mini[:dir]' or 'open_clip:...'")
 
 
-def load_generator(spec: Mapping[str, Any], base_dir: Path | None = None) -> Generator:
-    """Load a generator from a bundle's ``generator`` mapping.
+def load_generator(
+    spec: Mapping[str, Any], base_dir: Path | None = None, device: Any = None, dtype: Any = None
+) -> Generator:
+    """Load a generator from a bundle's ``generator`` mapping (``device``/``dtype`` as :func:`load_encoder`).
 
     Raises:
-        ValueError: naming an unknown type or a missing field.
+        ValueError: naming an unknown type, a missing field, or a bad conditioning option.
         FileNotFoundError: naming a missing file or folder.
     """
+    from ._torch import resolve_device
+
     kind = spec.get("type")
     if "path" not in spec:
         raise ValueError(f"generator spec needs a 'path'; found {dict(spec)!r}")
     path = _resolve(base_dir, str(spec["path"]))
-    opts = {k: spec[k] for k in ("guidance_scale", "size") if k in spec}
+    dev = resolve_device(device)
     if kind == "rdm":
         from .rdm import RDMGenerator
 
-        return RDMGenerator.load(path)
+        return RDMGenerator.load(path, device=dev, dtype=dtype)
     if kind == "rdm-packed":
         from .rdm import RDMGenerator
 
-        return RDMGenerator.load_packed(path)
-    from . import pipelines
+        return RDMGenerator.load_packed(path, device=dev, dtype=dtype)
+    if kind not in GENERATOR_TYPES:
+        raise ValueError(f"unknown generator type {kind!r}; expected one of {GENERATOR_TYPES}")
+    return _load_pipeline(str(kind), spec, path, base_dir, dev, dtype)
 
+
+def _load_pipeline(
+    kind: str, spec: Mapping[str, Any], path: Path, base_dir: Path | None, device: Any, dtype: Any
+) -> Generator:
+    """A diffusers generator with its conditioning convention (scale, noise level, negative)."""
+    from . import pipelines
+    from .conditioning import ClipVisionReference, mean_norm
+
+    opts: dict[str, Any] = {k: spec[k] for k in ("guidance_scale", "size") if k in spec}
+    opts.update(device=device, dtype=dtype)
+    if "image_encoder" in spec:
+        opts["reference"] = ClipVisionReference.load(_resolve(base_dir, str(spec["image_encoder"])), device, dtype)
+    scale = spec.get("embedding_scale", "mean-norm")
+    if not (scale == "mean-norm" or (isinstance(scale, (int, float)) and not isinstance(scale, bool))):
+        raise ValueError(f"generator embedding_scale must be a number or 'mean-norm'; found {scale!r}")
+    opts["embedding_scale"] = 1.0 if scale == "mean-norm" else float(scale)
+    gen: pipelines._PipelineGenerator
     if kind == "stable-unclip":
-        return pipelines.UnCLIPGenerator.load(path, **opts)
-    if kind == "kandinsky-2.2":
-        return pipelines.KandinskyGenerator.load(path, **opts)
-    if kind == "sd-ip-adapter":
+        gen = pipelines.UnCLIPGenerator.load(path, noise_level=spec.get("noise_level", 0), **opts)
+        if gen.reference is not None:
+            gen.reference.source = f"the image_encoder of {path}"
+    elif kind == "kandinsky-2.2":
+        if "negative_embedding" in spec:
+            import numpy as np
+
+            opts["negative"] = np.load(_resolve(base_dir, str(spec["negative_embedding"])))
+        elif "image_encoder" not in spec:
+            raise ValueError(
+                "generator type 'kandinsky-2.2' needs 'image_encoder' (the prior's image_encoder folder: "
+                "its zero-image embedding is the negative) or 'negative_embedding' (a .npy file)"
+            )
+        gen = pipelines.KandinskyGenerator.load(path, **opts)
+    else:
         if "ip_adapter" not in spec:
             raise ValueError("generator type 'sd-ip-adapter' needs 'ip_adapter' (a weights file)")
-        return pipelines.IPAdapterGenerator.load(
-            path, _resolve(base_dir, str(spec["ip_adapter"])), scale=float(spec.get("scale", 1.0)), **opts
-        )
-    raise ValueError(f"unknown generator type {kind!r}; expected one of {GENERATOR_TYPES}")
+        ip = _resolve(base_dir, str(spec["ip_adapter"]))
+        gen = pipelines.IPAdapterGenerator.load(path, ip, scale=float(spec.get("scale", 1.0)), **opts)
+    if scale == "mean-norm":
+        if gen.reference is None:
+            raise ValueError(
+                f"generator type {kind!r} has no image encoder to measure 'mean-norm': give "
+                "'embedding_scale' (a number) or 'image_encoder' (a CLIPVisionModelWithProjection folder)"
+            )
+        gen.embedding_scale = mean_norm(gen.reference)
+    gen.embedding_scale_source = "declared" if scale != "mean-norm" else "mean-norm on public probe images"
+    return gen
 
 
-def load_bundle(name_or_path: str | Path = DEFAULT_BUNDLE) -> Bundle:
+def _checks(spec: BundleSpec, encoder: Encoder, generator: Generator) -> list[Check]:
+    """Every pairing check of a loaded bundle, in order (identity, dimension, image-encoder agreement)."""
+    from .conditioning import pairing
+
+    checks = []
+    ident = encoder.identity
+    for what, expected in (
+        (f"bundle {spec.name!r} declaration", spec.encoder_identity),
+        (f"generator of bundle {spec.name!r}", getattr(generator, "expected_encoder", None)),
+    ):
+        if expected is not None:
+            ok = expected == ident
+            detail = (
+                f"encoder identity matches the {what}" if ok
+                else f"encoder mismatch ({what}): expected {expected.to_dict()}, found {ident.to_dict()}"
+            )
+            checks.append(Check("identity", ok, detail))
+    dim_ok = generator.conditioning_dimension == encoder.dimension
+    checks.append(Check("dimension", dim_ok, (
+        f"bundle {spec.name!r}: encoder dimension {encoder.dimension} "
+        f"{'==' if dim_ok else '!='} generator conditioning dimension {generator.conditioning_dimension}"
+    )))
+    ref = getattr(generator, "reference", None)
+    if ref is None:
+        checks.append(Check("pairing", True, f"skipped: the {spec.generator.get('type')} generator has no "
+                                              "image encoder of its own to compare with"))
+    elif dim_ok and ref.dimension == encoder.dimension:
+        r = pairing(encoder, ref)
+        ok = r.mean_cosine >= spec.min_pairing_cosine
+        checks.append(Check("pairing", ok, (
+            f"bundle {spec.name!r}: encoder {ident.name} and {ref.source} "
+            f"{'agree' if ok else 'disagree'} on {r.images} public images: mean cosine {r.mean_cosine:.3f} "
+            f"(min {r.min_cosine:.3f}) {'>=' if ok else '<'} {spec.min_pairing_cosine}"
+            + ("" if ok else "; refusing the pair")
+        )))
+    else:
+        checks.append(Check("pairing", False, (
+            f"bundle {spec.name!r}: encoder dimension {encoder.dimension} != {ref.source} "
+            f"dimension {ref.dimension}"
+        )))
+    return checks
+
+
+def load_bundle(
+    name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None, refuse: bool = True
+) -> Bundle:
     """Load a bundle's encoder and generator and check that they belong together.
+
+    Args:
+        name_or_path: a bundle name or a bundle file.
+        device, dtype: as :func:`load_encoder` (used for both models).
+        refuse: raise on the first failed check (``False``: return the bundle with its ``checks``,
+            for ``dprdm models check``).
 
     Raises:
         FileNotFoundError: unknown bundle or missing model files (named).
         BundleMismatchError: the encoder's identity differs from the bundle's or the generator's
-            declared identity, or its dimension from the generator's conditioning dimension.
+            declared identity, its dimension from the generator's conditioning dimension, or its
+            direction from the pipeline's own image encoder on the probe images.
     """
     spec = read_bundle(name_or_path)
     base = spec.path.parent
-    encoder = load_encoder(spec.encoder, base)
-    if spec.encoder_identity is not None:
+    encoder = load_encoder(spec.encoder, base, device=device, dtype=dtype)
+    if refuse and spec.encoder_identity is not None:  # cheap, before the generator loads
         check_identity(spec.encoder_identity, encoder.identity, what=f"bundle {spec.name!r} declaration")
-    generator = load_generator(spec.generator, base)
-    declared = getattr(generator, "expected_encoder", None)
-    if declared is not None:
-        check_identity(declared, encoder.identity, what=f"generator of bundle {spec.name!r}")
-    if generator.conditioning_dimension != encoder.dimension:
-        raise BundleMismatchError(
-            f"bundle {spec.name!r}: encoder dimension {encoder.dimension} != generator conditioning "
-            f"dimension {generator.conditioning_dimension}"
-        )
-    return Bundle(spec=spec, encoder=encoder, generator=generator)
+    generator = load_generator(spec.generator, base, device=device, dtype=dtype)
+    checks = _checks(spec, encoder, generator)
+    failed = [c for c in checks if not c.ok]
+    if refuse and failed:
+        raise BundleMismatchError(failed[0].detail)
+    return Bundle(spec=spec, encoder=encoder, generator=generator, checks=checks)
+
+
+_SHARED: dict[tuple[str, str, str, str], Bundle] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_bundle(name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None) -> Bundle:
+    """:func:`load_bundle`, once per process for each resolved bundle (file path and content), device
+    and dtype: every index served with one bundle shares its encoder and pipeline (one copy in memory).
+
+    Raises:
+        As :func:`load_bundle`.
+    """
+    path = read_bundle(name_or_path).path.resolve()
+    key = (str(path), hashlib.sha256(path.read_bytes()).hexdigest(), str(device), str(dtype))
+    with _SHARED_LOCK:  # held while loading: two indexes starting together load the bundle once
+        if key not in _SHARED:
+            _SHARED[key] = load_bundle(path, device=device, dtype=dtype)
+        return _SHARED[key]

@@ -20,6 +20,9 @@ __all__ = [
     "tiny_sd_ip_adapter_pipeline",
     "write_ip_adapter_weights",
     "tiny_open_clip_config",
+    "write_tiny_open_clip",
+    "tiny_clip_vision",
+    "MirrorEncoder",
 ]
 
 
@@ -120,20 +123,8 @@ def tiny_unclip_pipeline(tmp: str | Path, dim: int = 32) -> Any:
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
     )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(0)
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=dim,
-            projection_dim=dim,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            intermediate_size=37,
-            patch_size=4,
-        )
-    ).eval()
+    image_encoder, feature_extractor = tiny_clip_vision(dim)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -152,7 +143,7 @@ def tiny_unclip_pipeline(tmp: str | Path, dim: int = 32) -> Any:
         use_linear_projection=True,
     ).eval()
     return StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        feature_extractor=feature_extractor,
         image_encoder=image_encoder,
         image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=dim).eval(),
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
@@ -306,3 +297,76 @@ def tiny_open_clip_config(dim: int = 16) -> dict[str, Any]:
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
+
+
+def write_tiny_open_clip(directory: str | Path, dim: int = 16, seed: int = 0) -> Path:
+    """A random tiny open_clip CLIP (:func:`tiny_open_clip_config`) written as a local directory
+    (``open_clip:local-dir:<directory>``); returns ``directory``."""
+    import open_clip
+
+    from .openclip_encoder import write_local_dir
+
+    cfg = tiny_open_clip_config(dim=dim)
+    torch.manual_seed(seed)
+    write_local_dir(open_clip.CLIP(**cfg), cfg, Path(directory))
+    return Path(directory)
+
+
+def tiny_clip_vision(dim: int = 32, seed: int = 0) -> tuple[Any, Any]:
+    """A random ``CLIPVisionModelWithProjection`` (32px, projection ``dim``) and its ``CLIPImageProcessor``.
+
+    The image encoder of the tiny unCLIP; saved with ``save_pretrained`` it is also a Kandinsky 2.2
+    prior's or an IP-Adapter's ``image_encoder/`` folder.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=dim,
+            projection_dim=dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            intermediate_size=37,
+            patch_size=4,
+        )
+    ).eval()
+    return model, CLIPImageProcessor(crop_size=32, size=32)
+
+
+class MirrorEncoder:
+    """An :class:`~dprdm.models.base.Encoder` whose image tower IS a pipeline's own image encoder.
+
+    ``encode_images`` returns the reference's ``image_embeds`` made unit; texts are hashed (tests only).
+    The ideal pairing: it agrees with the pipeline's encoder exactly.
+    """
+
+    def __init__(self, reference: Any) -> None:
+        import hashlib
+
+        from .base import EncoderIdentity
+
+        self.reference = reference
+        h = hashlib.sha256()
+        for name, t in sorted(reference.image_encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        self._identity = EncoderIdentity("mirror:clip-vision", h.hexdigest(), reference.dimension)
+
+    @property
+    def identity(self) -> Any:
+        return self._identity
+
+    @property
+    def dimension(self) -> int:
+        return self._identity.dimension
+
+    def encode_images(self, images: Any) -> Any:
+        e = self.reference.embed(images)
+        return (e / e.norm(dim=-1, keepdim=True)).numpy().astype("float32")
+
+    def encode_texts(self, texts: Any) -> Any:
+        from .fake import FakeEncoder
+
+        return FakeEncoder(self.dimension).encode_texts(texts)

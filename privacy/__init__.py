@@ -12,7 +12,14 @@ Importing this package never imports torch, faiss or grpc (a test checks it in a
 """
 
 from .accountant import RdpAccountant, RetrievalEvent, SubsampledGaussianEvent, event_rdp, retrieval_rdp
-from .budget import Budget, check_delta_for_size, choose_filter_order, default_delta, filter_capacity
+from .budget import (
+    Budget,
+    check_delta_for_size,
+    choose_filter_order,
+    default_delta,
+    filter_capacity,
+    mechanism_rdp,
+)
 from .calibration import calibrate_k, calibrate_q, calibrate_sigma, epsilon_for, max_queries
 from .conversion import DeltaResult, EpsilonResult, delta_from_rdp, epsilon_from_rdp
 from .mechanism import Profile, clamp_unit, profile_rdp, release
@@ -45,6 +52,7 @@ __all__ = [
     "filter_capacity",
     "make_dp_generator",
     "max_queries",
+    "mechanism_rdp",
     "new_dp_generator",
     "profile_rdp",
     "rdp_subsampled_gaussian",

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from .conversion import DeltaResult, EpsilonResult, delta_from_rdp, epsilon_from_rdp
 from .discrete import hardened_rdp
 from .mechanism import Profile, profile_rdp
-from .orders import DEFAULT_ORDERS, validate_orders
+from .orders import DEFAULT_ORDERS, migrate_curve, validate_orders
 from .rdp import rdp_subsampled_gaussian
 
 __all__ = [
@@ -134,8 +134,22 @@ def curve_to_json(curve: npt.ArrayLike) -> list[float | str]:
     return ["inf" if math.isinf(v) else float(v) for v in np.asarray(curve, dtype=np.float64)]
 
 
-def curve_from_json(values: list[Any]) -> npt.NDArray[np.float64]:
-    """Decode :func:`curve_to_json`; raises ``ValueError`` on anything else."""
+def curve_from_json(
+    values: list[Any], *, stored_orders: npt.ArrayLike | None = None, orders: npt.ArrayLike = DEFAULT_ORDERS
+) -> npt.NDArray[np.float64]:
+    """Decode :func:`curve_to_json`; raises ``ValueError`` on anything else.
+
+    Args:
+        values: the JSON list (floats >= 0, ``"inf"`` for ``+inf``).
+        stored_orders: the grid the stored curve is over, when it carries one. If it differs
+            from ``orders`` the curve is migrated conservatively (:func:`orders.migrate_curve`:
+            each new order takes the value at the smallest stored order above or at it, ``+inf``
+            above the largest). None: the values are taken as they are.
+        orders: the grid the caller works on (default: the shared grid).
+
+    Raises:
+        ValueError: a malformed value, or a length that does not match ``stored_orders``.
+    """
     out = []
     for v in values:
         if v == "inf":
@@ -144,7 +158,15 @@ def curve_from_json(values: list[Any]) -> npt.NDArray[np.float64]:
             out.append(float(v))
         else:
             raise ValueError(f"bad RDP curve value {v!r}")
-    return np.array(out, dtype=np.float64)
+    curve = np.array(out, dtype=np.float64)
+    if stored_orders is None:
+        return curve
+    src, dst = validate_orders(stored_orders), validate_orders(orders)
+    if src.shape == dst.shape and np.array_equal(src, dst):
+        if curve.shape != src.shape:
+            raise ValueError(f"curve has {curve.size} values but the grid it is over has {src.size} orders")
+        return curve
+    return migrate_curve(curve, from_orders=src, to_orders=dst)
 
 
 class RdpAccountant:

@@ -35,10 +35,18 @@ import numpy.typing as npt
 
 from .accountant import retrieval_rdp
 from .conversion import EpsilonConverter
+from .group import group2_rdp
 from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
 
-__all__ = ["Budget", "filter_capacity", "choose_filter_order", "default_delta", "check_delta_for_size"]
+__all__ = [
+    "Budget",
+    "filter_capacity",
+    "choose_filter_order",
+    "default_delta",
+    "check_delta_for_size",
+    "mechanism_rdp",
+]
 
 
 def default_delta(public_size: int) -> float:
@@ -75,24 +83,27 @@ def choose_filter_order(
     profiles: Sequence[Profile],
     orders: Sequence[float] = DEFAULT_ORDERS,
     hardened_dimensions: Sequence[int | None] | None = None,
+    group_sizes: Sequence[int] | None = None,
 ) -> float:
     """Pick the filter order a* maximising the guaranteed number of queries of the worst profile.
 
     For each order a with B(a) > 0, the number of queries of profile p the filter admits is
     B(a) / R_p(a); we maximise the minimum over the retrieving profiles. Depends only on public
-    configuration, never on the private data or the traffic. ``hardened_dimensions`` (parallel to
-    ``profiles``; None: all float noise) selects each mechanism's curve.
+    configuration, never on the private data or the traffic. ``hardened_dimensions`` and
+    ``group_sizes`` (parallel to ``profiles``; None: float noise, group size 1) select each
+    mechanism's curve.
 
     Raises:
         ValueError: if no profile retrieves, or no order gives a positive capacity.
     """
     dims = list(hardened_dimensions) if hardened_dimensions is not None else [None] * len(profiles)
-    if len(dims) != len(profiles):
-        raise ValueError(f"hardened_dimensions must match profiles; found {len(dims)} for {len(profiles)}")
-    retrieving = [(p, d) for p, d in zip(profiles, dims) if p.retrieves]
+    groups = list(group_sizes) if group_sizes is not None else [1] * len(profiles)
+    if len(dims) != len(profiles) or len(groups) != len(profiles):
+        raise ValueError(f"hardened_dimensions and group_sizes must match the {len(profiles)} profiles")
+    retrieving = [(p, d, g) for p, d, g in zip(profiles, dims, groups) if p.retrieves]
     if not retrieving:
         raise ValueError("a Rényi filter needs at least one profile with lambda > 0")
-    curves = [retrieval_rdp(p, orders=list(orders), hardened_dimension=d) for p, d in retrieving]
+    curves = [mechanism_rdp(p, orders=list(orders), hardened_dimension=d, group_size=g) for p, d, g in retrieving]
     best_order, best_count = None, -1.0
     for j, a in enumerate(orders):
         cap = filter_capacity(epsilon, delta, a)
@@ -117,6 +128,8 @@ class Budget:
         filter_order: the Rényi filter order a* (several profiles), or None.
         hardened_dimension: single rule: the embedding dimension when the one mechanism releases
             through the exact discrete Gaussian (``dprdm.privacy.discrete``), None for float noise.
+        group_size: single rule: 2 when the one mechanism runs on an index where one record can
+            change two stored records (capacity-limited IVF lists; ``dprdm.privacy.group``), else 1.
         noise_recorded: False for a single-profile budget whose noise kind was not recorded (written
             before noise kinds were part of a mechanism's identity, or created before any index of
             the domain was served): it then serves ONE mechanism of its profile, whichever the
@@ -132,6 +145,7 @@ class Budget:
     filter_order: float | None = None
     hardened_dimension: int | None = None
     noise_recorded: bool = True
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         eps = float(self.epsilon)
@@ -147,6 +161,8 @@ class Budget:
                 raise ValueError("hardened_dimension belongs to a single-profile budget with its noise recorded")
             if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 1:
                 raise ValueError(f"hardened_dimension must be an integer >= 1; found {d!r}")
+        if self.group_size not in (1, 2) or (self.group_size == 2 and self.profile is None):
+            raise ValueError(f"group_size must be 1 or 2 (single-profile budgets only); found {self.group_size!r}")
         if self.filter_order is not None:
             a = float(self.filter_order)
             if a not in DEFAULT_ORDERS:
@@ -163,12 +179,15 @@ class Budget:
         *,
         hardened_dimension: int | None = None,
         noise_recorded: bool = True,
+        group_size: int = 1,
     ) -> Budget:
-        """A budget that serves only the mechanism (``profile``, noise) (min-over-orders admission).
+        """A budget that serves only the mechanism (``profile``, noise, group size) (min-over-orders
+        admission).
 
         Args:
             hardened_dimension: d for the exact discrete Gaussian at dimension d; None: float noise.
             noise_recorded: False when the noise kind is not known yet (see the class docstring).
+            group_size: 2 on an index where one record can change two stored records.
         """
         return cls(
             epsilon=epsilon,
@@ -176,6 +195,7 @@ class Budget:
             profile=profile,
             hardened_dimension=hardened_dimension,
             noise_recorded=noise_recorded,
+            group_size=group_size,
         )
 
     @classmethod
@@ -186,26 +206,31 @@ class Budget:
         profiles: Sequence[Profile],
         order: float | None = None,
         hardened_dimensions: Sequence[int | None] | None = None,
+        group_sizes: Sequence[int] | None = None,
     ) -> Budget:
         """A Rényi-filter budget for several mechanisms; ``order`` defaults to
         :func:`choose_filter_order` over their curves."""
         if order is None:
-            a = choose_filter_order(epsilon, delta, profiles, hardened_dimensions=hardened_dimensions)
+            a = choose_filter_order(
+                epsilon, delta, profiles, hardened_dimensions=hardened_dimensions, group_sizes=group_sizes
+            )
         else:
             a = float(order)
         return cls(epsilon=epsilon, delta=delta, filter_order=a)
 
-    def serves(self, profile: Profile, hardened_dimension: int | None) -> bool:
+    def serves(self, profile: Profile, hardened_dimension: int | None, group_size: int = 1) -> bool:
         """Whether one query of this mechanism may be charged to this budget: any mechanism for a
         Rényi filter; for the single rule the budget's own mechanism only (its profile alone when
         the noise was not recorded: the caller must then serve ONE noise kind for it)."""
         if self.profile is None or not profile.retrieves:
             return True
-        if profile != self.profile:
+        if profile != self.profile or group_size != self.group_size:
             return False
         return not self.noise_recorded or hardened_dimension == self.hardened_dimension
 
-    def charge(self, profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
+    def charge(
+        self, profile: Profile, hardened_dimension: int | None = None, group_size: int = 1
+    ) -> npt.NDArray[np.float64]:
         """RDP curve (over ``DEFAULT_ORDERS``) one query of ``profile`` adds to the spend.
 
         Args:
@@ -216,12 +241,12 @@ class Budget:
         Raises:
             ValueError: if a single-profile budget is asked to charge another retrieving profile.
         """
-        if not self.serves(profile, hardened_dimension):
+        if not self.serves(profile, hardened_dimension, group_size):
             raise ValueError(
                 f"this budget serves only {self.describe_mechanism()}; found profile {profile.to_dict()} "
-                f"with {_noise_text(hardened_dimension)}"
+                f"with {_noise_text(hardened_dimension)}{_group_text(group_size)}"
             )
-        return retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
+        return mechanism_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension, group_size=group_size)
 
     @functools.cached_property
     def _converter(self) -> EpsilonConverter:
@@ -254,7 +279,7 @@ class Budget:
         if self.profile is None:
             return f"a Rényi filter at order {self.filter_order:g}"
         noise = _noise_text(self.hardened_dimension) if self.noise_recorded else "one noise kind (not recorded)"
-        return f"profile {self.profile.to_dict()} with {noise}"
+        return f"profile {self.profile.to_dict()} with {noise}{_group_text(self.group_size)}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``hardened_dimension`` present iff a single budget's noise is recorded)."""
@@ -266,6 +291,8 @@ class Budget:
         }
         if self.profile is not None and self.noise_recorded:
             out["hardened_dimension"] = self.hardened_dimension
+        if self.group_size != 1:
+            out["group_size"] = self.group_size
         return out
 
     @classmethod
@@ -280,7 +307,29 @@ class Budget:
             filter_order=data.get("filter_order"),
             hardened_dimension=data.get("hardened_dimension"),
             noise_recorded=prof is None or "hardened_dimension" in data,
+            group_size=int(data.get("group_size", 1)),
         )
+
+
+def mechanism_rdp(
+    profile: Profile, *, orders: Sequence[float] | npt.ArrayLike, hardened_dimension: int | None = None, group_size: int = 1
+) -> npt.NDArray[np.float64]:
+    """RDP curve of one query of a mechanism: the retrieval curve (float or discrete noise), or its
+    group-2 bound (:func:`dprdm.privacy.group.group2_rdp`) on an index where one record can
+    change two stored records.
+
+    Raises:
+        ValueError: a group size other than 1 or 2.
+    """
+    if group_size == 1:
+        return retrieval_rdp(profile, orders=orders, hardened_dimension=hardened_dimension)
+    if group_size == 2:
+        return group2_rdp(profile, orders=orders, hardened_dimension=hardened_dimension)
+    raise ValueError(f"group_size must be 1 or 2; found {group_size!r}")
+
+
+def _group_text(group_size: int) -> str:
+    return "" if group_size == 1 else f" (group size {group_size})"
 
 
 def _noise_text(hardened_dimension: int | None) -> str:

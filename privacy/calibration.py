@@ -5,11 +5,28 @@ epsilon(T queries) = min_a [ T R(a; q, z) + log((a-1)/a) - (log delta + log a)/(
 in the noise multiplier z = sigma k / 2 (the sampled-Gaussian RDP is monotone in both: Mironov,
 Talwar & Zhang 2019, Section 3), so each solve is a bisection that keeps the feasible end of the
 bracket: the returned value always meets the target (it errs on the private side).
+
+Every solver takes ``hardened_dimension``: the embedding dimension d when the releases use the exact
+discrete Gaussian (``discrete.hardened_rdp``, as private indexes are served), None for float noise.
+The hardened curve is the continuous one at a widened sensitivity plus fractional-order bounds that
+are monotone in z and q in the same way, so the same bisections apply.
+
+Speed with discrete noise: one hardened curve over the whole grid costs ~1 s (its fractional
+orders solve small linear programs), and a bisection needs ~40 of them. The feasibility test of a
+bisection step therefore evaluates the hardened curve only at the :data:`_CANDIDATES` orders where
+the (cheap, float) curve converts to the smallest epsilons. This is sound: epsilon is a minimum
+over orders, so ``min over a subset <= target`` implies ``min over the grid <= target``, and the
+returned value still meets the target under the full curve the server charges. It can only be
+conservative (a step judged infeasible whose best discrete order lies outside the subset); the
+hardened curve is the float one at a slightly widened sensitivity, whose best order is the same
+to within a grid step or two, so in practice it is not.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp
@@ -45,7 +62,28 @@ def epsilon_for(profile: Profile, *, queries: int, delta: float, hardened_dimens
     return epsilon_from_rdp(curve * queries, DEFAULT_ORDERS, delta).epsilon
 
 
-def calibrate_sigma(*, epsilon: float, delta: float, queries: int, k: int, q: float, tol: float = 1e-6) -> float:
+_CANDIDATES = 6
+"""Orders at which a discrete-noise feasibility test evaluates the hardened curve."""
+
+
+def _meets(profile: Profile, *, queries: int, delta: float, epsilon: float, hardened_dimension: int | None) -> bool:
+    """Whether ``queries`` releases of ``profile`` cost at most ``epsilon`` (sound; see the module
+    docstring for the discrete-noise shortcut)."""
+    if hardened_dimension is None or not profile.retrieves:
+        return epsilon_for(profile, queries=queries, delta=delta, hardened_dimension=hardened_dimension) <= epsilon
+    orders = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
+    float_curve = retrieval_rdp(profile, orders=orders) * queries
+    per_order = np.array(
+        [epsilon_from_rdp(float_curve[i : i + 1], orders[i : i + 1], delta).epsilon for i in range(orders.size)]
+    )
+    subset = np.sort(orders[np.argsort(per_order, kind="stable")[:_CANDIDATES]])
+    curve = retrieval_rdp(profile, orders=subset, hardened_dimension=hardened_dimension) * queries
+    return epsilon_from_rdp(curve, subset, delta).epsilon <= epsilon
+
+
+def calibrate_sigma(
+    *, epsilon: float, delta: float, queries: int, k: int, q: float, tol: float = 1e-6, hardened_dimension: int | None = None
+) -> float:
     """Smallest sigma (to relative ``tol``) such that ``queries`` releases cost <= epsilon.
 
     Raises:
@@ -54,7 +92,8 @@ def calibrate_sigma(*, epsilon: float, delta: float, queries: int, k: int, q: fl
     _check_target(epsilon, delta, queries)
 
     def ok(s: float) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=s, lam=1.0), queries=queries, delta=delta) <= epsilon
+        prof = Profile(k=k, q=q, sigma=s, lam=1.0)
+        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
 
     hi = 1.0
     while not ok(hi):
@@ -70,7 +109,9 @@ def calibrate_sigma(*, epsilon: float, delta: float, queries: int, k: int, q: fl
     return hi
 
 
-def calibrate_k(*, epsilon: float, delta: float, queries: int, sigma: float, q: float) -> int:
+def calibrate_k(
+    *, epsilon: float, delta: float, queries: int, sigma: float, q: float, hardened_dimension: int | None = None
+) -> int:
     """Smallest integer k such that ``queries`` releases cost <= epsilon (z = sigma k / 2).
 
     Raises:
@@ -80,7 +121,8 @@ def calibrate_k(*, epsilon: float, delta: float, queries: int, sigma: float, q: 
     Profile(k=1, q=q, sigma=sigma, lam=1.0)  # validates q and sigma
 
     def ok(k: int) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries=queries, delta=delta) <= epsilon
+        prof = Profile(k=k, q=q, sigma=sigma, lam=1.0)
+        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
 
     hi = 1
     while not ok(hi):
@@ -94,7 +136,9 @@ def calibrate_k(*, epsilon: float, delta: float, queries: int, sigma: float, q: 
     return hi
 
 
-def calibrate_q(*, epsilon: float, delta: float, queries: int, sigma: float, k: int, tol: float = 1e-9) -> float:
+def calibrate_q(
+    *, epsilon: float, delta: float, queries: int, sigma: float, k: int, tol: float = 1e-9, hardened_dimension: int | None = None
+) -> float:
     """Largest q in (0, 1] (to absolute ``tol``, rounded down) such that the cost is <= epsilon.
 
     Raises:
@@ -103,7 +147,8 @@ def calibrate_q(*, epsilon: float, delta: float, queries: int, sigma: float, k: 
     _check_target(epsilon, delta, queries)
 
     def ok(q: float) -> bool:
-        return epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries=queries, delta=delta) <= epsilon
+        prof = Profile(k=k, q=q, sigma=sigma, lam=1.0)
+        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
 
     if ok(1.0):
         return 1.0

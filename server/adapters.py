@@ -6,6 +6,7 @@ torch or faiss.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ class IndexAdapter:
         self.public_size: int = int(index.public_size)
         self.exact_size: int = int(index.count)  # operator-only (admin GetCounts)
         self.private: bool = bool(index.private)
+        self.group_size: int = int(getattr(index, "group_size", 1))  # 2: capacity-limited IVF lists
         enc = index.encoder
         self.encoder: EncoderIdentity = (
             enc if isinstance(enc, EncoderIdentity) else EncoderIdentity.from_dict(enc)
@@ -47,8 +49,9 @@ class IndexAdapter:
         rng: np.random.Generator,
         nprobe: int | None = None,
     ) -> npt.NDArray[np.float64]:
-        """The top-k survivors' vectors (m <= k rows, clamped to norm <= 1)."""
-        return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).vectors)
+        """The top-k survivors' vectors as exactly k rows (clamped to norm <= 1), zero rows where
+        fewer than k slots survived: the release's work never depends on how many are real."""
+        return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).padded)
 
 
 def load_index(path: str) -> IndexAdapter:
@@ -63,13 +66,25 @@ def load_index(path: str) -> IndexAdapter:
 
 
 def load_bundle(name: str) -> Bundle:
-    """Load a named encoder/generator bundle with :func:`dprdm.models.registry.load_bundle`.
+    """Load a named encoder/generator bundle, once per resolved bundle for the whole process.
+
+    Uses :func:`dprdm.models.registry.shared_bundle`: every index naming the same bundle (by name or
+    path) gets the same encoder and generator objects, so a pipeline is in memory once however many
+    corpora use it (issue 16 item 5).
 
     Raises:
         FileNotFoundError: unknown bundle or missing model files.
-        ValueError: invalid bundle file.
+        ValueError: invalid bundle file, or a refused pairing (``BundleMismatchError``).
     """
-    from dprdm.models.registry import load_bundle as load_registry_bundle
+    from dprdm.models.registry import shared_bundle
 
-    b = load_registry_bundle(name)
-    return Bundle(name=name, encoder=b.encoder, generator=b.generator)
+    b = shared_bundle(name)
+    with _LOCK:
+        key = (name, id(b))
+        if key not in _WRAPPED:
+            _WRAPPED[key] = Bundle(name=name, encoder=b.encoder, generator=b.generator)
+        return _WRAPPED[key]
+
+
+_WRAPPED: dict[tuple[str, int], Bundle] = {}
+_LOCK = threading.Lock()

@@ -115,8 +115,14 @@ async def start_server(
         generation_queue=config.generation_queue,
         min_deadline_seconds=config.min_deadline_seconds,
         fixed_response_seconds=config.fixed_response_seconds,
+        noise_pool_size=config.noise_pool_size,
+        noise_pool_threads=config.noise_pool_threads,
     )
-    service = DprdmService(catalog, ledger, options, metrics=metrics)
+    try:  # the noise pool fills before serving and may refuse a profile's sigma (StartupError)
+        service = DprdmService(catalog, ledger, options, metrics=metrics)
+    except BaseException:
+        ledger.close()
+        raise
     admin = AdminService(catalog, ledger, service._pool)
     for domain in catalog.budgets:
         metrics.budget_state(ledger.budget_state(domain))

@@ -32,7 +32,7 @@ from dprdm.privacy import (
     check_delta_for_size,
     default_delta,
     epsilon_from_rdp,
-    retrieval_rdp,
+    mechanism_rdp,
 )
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
@@ -160,6 +160,10 @@ class _Loaded:
     bundle: Bundle
     hardened: int | None
     """Embedding dimension with discrete noise (``noise = "discrete"``), else None."""
+    group: int = 1
+    """The index's group size: 2 when one record can change two stored records (IVF lists with
+    public capacities that may overflow; ``dprdm.index.ivf``), else 1. Charged by
+    :func:`dprdm.privacy.group.group2_rdp`."""
 
     @property
     def name(self) -> str:
@@ -176,14 +180,15 @@ def _epsilon_one(charge: npt.NDArray[np.float64], delta: float | None) -> float:
     return float(epsilon_from_rdp(charge, DEFAULT_ORDERS, delta).epsilon)
 
 
-Mechanism = tuple[Profile, int | None]
-"""What one query's RDP curve depends on (SPEC §4): the profile and the noise (None: float
-Gaussian; d: the exact discrete Gaussian at embedding dimension d)."""
+Mechanism = tuple[Profile, int | None, int]
+"""What one query's RDP curve depends on (SPEC §4): the profile, the noise (None: float Gaussian;
+d: the exact discrete Gaussian at embedding dimension d) and the index's group size (1 or 2)."""
 
 
 def _mechanism_text(m: Mechanism) -> str:
     noise = "float noise" if m[1] is None else f"discrete noise at dimension {m[1]}"
-    return f"{m[0].to_dict()} with {noise}"
+    group = "" if m[2] == 1 else f" (group size {m[2]})"
+    return f"{m[0].to_dict()} with {noise}{group}"
 
 
 def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], public_size: int) -> Budget:
@@ -211,14 +216,15 @@ def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], publi
                     f"rule 'single' needs exactly one retrieving mechanism; the domain serves "
                     f"{len(mechanisms)} ({served}): use rule = \"filter\""
                 )
-            (profile, dim), = mechanisms
-            return Budget.single(cfg.epsilon, delta, profile, hardened_dimension=dim)
+            (profile, dim, group), = mechanisms
+            return Budget.single(cfg.epsilon, delta, profile, hardened_dimension=dim, group_size=group)
         return Budget.renyi_filter(
             cfg.epsilon,
             delta,
             [m[0] for m in mechanisms],
             order=cfg.filter_order,
             hardened_dimensions=[m[1] for m in mechanisms],
+            group_sizes=[m[2] for m in mechanisms],
         )
     except ValueError as exc:
         raise StartupError(f"{key}: {exc}") from None
@@ -231,6 +237,7 @@ def _same_budget(stored: Budget, wanted: Budget) -> bool:
     same_noise = not stored.noise_recorded or (
         stored.hardened_dimension == wanted.hardened_dimension and stored.noise_recorded == wanted.noise_recorded
     )
+    same_noise = same_noise and stored.group_size == wanted.group_size
     return (
         math.isclose(stored.epsilon, wanted.epsilon, rel_tol=1e-12)
         and math.isclose(stored.delta, wanted.delta, rel_tol=1e-12)
@@ -242,7 +249,9 @@ def _same_budget(stored: Budget, wanted: Budget) -> bool:
 
 def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[_Loaded]) -> Budget:
     mechanisms: list[Mechanism] = list(
-        dict.fromkeys((p.profile, s.hardened) for s in served for p in s.config.profiles if p.profile.retrieves)
+        dict.fromkeys(
+            (p.profile, s.hardened, s.group) for s in served for p in s.config.profiles if p.profile.retrieves
+        )
     )
     cfg = config.budget_for(domain)
     wanted = None
@@ -278,10 +287,10 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
         try:
             check_delta_for_size(budget.delta, s.index.public_size)
             for p in s.config.profiles:
-                if not budget.serves(p.profile, s.hardened):
+                if not budget.serves(p.profile, s.hardened, s.group):
                     raise ValueError(
                         f"the budget serves only {budget.describe_mechanism()}; profile {p.name!r} is "
-                        f"{_mechanism_text((p.profile, s.hardened))}: two mechanisms need a Rényi filter"
+                        f"{_mechanism_text((p.profile, s.hardened, s.group))}: two mechanisms need a Rényi filter"
                     )
         except ValueError as exc:
             raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None
@@ -289,9 +298,11 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
 
 
 @functools.lru_cache(maxsize=256)
-def _charge(profile: Profile, hardened_dimension: int | None = None) -> npt.NDArray[np.float64]:
-    """The RDP curve of one query (computed once per distinct profile; read-only)."""
-    curve: npt.NDArray[np.float64] = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
+def _charge(profile: Profile, hardened_dimension: int | None = None, group_size: int = 1) -> npt.NDArray[np.float64]:
+    """The RDP curve of one query of a mechanism (computed once per distinct one; read-only)."""
+    curve: npt.NDArray[np.float64] = mechanism_rdp(
+        profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension, group_size=group_size
+    )
     curve.flags.writeable = False
     return curve
 
@@ -328,7 +339,10 @@ def _load(cfg: IndexConfig, loaders: Loaders) -> _Loaded:
             "floating-point Gaussian samples can leak through their low-order bits (Mironov 2012)",
             cfg.name,
         )
-    return _Loaded(cfg, index, bundle, index.dimension if cfg.noise == "discrete" else None)
+    group = int(getattr(index, "group_size", 1))
+    if group not in (1, 2):
+        raise StartupError(f"indexes.{cfg.name}: the index's group size must be 1 or 2; found {group!r}")
+    return _Loaded(cfg, index, bundle, index.dimension if cfg.noise == "discrete" else None, group)
 
 
 def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Catalog:
@@ -353,7 +367,7 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
         delta = budgets[s.domain].delta if s.domain in budgets else None
         profiles = {}
         for p in s.config.profiles:  # each served profile built once, with its final epsilon
-            charge = _charge(p.profile, s.hardened)
+            charge = _charge(p.profile, s.hardened, s.group)
             profiles[p.name] = ServedProfile(
                 p.name, p.profile, charge, _epsilon_one(charge, delta), p.nprobe, s.hardened
             )

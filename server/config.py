@@ -10,6 +10,8 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     generation_workers = 1
     generation_queue = 8
     # fixed_response_seconds = 0.5   # answer at a fixed time after admission (timing is a release)
+    noise_pool_size = 2048           # discrete noise vectors kept ready per (sigma, dimension)
+    noise_pool_threads = 1           # background refill threads (a drained pool answers UNAVAILABLE)
 
     [limits]
     max_prompt_chars = 1000
@@ -190,6 +192,13 @@ class ServerConfig:
     min_deadline_seconds: float = 0.05
     fixed_response_seconds: float | None = None
     max_message_bytes: int = 64 * 1024 * 1024
+    noise_pool_size: int = 2048
+    """Exact discrete-Gaussian vectors pre-generated per served (sigma, dimension), filled before
+    serving. Sized from ``benchmarks/noise.py`` (issue 12 item 11): the vectorised sampler refills
+    ~4,000 vectors/s per core at d = 512, so 2,048 covers ~2 s of a 1,000 Retrieve/s burst (8 MB
+    per key at d = 512; filling it delays start-up by ~0.5-1 s per key there); a drained pool
+    answers UNAVAILABLE with RetryInfo, nothing charged."""
+    noise_pool_threads: int = 1
     limits: Limits = Limits()
     tls: TlsConfig | None = None
     tokens: tuple[TokenConfig, ...] = ()
@@ -389,8 +398,10 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"server.listen: must be HOST:PORT; found {cfg.listen!r}")
     if cfg.metrics_port is not None and not (0 <= cfg.metrics_port <= 65535):
         raise ConfigError(f"server.metrics_port: must be in [0, 65535]; found {cfg.metrics_port!r}")
-    for key in ("query_threads", "generation_workers", "generation_queue"):
+    for key in ("query_threads", "generation_workers", "generation_queue", "noise_pool_size", "noise_pool_threads"):
         _positive_int(f"server.{key}", getattr(cfg, key), 0 if key == "generation_queue" else 1)
+    if cfg.noise_pool_size > 1_000_000:
+        raise ConfigError(f"server.noise_pool_size: must be <= 1000000; found {cfg.noise_pool_size!r}")
     _positive_int("server.max_message_bytes", cfg.max_message_bytes, 4 * 1024 * 1024)
     fixed = cfg.fixed_response_seconds
     if fixed is not None and not (0.0 < fixed <= 600):
@@ -457,6 +468,8 @@ def parse_config(
             "generation_queue",
             "min_deadline_seconds",
             "max_message_bytes",
+            "noise_pool_size",
+            "noise_pool_threads",
         )
     }
     tokens_raw = root.get("tokens", list, [])

@@ -13,6 +13,7 @@ __all__ = [
     "Unauthenticated",
     "PermissionDenied",
     "Overloaded",
+    "NoiseExhausted",
     "DeadlineTooShort",
     "Cancelled",
     "Unsupported",
@@ -55,6 +56,20 @@ class Overloaded(ServiceError):
 
     def __init__(self, retry_after_seconds: float = 1.0) -> None:
         super().__init__("the generation queue is full; nothing was charged, retry later")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class NoiseExhausted(ServiceError):
+    """No pre-generated noise vector is ready (the pool drained under load); nothing was charged.
+
+    Raised BEFORE the reservation: the noise is data-independent and taken from the pool first,
+    so a drained pool refuses instead of sampling on the request path (whose run time would
+    depend on the noise released). ``retry_after_seconds`` is a public constant, never a
+    measured sampling time (which depends on the noise).
+    """
+
+    def __init__(self, retry_after_seconds: float = 0.1) -> None:
+        super().__init__("no noise vector is ready (the noise pool is refilling); nothing was charged, retry later")
         self.retry_after_seconds = retry_after_seconds
 
 

@@ -3,6 +3,10 @@
 Admission (:meth:`GenerationPool.admit`) happens BEFORE any budget charge, so an overloaded
 server answers ``UNAVAILABLE`` without spending privacy. Generation is post-processing of the
 release: it never touches private data, and a client seed drives only the sampler.
+
+Workers run concurrently on shared generators. The project's generators are thread-safe (each call
+has its own scheduler state, ``thread_safe = True``); a generator that declares
+``thread_safe = False`` has its calls serialised by a per-generator lock.
 """
 
 from __future__ import annotations
@@ -130,15 +134,34 @@ class GenerationPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+_SERIAL: dict[int, threading.Lock] = {}
+_SERIAL_GUARD = threading.Lock()
+
+
+def _serial_lock(generator: Generator) -> threading.Lock | None:
+    """The lock serialising a generator that declares ``thread_safe = False`` (else ``None``)."""
+    if getattr(generator, "thread_safe", True) is not False:
+        return None
+    with _SERIAL_GUARD:
+        return _SERIAL.setdefault(id(generator), threading.Lock())
+
+
 def _generate(job: GenerationJob, stop: threading.Event, put: object) -> list[ImageOut]:
     def progress(step: int, total: int) -> None:
         if stop.is_set():
             raise _Stop()
         put(Progress(step=int(step), total_steps=int(total)))  # type: ignore[operator]
 
-    images = job.generator.generate(
-        job.conditioning, job.prompt, job.num_images, job.steps, job.seed, progress
-    )
+    lock = _serial_lock(job.generator)
+    if lock is None:
+        images = job.generator.generate(
+            job.conditioning, job.prompt, job.num_images, job.steps, job.seed, progress
+        )
+    else:
+        with lock:
+            images = job.generator.generate(
+                job.conditioning, job.prompt, job.num_images, job.steps, job.seed, progress
+            )
     out = []
     for i, img in enumerate(images):
         buf = io.BytesIO()

@@ -5,8 +5,11 @@
 1. encode the prompt (public: the query embedding depends on the request alone);
 2. release reuse (optional): a stored release of the same tenant for the same public input is
    answered with "charged 0";
-3. ``guard.before_charge()``: the last point where the deadline or a cancellation stops the query
-   with nothing charged;
+3. hardened profiles take their pre-generated noise vector (public, data-independent) from the
+   pool; a drained pool raises :class:`~dprdm.server.errors.NoiseExhausted` here, nothing charged
+   (a vector whose query is refused before the charge, or replayed, goes back unused);
+   then ``guard.before_charge()``: the last point where the deadline or a cancellation stops the
+   query with nothing charged;
 4. ``ledger.reserve``: one durable transaction (idempotency, admission, append) committed before
    it returns; a replay returns the stored release, never a fresh draw;
 5. only now private data is touched: a fresh CSPRNG, the subsampled search, the release;
@@ -27,19 +30,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from dprdm.ledger.api import BudgetState, Ledger, ReplayMismatch
+from dprdm.ledger.api import BudgetState, Ledger, ReplayMismatch, Reservation
 from dprdm.privacy import Budget, check_dp_generator, release
-from dprdm.privacy.discrete import release_hardened
+from dprdm.privacy.discrete import NoisePool, release_hardened
 
 from .api_types import Answer, Caller, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
-from .errors import Cancelled, DeadlineTooShort, NotFound, PermissionDenied
+from .errors import Cancelled, DeadlineTooShort, NoiseExhausted, NotFound, PermissionDenied
 
-__all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query"]
+__all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query", "PoolNoise", "pool_noise"]
 
 
 @dataclass
@@ -159,21 +163,23 @@ def answer_query(
         reuse: answer an identical public input of the same tenant from its stored release.
         production: refuse a non-CSPRNG generator (tests of the pipeline may pass False).
         on_charge: called with the budget state after a new charge (metrics).
-        noise: lattice noise source for hardened profiles (pre-generated off the request path).
+        noise: lattice noise source for hardened profiles (pre-generated off the request path;
+            it raises :class:`NoiseExhausted` instead of sampling when none is ready).
 
     Raises:
-        Cancelled, DeadlineTooShort: before the charge, nothing charged.
+        Cancelled, DeadlineTooShort, NoiseExhausted: before the charge, nothing charged.
         dprdm.ledger.api.LedgerError: refusal, replay mismatch, missing release.
     """
     u = _encode(plan)
     domain = plan.served.domain
     if not plan.charged:
-        guard.before_charge()
+        z = _take_noise(plan, noise)
+        _give_back_on_error(guard.before_charge, plan, noise, z)
         c = u.astype(np.float64)
         if plan.profile.profile.retrieves:  # non-private index without a budget: nothing to charge
             rng = rng_factory()
             check_dp_generator(rng, production=production)
-            c = _release(plan, u, rng, noise)
+            c = _release(plan, u, rng, z)
         free = Receipt.free(
             request_id=plan.args.request_id, index=plan.served.name, domain=domain, profile=plan.profile.name
         )
@@ -190,37 +196,117 @@ def answer_query(
             else:
                 receipt = receipt.as_reuse(plan.args.request_id, ledger.budget_state(domain))
             return Answer(release=np.asarray(stored, dtype=np.float64), receipt=receipt)
-    guard.before_charge()
-    res = ledger.reserve(
-        domain=domain,
-        tenant=plan.tenant,
-        request_id=plan.args.request_id,
-        binding_hash=plan.binding,
-        profile={"name": plan.profile.name, **plan.profile.profile.to_dict()},
-        charge_rdp=plan.profile.charge,
-        index=plan.served.name,
-    )
+    z = _take_noise(plan, noise)  # before the charge: a drained pool refuses with nothing charged
+
+    def charge() -> Reservation:
+        guard.before_charge()
+        return ledger.reserve(
+            domain=domain,
+            tenant=plan.tenant,
+            request_id=plan.args.request_id,
+            binding_hash=plan.binding,
+            profile={"name": plan.profile.name, **plan.profile.profile.to_dict()},
+            charge_rdp=plan.profile.charge,
+            index=plan.served.name,
+        )
+
+    res = _give_back_on_error(charge, plan, noise, z)  # a refusal returns the unused vector
     guard.charged = True
-    if res.replay:  # the ledger's stored receipt, marked replayed
+    if res.replay:  # the ledger's stored receipt, marked replayed (the vector was never used)
+        _give_back(plan, noise, z)
         return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=res.receipt)
     if on_charge is not None:
         on_charge(res.state)
     rng = rng_factory()
     check_dp_generator(rng, production=production)
-    c = _release(plan, u, rng, noise)
+    c = _release(plan, u, rng, z)
     ledger.store_release(res.spend_id, c)
     return Answer(release=c, receipt=res.receipt)
 
 
 NoiseSource = Callable[[float, int], npt.NDArray[np.float64]]
-"""``noise(sigma, dimension)`` -> one fresh exact lattice noise vector (a ``NoisePool.take``)."""
+"""``noise(sigma, dimension)`` -> one fresh exact lattice noise vector, never sampled on the
+request path (``NoisePool.take_nowait``); raises :class:`NoiseExhausted` when none is ready."""
+
+
+class PoolNoise:
+    """The request path's noise source over a :class:`NoisePool`: pop a ready vector or refuse.
+
+    A vector taken for a query that is then refused before its charge (budget, quota, deadline,
+    cancellation) or answered as a replay was never used: :meth:`give_back` returns it to the
+    pool, so refused requests (e.g. a tenant with no budget left) cannot drain the pool for
+    others. Whether a vector comes back depends only on public admission, never on its value,
+    so the vectors released stay iid. A vector is never given back once the charge is made.
+
+    Args:
+        pool: the background pool (keys prepared at start-up).
+        retry_after_seconds: the RetryInfo delay of a refusal (a public constant, never a
+            measured sampling time, which would depend on the noise).
+    """
+
+    def __init__(self, pool: NoisePool, retry_after_seconds: float = 0.1) -> None:
+        self._pool, self._retry = pool, retry_after_seconds
+
+    def __call__(self, sigma: float, dimension: int) -> npt.NDArray[np.float64]:
+        """One ready vector.
+
+        Raises:
+            NoiseExhausted: none is ready (nothing was sampled on the request path).
+        """
+        vec = self._pool.take_nowait(sigma, dimension)
+        if vec is None:
+            raise NoiseExhausted(self._retry)
+        return vec
+
+    def give_back(self, sigma: float, dimension: int, vec: npt.NDArray[np.float64]) -> None:
+        """Return an unused vector (taken by :meth:`__call__`, never part of a release)."""
+        self._pool.put_back(vec, sigma, dimension)
+
+
+def pool_noise(pool: NoisePool, retry_after_seconds: float = 0.1) -> PoolNoise:
+    """The request path's noise source over ``pool`` (see :class:`PoolNoise`)."""
+    return PoolNoise(pool, retry_after_seconds)
+
+
+def _give_back(plan: QueryPlan, noise: NoiseSource | None, z: npt.NDArray[np.float64] | None) -> None:
+    give_back = getattr(noise, "give_back", None)
+    if z is not None and give_back is not None and plan.profile.hardened_dimension is not None:
+        give_back(plan.profile.profile.sigma, plan.profile.hardened_dimension, z)
+
+
+_T = TypeVar("_T")
+
+
+def _give_back_on_error(
+    step: Callable[[], _T], plan: QueryPlan, noise: NoiseSource | None, z: npt.NDArray[np.float64] | None
+) -> _T:
+    """Run a pre-charge step; if it raises (nothing charged, the vector unused), return the vector."""
+    try:
+        return step()
+    except BaseException:
+        _give_back(plan, noise, z)
+        raise
+
+
+def _take_noise(plan: QueryPlan, noise: NoiseSource | None) -> npt.NDArray[np.float64] | None:
+    """The hardened profile's noise vector, taken BEFORE the charge (None for float noise).
+
+    The vector is data-independent; one taken for a query that is then refused or replayed is
+    discarded (by position, never by value), which keeps the released vectors iid.
+    """
+    prof = plan.profile
+    if prof.hardened_dimension is None or not prof.profile.retrieves:
+        return None
+    if noise is None:
+        raise RuntimeError("a hardened profile needs a lattice noise source; none is configured")
+    return noise(prof.profile.sigma, prof.hardened_dimension)
 
 
 def _release(
     plan: QueryPlan,
     u: npt.NDArray[np.float32],
     rng: np.random.Generator,
-    noise: NoiseSource | None,
+    noise: npt.NDArray[np.float64] | None,
 ) -> npt.NDArray[np.float64]:
     """Search, then release with the index's noise: the exact discrete Gaussian when the profile
     is hardened (no float-noise path exists for it), numpy's float Gaussian otherwise."""
@@ -229,10 +315,8 @@ def _release(
     if prof.hardened_dimension is None:
         return release(prof.profile, query=u, selected=selected, rng=rng)
     if noise is None:
-        raise RuntimeError("a hardened profile needs a lattice noise source; none is configured")
-    _noisy, c = release_hardened(
-        prof.profile, query=u, selected=selected, noise=noise(prof.profile.sigma, prof.hardened_dimension)
-    )
+        raise RuntimeError("a hardened profile needs its lattice noise vector; none was taken")
+    _noisy, c = release_hardened(prof.profile, query=u, selected=selected, noise=noise)
     return c
 
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from dprdm.ledger.api import BudgetState, Ledger
 from dprdm.privacy import Budget, new_dp_generator
-from dprdm.privacy.discrete import ExactSampler, LatticeSampler, NoisePool, OpenDPSampler
+from dprdm.privacy.discrete import LatticeSampler, NoisePool
+from dprdm.privacy.fast_discrete import FastExactSampler
 
 from .api_types import (
     Answer,
@@ -44,10 +45,10 @@ from .api_types import (
 )
 from .catalog import Catalog
 from .config import Limits
-from .errors import DeadlineTooShort, InvalidArgument, NotFound, PermissionDenied, Unsupported
+from .errors import DeadlineTooShort, InvalidArgument, NotFound, PermissionDenied, StartupError, Unsupported
 from .generation import GenerationJob, GenerationPool
 from .metrics import Metrics
-from .query import ChargeGuard, answer_query, plan_query
+from .query import ChargeGuard, answer_query, plan_query, pool_noise
 
 __all__ = ["ServiceOptions", "DprdmService", "budget_view"]
 
@@ -63,6 +64,9 @@ class ServiceOptions:
     generation_queue: int = 8
     min_deadline_seconds: float = 0.05
     fixed_response_seconds: float | None = None
+    noise_pool_size: int = 2048
+    noise_pool_threads: int = 1
+    noise_retry_seconds: float = 0.1
 
 
 def budget_view(state: BudgetState, quota: QuotaView | None = None) -> BudgetView:
@@ -80,28 +84,42 @@ def budget_view(state: BudgetState, quota: QuotaView | None = None) -> BudgetVie
     )
 
 
-def _default_noise_pool(catalog: Catalog) -> NoisePool | None:
-    """A background pool of exact lattice noise for every hardened profile served (or None).
-
-    OpenDP's sampler (its own CSPRNG) when installed; otherwise our exact CKS20 sampler driven by
-    a ChaCha20 generator keyed from ``os.urandom``.
-    """
-    keys = {
+def _hardened_keys(catalog: Catalog) -> set[tuple[float, int]]:
+    """(sigma, dimension) of every served profile released with the exact discrete Gaussian."""
+    return {
         (p.profile.sigma, p.hardened_dimension)
         for s in catalog.indexes.values()
         for p in s.profiles.values()
         if p.hardened_dimension is not None and p.profile.retrieves
     }
+
+
+def _make_sampler() -> LatticeSampler:
+    """The production lattice sampler: the vectorised exact CKS20 sampler (~30x OpenDP's
+    throughput, ``benchmarks/noise.py``) driven by ChaCha20 keyed from ``os.urandom``."""
+    return FastExactSampler(new_dp_generator())
+
+
+def _default_noise_pool(catalog: Catalog, options: ServiceOptions = ServiceOptions()) -> NoisePool | None:
+    """A background pool of exact lattice noise for every hardened profile served (or None),
+    filled before the server answers (``options.noise_pool_size`` vectors per key).
+
+    Raises:
+        StartupError: the sampler refuses a served profile's sigma (outside its range; named).
+    """
+    keys = _hardened_keys(catalog)
     if not keys:
         return None
-    sampler: LatticeSampler
+    pool = NoisePool(_make_sampler(), options.noise_pool_size, threads=options.noise_pool_threads)
     try:
-        sampler = OpenDPSampler()
-    except ImportError:
-        sampler = ExactSampler(new_dp_generator())
-    pool = NoisePool(sampler)
-    for sigma, dim in sorted(keys):
-        pool.prepare(sigma, dim)
+        for sigma, dim in sorted(keys):
+            try:
+                pool.prepare(sigma, dim, fill=True)
+            except ValueError as exc:
+                raise StartupError(f"discrete noise for sigma={sigma!r}, dimension={dim}: {exc}") from None
+    except BaseException:
+        pool.close()
+        raise
     return pool
 
 
@@ -121,7 +139,13 @@ class DprdmService:
         self.catalog, self.ledger, self.options = catalog, ledger, options
         self.metrics = metrics
         self._rng_factory = rng_factory
-        self._noise_pool = noise_pool if noise_pool is not None else _default_noise_pool(catalog)
+        if noise_pool is not None:  # an injected pool (tests, tools): register the served keys
+            for sigma, dim in sorted(_hardened_keys(catalog)):
+                noise_pool.prepare(sigma, dim)
+        self._noise_pool = noise_pool if noise_pool is not None else _default_noise_pool(catalog, options)
+        self._noise = (
+            None if self._noise_pool is None else pool_noise(self._noise_pool, options.noise_retry_seconds)
+        )
         self._pool = ThreadPoolExecutor(max_workers=options.query_threads, thread_name_prefix="dprdm-query")
         self.generation = GenerationPool(options.generation_workers, options.generation_queue)
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
@@ -156,7 +180,7 @@ class DprdmService:
                 rng_factory=self._rng_factory,
                 reuse=self.options.reuse_releases,
                 on_charge=on_charge,
-                noise=None if self._noise_pool is None else self._noise_pool.take,
+                noise=self._noise,
             ),
         )
         future.add_done_callback(_consume)

@@ -33,6 +33,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (E.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (E.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (E.Overloaded, grpc.StatusCode.UNAVAILABLE, "OVERLOADED"),
+    (E.NoiseExhausted, grpc.StatusCode.UNAVAILABLE, "NOISE_POOL_EMPTY"),
     (E.DeadlineTooShort, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_TOO_SHORT"),
     (E.Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED_BEFORE_CHARGE"),
     (E.Unsupported, grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED"),
@@ -107,7 +108,7 @@ def _details(exc: BaseException, reason: str) -> list[Any]:
                 ]
             )
         )
-    elif isinstance(exc, E.Overloaded):
+    elif isinstance(exc, (E.Overloaded, E.NoiseExhausted)):
         secs = float(exc.retry_after_seconds)
         extra.append(
             error_details_pb2.RetryInfo(

@@ -2,7 +2,7 @@
 
 Used by the server and client tests and by the load benchmark; not for production.
 
-* ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0,sleep=0``)
+* ``fake:`` index paths (``fake:domain=corpus-a,n=200,dim=16,public=400,version=v1,seed=0,sleep=0,group=1``)
   build an :class:`ArrayIndex` of random unit vectors whose search is the exact top-k of a
   Poisson subsample (the oracle the real index is tested against).
 * bundle names ``hash-<dim>`` (encoder only) and ``hash-<dim>-gen`` (with :class:`TinyGenerator`);
@@ -150,6 +150,7 @@ class ArrayIndex:
         self.encoder = encoder or FakeEncoder(self.dimension).identity
         self.gate: threading.Event | None = None
         self.sleep = 0.0  # seconds per search (widens the reserve -> store window in crash tests)
+        self.group_size = 1  # 2 mimics an IVF index whose capacity-limited lists may overflow
 
     def search_subsampled(
         self,
@@ -183,6 +184,7 @@ def _fake_index(spec: str) -> ArrayIndex:
         private=params.get("private", "1") != "0",
     )
     index.sleep = float(params.get("sleep", 0.0))
+    index.group_size = int(params.get("group", 1))
     return index
 
 

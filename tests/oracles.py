@@ -37,8 +37,8 @@ def naive_subsampled_topk(
     qhat = quantize_query(query, vectors.shape[1])
     cands = layout.candidates(qhat, nprobe)
     kept = np.flatnonzero(rng.random(cands.length) < q).astype(np.int64)
-    rows, real = cands.rows_for(kept)
-    rows = rows[real]
+    rows = cands.rows_for(kept)
+    rows = rows[np.asarray(ids)[rows] >= 0]  # filler rows (id -1) are dummies
     x = np.asarray(vectors[rows], dtype=np.float64).reshape(rows.size, vectors.shape[1])
     scores = x @ qhat  # exact in any summation order (the grids of dprdm.index.search)
     row_ids = np.asarray(ids)[rows]

@@ -215,9 +215,11 @@ def test_ivf_build_matches_exact_search_when_all_lists_probed(tmp_path):
         assert r1.ids.tolist() == r2.ids.tolist()
         part = b.search_subsampled(u, k=7, q=1.0, rng=np.random.default_rng(0))  # nprobe 2
         lists = set(b.layout.probe(u).tolist())
-        offs = b.layout.offsets
-        allowed = {int(b.ids[r]) for li in lists for r in range(offs[li], offs[li + 1])}
+        starts, caps = b.layout.starts, b.layout.capacities
+        allowed = {int(b.ids[r]) for li in lists for r in range(starts[li], starts[li] + caps[li]) if b.ids[r] >= 0}
         assert set(part.ids.tolist()) <= allowed
+    assert b.vectors.shape[0] == m["ivf"]["total_capacity"] == m["storage_rows"]  # padded to the capacities
+    assert m["group_size"] == 2 and b.group_size == 2
 
 
 def test_ivf_policy_refusals(tmp_path):
@@ -237,9 +239,69 @@ def test_ivf_policy_refusals(tmp_path):
     ok = build_from_vectors(x, enc.identity, _cfg(tmp_path / "c", index_type="ivf", nlist=2,
                                                   train_vectors=public.path))
     assert ok.manifest["quantizer"]["kind"] == "index"
+
+
+def _stored(path):
+    idx = load(path)
+    return {int(i) for i in idx.ids if i >= 0}
+
+
+def test_ivf_overflow_never_fails_and_neighbours_differ_in_at_most_two_records(tmp_path):
+    """Lists over their public capacity keep their smallest ids; the build completes; adding one
+    record changes the stored set by at most one addition and one removal (ivf docstring)."""
+    enc = FakeEncoder(D)
     one_sided = np.tile(np.eye(D)[:1], (40, 1)) + random_unit_vectors(40, D, 4) * 0.01
     np.save(tmp_path / "skewed.npy", np.vstack([one_sided, -one_sided]))
-    with pytest.raises(IndexBuildError, match="exceeds its public capacity.*--capacity-slack"):
-        build_from_vectors(np.tile(np.eye(D)[:1], (50, 1)) + x * 0.01, enc.identity,
-                           _cfg(tmp_path / "d", index_type="ivf", nlist=2, public_size=50, capacity_slack=1.0,
-                                train_vectors=tmp_path / "skewed.npy"))
+    x = np.tile(np.eye(D)[:1], (50, 1)) + random_unit_vectors(50, D, 1) * 0.01  # all in one list
+    ids = np.random.default_rng(0).permutation(10**6)[:50] + 1
+    cfg = dict(index_type="ivf", nlist=2, public_size=60, capacity_slack=1.0, min_capacity=4,
+               train_vectors=tmp_path / "skewed.npy")
+    base = build_from_vectors(x, enc.identity, _cfg(tmp_path / "base", **cfg), ids=ids[:50])
+    report = json.loads((tmp_path / "base" / "reports" / "build_report.json").read_text())
+    cap = int(max(np.load(tmp_path / "base" / "capacities.npy")))
+    assert report["ivf_overflow"]["lists"] == 1 and report["ivf_overflow"]["records_dropped"] == 50 - cap
+    assert base.manifest["count"] == cap and base.manifest["group_size"] == 2
+    kept = _stored(base.path)
+    assert kept == set(np.sort(ids[:50])[:cap].tolist())  # the cap smallest ids of the list
+    verify(base.path)
+    # neighbours: add one record whose id is small (pushes one out), or large (changes nothing)
+    for new_id, expect in ((0, 2), (10**7, 0)):  # ids[:50] are in [1, 10**6]
+        out = tmp_path / f"plus{new_id}"
+        build_from_vectors(np.vstack([x, x[:1] * 0.999 + 0.001]), enc.identity, _cfg(out, **cfg),
+                           ids=np.r_[ids[:50], new_id])
+        after = _stored(out)
+        assert len(kept ^ after) == expect and len(after - kept) <= 1 and len(kept - after) <= 1
+        assert (new_id in after) == (expect == 2)
+    # exact search over what is stored: q = 1, all lists probed = brute-force top-k of the kept records
+    idx = load(base.path)
+    u = random_unit_vectors(1, D, seed=3)[0].astype(np.float64)
+    res = idx.search_subsampled(u, k=5, q=1.0, rng=np.random.default_rng(0), nprobe=2)
+    real = np.flatnonzero(idx.ids >= 0)
+    from dprdm.index.search import exact_scores, quantize_query
+
+    sc = exact_scores(idx.vectors, real, quantize_query(u, D))
+    top = real[np.lexsort((idx.ids[real], -sc))[:5]]
+    assert res.ids.tolist() == idx.ids[top].tolist()
+
+
+def test_place_records_neighbour_property():
+    """Randomized check of the proof: one added record changes at most one other record's membership."""
+    from dprdm.index.ivf import place_records
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        nlist, n = int(rng.integers(1, 5)), int(rng.integers(0, 40))
+        caps = rng.integers(1, 12, size=nlist)
+        ids = np.sort(rng.choice(1000, size=n + 1, replace=False))
+        lists = rng.integers(0, nlist, size=n + 1)
+        drop = int(rng.integers(0, n + 1))  # the neighbour without record `drop`
+        keep = np.r_[0:drop, drop + 1 : n + 1]
+
+        def stored(sel, ids=ids, lists=lists, caps=caps):
+            src, _ = place_records(lists[sel], caps)
+            assert src.size == caps.sum()
+            return {int(ids[sel][i]) for i in src if i >= 0}
+
+        a, b = stored(np.arange(n + 1)), stored(keep)
+        assert len(a - b) <= 2 and len(b - a) <= 1 and len(a ^ b) <= 2
+        assert all(len({i for i in a if lists[np.searchsorted(ids, i)] == li}) <= caps[li] for li in range(nlist))

@@ -27,9 +27,10 @@ def test_round_trip_and_public_info(index_dir):
     path, x, ids = index_dir
     idx = verify(path)
     assert idx.count == 300 and idx.public_size == 400 and idx.dimension == 16
-    assert np.array_equal(idx.ids, np.sort(ids))
+    assert idx.vectors.shape == (400, 16) and idx.group_size == 1  # padded to N̄ (format 2)
+    assert np.array_equal(idx.ids[:300], np.sort(ids)) and np.all(idx.ids[300:] == -1)
     order = np.argsort(ids)
-    assert np.allclose(idx.vectors, x[order], atol=1e-7)
+    assert np.allclose(idx.vectors[:300], x[order], atol=1e-7)
     info = idx.public_info()
     assert "count" not in info and info["public_size"] == 400
     assert isinstance(idx.vectors.base, np.memmap) or isinstance(idx.vectors, np.memmap)
@@ -103,3 +104,81 @@ def test_verify_detects_off_grid_vectors(tmp_path, index_dir):
     load(path)
     with pytest.raises(IndexFormatError, match="grid"):
         verify(path)
+
+
+def _rewrite(path, name, arr, m):
+    from dprdm.index.format import file_entry
+
+    np.save(path / name, arr)
+    m["files"][name] = file_entry(path / name)
+
+
+def test_verify_detects_private_data_in_filler(index_dir):
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    vec = np.load(path / "vectors.npy")
+    vec[350] = vec[0]  # a filler row (id -1) holding a record's vector
+    _rewrite(path, "vectors.npy", vec, m)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match="public filler"):
+        verify(path)
+
+
+def test_bad_filler_ids_refused(index_dir):
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    ids = np.load(path / "ids.npy")
+    ids[399] = 12345  # a 301st "record" where the filler is
+    _rewrite(path, "ids.npy", ids, m)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match="expected 300 record ids"):
+        load(path)
+
+
+def test_format_1_index_still_loads_padded(index_dir):
+    """An index written by format 1 (N unpadded rows) loads, padded in memory, with the same results."""
+    path, x, ids = index_dir
+    new = load(path)
+    new_vectors, new_ids = np.array(new.vectors), np.array(new.ids)
+    u = x[3].astype(np.float64)
+    b = new.search_subsampled(u, k=5, q=0.5, rng=np.random.default_rng(4))
+    del new  # its memory map is about to be replaced
+    m = json.loads((path / "manifest.json").read_text())
+    _rewrite(path, "vectors.npy", np.load(path / "vectors.npy")[:300], m)
+    _rewrite(path, "ids.npy", np.load(path / "ids.npy")[:300], m)
+    for key in ("storage_rows", "group_size", "storage"):
+        m.pop(key)
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    old = verify(path)
+    assert old.vectors.shape == (400, 16) and np.array_equal(old.ids, new_ids)
+    assert np.array_equal(old.vectors, new_vectors) and old.group_size == 1
+    a = old.search_subsampled(u, k=5, q=0.5, rng=np.random.default_rng(4))
+    assert a.ids.tolist() == b.ids.tolist()
+
+
+def test_format_1_ivf_index_still_loads_padded(tmp_path):
+    enc = FakeEncoder(16)
+    np.save(tmp_path / "public.npy", random_unit_vectors(300, 16, seed=5))
+    x = random_unit_vectors(120, 16, seed=6)
+    cfg = BuildConfig(output=tmp_path / "ivf", corpus_id="unit-test", public_size=150, index_type="ivf", nlist=4,
+                      nprobe=2, train_vectors=tmp_path / "public.npy", progress=False)
+    path = build_from_vectors(x, enc.identity, cfg).path
+    new = load(path)
+    vec, ids, lay = np.array(new.vectors), np.array(new.ids), new.layout
+    u = x[7].astype(np.float64)
+    want = new.search_subsampled(u, k=6, q=0.6, rng=np.random.default_rng(2)).ids.tolist()
+    del new
+    real_rows = np.flatnonzero(ids >= 0)  # storage order (list, id): the format 1 order too
+    sizes = [int(np.count_nonzero(ids[s : s + c] >= 0)) for s, c in zip(lay.starts, lay.capacities, strict=True)]
+    m = json.loads((path / "manifest.json").read_text())
+    _rewrite(path, "vectors.npy", vec[real_rows], m)
+    _rewrite(path, "ids.npy", ids[real_rows], m)
+    _rewrite(path, "list_offsets.npy", np.r_[0, np.cumsum(sizes)].astype(np.int64), m)
+    for key in ("storage_rows", "group_size", "storage"):
+        m.pop(key)
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m))
+    old = verify(path)
+    assert np.array_equal(old.ids, ids) and np.array_equal(old.vectors, vec) and old.group_size == 2
+    assert old.search_subsampled(u, k=6, q=0.6, rng=np.random.default_rng(2)).ids.tolist() == want

@@ -11,6 +11,7 @@ from oracles import naive_subsampled_topk
 from scipy import stats
 
 from dprdm.index import search as S
+from dprdm.index.ivf import place_records
 from dprdm.index.layouts import FlatLayout, IvfLayout
 from dprdm.index.search import (
     exact_scores,
@@ -20,6 +21,7 @@ from dprdm.index.search import (
     subsampled_topk,
     subsampled_topk_batch,
 )
+from dprdm.index.storage import FILLER_ID, pad_flat
 from dprdm.index.testing import random_unit_vectors
 
 P_MIN = 1e-4  # seeded tests: a false alarm would be deterministic, so keep the level strict
@@ -28,6 +30,20 @@ P_MIN = 1e-4  # seeded tests: a false alarm would be deterministic, so keep the 
 def _store(n: int, d: int, seed: int = 0, dtype: str = "float32"):
     x = quantize_store(random_unit_vectors(n, d, seed), dtype)
     return x, np.arange(n, dtype=np.int64) * 7 + 3  # ids ascending with storage order
+
+
+def _flat(x, ids, nbar):
+    """Padded flat storage (records, then public filler to N̄) and its layout."""
+    px, pids = pad_flat(x, ids, nbar)
+    return px, pids, FlatLayout(public_size=nbar)
+
+
+def _ivf(x, ids, lists, caps, cents, nprobe):
+    """Padded IVF storage under the overflow rule (records given in ascending id order)."""
+    src, _sizes = place_records(lists, caps)
+    px = np.concatenate([x, np.zeros((1, x.shape[1]), x.dtype)])[src]  # src -1 -> a zero filler row
+    pids = np.where(src >= 0, ids[np.maximum(src, 0)], FILLER_ID)
+    return px, pids, IvfLayout(centroids=cents, capacities=np.asarray(caps), nprobe=nprobe)
 
 
 class _CountingRng:
@@ -74,9 +90,8 @@ def test_positions_edge_cases():
 
 
 def test_work_depends_only_on_public_sizes():
-    layout = FlatLayout(count=50, public_size=400)
-    tiny = FlatLayout(count=3, public_size=400)
-    (a, ida), (b, idb) = _store(50, 8, seed=1), _store(3, 8, seed=2)
+    a, ida, layout = _flat(*_store(50, 8, seed=1), 400)
+    b, idb, tiny = _flat(*_store(3, 8, seed=2), 400)
     for seed in range(5):
         r1, r2 = _CountingRng(seed), _CountingRng(seed)
         subsampled_topk(a, ida, layout, a[0], k=4, q=0.05, rng=r1)
@@ -95,10 +110,10 @@ def _ranked(x, ids, query):
 
 def test_top1_frequencies_match_exact_law_and_naive():
     n, nbar, d, k, q, trials = 10, 14, 6, 3, 0.3, 12000
-    x, ids = _store(n, d, seed=3)
-    layout = FlatLayout(count=n, public_size=nbar)
+    x0, ids0 = _store(n, d, seed=3)
+    x, ids, layout = _flat(x0, ids0, nbar)
     query = random_unit_vectors(1, d, seed=9)[0]
-    ranked = _ranked(x, ids, query)
+    ranked = _ranked(x0, ids0, query)
     fast_rng, naive_rng = np.random.default_rng(11), np.random.default_rng(12)
     fast, naive = Counter(), Counter()
     fast_sets, naive_sets = Counter(), Counter()
@@ -122,15 +137,12 @@ def test_top1_frequencies_match_exact_law_and_naive():
 
 def test_ivf_selection_matches_naive():
     d, k, q, trials = 6, 2, 0.4, 6000
-    x, _ = _store(16, d, seed=4)
+    x0, _ = _store(16, d, seed=4)
     cents = np.eye(d)[:4]
-    lists = np.argmax(x.astype(np.float64) @ cents.T, axis=1)
-    perm = np.argsort(lists, kind="stable")
-    x, ids = x[perm], np.arange(16, dtype=np.int64)[perm] * 5
-    order = np.lexsort((ids, lists[perm]))
-    x, ids = x[order], ids[order]
+    lists = np.argmax(x0.astype(np.float64) @ cents.T, axis=1)
+    ids0 = np.arange(16, dtype=np.int64) * 5
     sizes = np.bincount(lists, minlength=4)
-    layout = IvfLayout(centroids=cents, capacities=sizes + 2, offsets=np.r_[0, np.cumsum(sizes)], nprobe=2)
+    x, ids, layout = _ivf(x0, ids0, lists, sizes + 2, cents, nprobe=2)
     query = cents[0] * 0.6 + cents[1] * 0.8
     c1, c2 = Counter(), Counter()
     r1, r2 = np.random.default_rng(5), np.random.default_rng(6)
@@ -140,7 +152,7 @@ def test_ivf_selection_matches_naive():
     keys = [t for t in set(c1) | set(c2) if c1[t] + c2[t] >= 20]
     assert stats.chi2_contingency(np.array([[c1[t] for t in keys], [c2[t] for t in keys]])).pvalue > P_MIN
     probed = set(layout.probe(query).tolist())
-    allowed = {int(i) for i, li in zip(ids, np.sort(lists), strict=True) if li in probed}
+    allowed = {int(i) for i, li in zip(ids0, lists, strict=True) if li in probed}
     assert all(set(t) <= allowed for t in c1)
 
 
@@ -150,18 +162,19 @@ def test_ivf_selection_matches_naive():
 def test_q1_is_exact_topk_with_id_tiebreak():
     base = quantize_store(np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0.6, 0.8, 0, 0]]), "float32")
     ids = np.array([40, 10, 20, 30], dtype=np.int64)  # rows 0 and 2 tie exactly; id 20 < 40 first
-    res = subsampled_topk(base, ids, FlatLayout(4, 9), np.array([1.0, 0, 0, 0]), k=3, q=1.0,
+    res = subsampled_topk(*_flat(base, ids, 9), np.array([1.0, 0, 0, 0]), k=3, q=1.0,
                           rng=np.random.default_rng(0))
     assert res.ids.tolist() == [20, 40, 30]
     assert res.scores[0] == res.scores[1] == 1.0
 
 
 def test_zero_padding_when_few_survive_and_no_fallback():
-    x, ids = _store(5, 8)
-    res = subsampled_topk(x, ids, FlatLayout(5, 50), x[0], k=16, q=1.0, rng=np.random.default_rng(0))
+    x, ids, lay = _flat(*_store(5, 8), 50)
+    res = subsampled_topk(x, ids, lay, x[0], k=16, q=1.0, rng=np.random.default_rng(0))
     assert res.vectors.shape == (5, 8) and res.k == 16  # all 5 real, 45 dummies never chosen
     assert np.allclose(res.aggregate(), res.vectors.sum(0) / 16)
-    empty = subsampled_topk(x, ids, FlatLayout(5, 50), x[0], k=4, q=1e-9, rng=np.random.default_rng(1))
+    assert res.padded.shape == (16, 8) and not res.padded[5:].any()  # fixed shape, zero rows
+    empty = subsampled_topk(x, ids, lay, x[0], k=4, q=1e-9, rng=np.random.default_rng(1))
     assert empty.vectors.shape == (0, 8) and np.array_equal(empty.aggregate(), np.zeros(8))
     assert -1 not in res.ids
 
@@ -169,7 +182,7 @@ def test_zero_padding_when_few_survive_and_no_fallback():
 def test_vectors_clamped_in_float64_and_match_ids():
     x = quantize_store(random_unit_vectors(30, 16, 2), "float16")
     ids = np.arange(30, dtype=np.int64)
-    res = subsampled_topk(x, ids, FlatLayout(30, 30), x[1].astype(np.float64), k=8, q=0.7,
+    res = subsampled_topk(x, ids, FlatLayout(30), x[1].astype(np.float64), k=8, q=0.7,
                           rng=np.random.default_rng(3))
     assert res.vectors.dtype == np.float64
     assert np.all(np.linalg.norm(res.vectors, axis=1) <= 1.0 + 1e-15)
@@ -193,7 +206,7 @@ def test_scores_exact_and_independent_of_batch():
 
 def test_batch_draws_fresh_coins_per_query():
     x, ids = _store(200, 8)
-    layout = FlatLayout(200, 256)
+    x, ids, layout = _flat(x, ids, 256)
     qs = np.repeat(x[:1].astype(np.float64), 6, axis=0)
     res = subsampled_topk_batch(x, ids, layout, qs, k=5, q=0.2, rng=np.random.default_rng(0))
     assert len({tuple(r.ids) for r in res}) > 1  # same query, different subsamples
@@ -207,7 +220,7 @@ def test_batch_draws_fresh_coins_per_query():
 
 def test_validation_and_redacted_repr():
     x, ids = _store(10, 8)
-    lay = FlatLayout(10, 10)
+    lay = FlatLayout(10)
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="k must be"):
         subsampled_topk(x, ids, lay, x[0], k=0, q=0.5, rng=rng)
@@ -226,12 +239,11 @@ def test_ivf_padding_and_dummies():
     cents = np.eye(d)
     x = quantize_store(np.array([[1, 0.1, 0, 0], [1, 0, 0.2, 0], [0, 1, 0, 0]]), "float32")
     ids = np.array([1, 2, 3], dtype=np.int64)
-    layout = IvfLayout(centroids=cents, capacities=np.array([5, 4, 3, 3]), offsets=np.array([0, 2, 3, 3, 3]),
-                       nprobe=1)
+    x, ids, layout = _ivf(x, ids, np.array([0, 0, 1]), [5, 4, 3, 3], cents, nprobe=1)
     c = layout.candidates(quantize_query(np.array([1.0, 0, 0, 0]), d))
     assert c.length == 5
-    rows, real = c.rows_for(np.arange(5))
-    assert real.tolist() == [True, True, False, False, False] and rows.max() < 3
+    rows = c.rows_for(np.arange(5))
+    assert rows.tolist() == [0, 1, 2, 3, 4] and (ids[rows] >= 0).tolist() == [True, True, False, False, False]
     c2 = layout.candidates(quantize_query(np.array([1.0, 0, 0, 0]), d), nprobe=4)
     assert c2.length == 15
     res = subsampled_topk(x, ids, layout, np.array([1.0, 0, 0, 0]), k=3, q=1.0, rng=np.random.default_rng(0),
@@ -239,3 +251,99 @@ def test_ivf_padding_and_dummies():
     assert res.ids.tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="nprobe"):
         layout.candidates(np.zeros(d), nprobe=0)
+
+
+# -- timing is a release (SPEC §3): reads and work depend on public sizes and coins only -------
+
+
+class _Probe:
+    """Records what the search reads and the shapes it processes (never wall-clock times)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.trace: list[tuple] = []
+        scores, topk = S.exact_scores, S._strict_topk
+
+        def rec_scores(vectors, rows, qhat):
+            self.trace.append(("rows", rows.copy(), vectors.shape))
+            return scores(vectors, rows, qhat)
+
+        def rec_topk(keys, ids, k):
+            out = topk(keys, ids, k)
+            self.trace.append(("topk", keys.shape, ids.shape, out.shape))
+            return out
+
+        monkeypatch.setattr(S, "exact_scores", rec_scores)
+        monkeypatch.setattr(S, "_strict_topk", rec_topk)
+
+    def take(self) -> list[tuple]:
+        out, self.trace = self.trace, []
+        return out
+
+
+def _same(t1, t2):
+    assert len(t1) == len(t2)
+    for a, b in zip(t1, t2, strict=True):
+        assert a[0] == b[0]
+        for u, v in zip(a[1:], b[1:], strict=True):
+            assert np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v
+
+
+def test_flat_reads_and_shapes_identical_for_small_and_full_corpus(monkeypatch):
+    nbar, d, k, q = 2000, 8, 6, 0.05
+    small = _flat(*_store(nbar // 200, d, seed=1), nbar)
+    full = _flat(*_store(nbar, d, seed=2), nbar)
+    probe = _Probe(monkeypatch)
+    reads = []
+    for seed in range(20):
+        u = random_unit_vectors(1, d, seed=100 + seed)[0]
+        r1 = subsampled_topk(*small, u, k=k, q=q, rng=np.random.default_rng(seed))
+        t1 = probe.take()
+        r2 = subsampled_topk(*full, u, k=k, q=q, rng=np.random.default_rng(seed))
+        t2 = probe.take()
+        _same(t1, t2)  # same rows read, same array shapes at every step
+        assert r1.padded.shape == r2.padded.shape == (k, d)
+        rows = t1[0][1]
+        positions = poisson_positions(nbar, q, np.random.default_rng(seed))
+        assert np.array_equal(rows, positions)  # slot p is read at row p: dummies are not folded
+        reads.append(rows)
+    rows = np.concatenate(reads)
+    dummy = rows[small[1][rows] < 0]
+    assert dummy.size > 0.9 * rows.size and dummy.max() > 0.95 * nbar
+    # the small corpus's reads (almost all dummies) are uniform over the whole stored array
+    assert stats.kstest(rows / nbar, "uniform").pvalue > P_MIN
+
+
+def test_ivf_reads_and_shapes_identical_for_different_private_list_sizes(monkeypatch):
+    d, k, q = 6, 3, 0.3
+    cents = np.eye(d)[:4]
+    caps = np.array([30, 20, 25, 10])
+    a0, _ = _store(60, d, seed=7)
+    ids_a = np.arange(60, dtype=np.int64) * 3
+    lists_a = np.argmax(a0.astype(np.float64) @ cents.T, axis=1)
+    few = np.array([0, 5, 9])
+    a = _ivf(a0, ids_a, lists_a, caps, cents, nprobe=2)
+    b = _ivf(a0[few], ids_a[few], lists_a[few], caps, cents, nprobe=2)
+    probe = _Probe(monkeypatch)
+    for seed in range(10):
+        u = random_unit_vectors(1, d, seed=seed)[0]
+        subsampled_topk(*a, u, k=k, q=q, rng=np.random.default_rng(seed))
+        t1 = probe.take()
+        subsampled_topk(*b, u, k=k, q=q, rng=np.random.default_rng(seed))
+        _same(t1, probe.take())
+
+
+def test_strict_topk_matches_lexsort_with_ties_and_dummies():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        m, k = int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        scores = rng.integers(-3, 3, size=m) / 4.0  # many exact ties
+        ids = rng.permutation(1000)[:m].astype(np.int64)
+        real = rng.random(m) < 0.6
+        ids = np.where(real, ids, FILLER_ID)
+        keys = S._selection_keys(scores, real)
+        got = S._strict_topk(keys, ids, k)
+        want = np.lexsort((ids, -keys))[: min(k, m)]
+        assert np.array_equal(keys[got], keys[want]) and np.array_equal(ids[got], ids[want])  # dummies: id -1 ties
+        assert np.array_equal(got[real[got]], want[real[want]])
+        r = real[got]
+        assert np.all(r[: r.sum()])  # real winners first, dummies after

@@ -84,11 +84,12 @@ def test_unknown_schema_version_is_refused(tmp_path):
         SqliteLedger(path)
 
 
-def test_other_order_grid_and_foreign_file_are_refused(tmp_path):
+def test_unreadable_order_grid_and_foreign_file_are_refused(tmp_path):
+    # (another, readable grid is migrated at open: tests/test_ledger_migration.py)
     path = tmp_path / "l.db"
     SqliteLedger(path).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '[2.0, 3.0]' WHERE key = 'orders'")
+        conn.execute("UPDATE meta SET value = '[0.5, 3.0]' WHERE key = 'orders'")
     with pytest.raises(SchemaMismatch, match="order grid"):
         SqliteLedger(path)
     other = tmp_path / "other.db"

@@ -6,23 +6,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from dprdm.models import registry, testing
 from dprdm.models.base import EncoderIdentity
-from dprdm.models.openclip_encoder import write_local_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    import open_clip
-
     root = tmp_path_factory.mktemp("bundle")
-    cfg = testing.tiny_open_clip_config(dim=16)
-    torch.manual_seed(0)
-    write_local_dir(open_clip.CLIP(**cfg), cfg, root / "clip")
+    testing.write_tiny_open_clip(root / "clip", dim=16)
     enc = registry.load_encoder(f"open_clip:local-dir:{root / 'clip'}")
     gen = testing.tiny_rdm_generator(dim=16, k=2)
     gen.expected_encoder = enc.identity

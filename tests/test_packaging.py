@@ -194,12 +194,17 @@ def test_base_install_privacy_commands(base_venv: Path) -> None:
     from dprdm.privacy.orders import DEFAULT_ORDERS
 
     proc = _run(base_venv, "dprdm", "privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18",
-                "--queries", "1000", "--delta", "1e-7", "--json")
+                "--queries", "1000", "--delta", "1e-7", "--noise", "float", "--json")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)["epsilon"]
     curve = 1000 * profile_rdp(Profile(k=18, q=0.01, sigma=0.2, lam=1.0), DEFAULT_ORDERS)
     expected = epsilon_from_rdp(curve, DEFAULT_ORDERS, 1e-7).epsilon  # the same maths, in this venv
     assert got >= expected and got == pytest.approx(0.996879, abs=2e-6)
+    proc = _run(base_venv, "dprdm", "privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18",
+                "--queries", "1000", "--delta", "1e-7", "--json")  # default: the discrete curve the server charges
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["noise"] == "discrete" and doc["epsilon"] >= got
     proc = _run(base_venv, "dprdm", "privacy", "max-queries", "--epsilon", "1", "--delta", "1e-7",
                 "--sigma", "0.2", "--q", "0.01", "--k", "18")
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr

@@ -119,7 +119,7 @@ def test_hardened_curve_vs_continuous() -> None:
     e_hard = RdpAccountant().compose(RetrievalEvent(p, hardened_dimension=512), 1000).get_epsilon(1e-7)
     e_cont = RdpAccountant().compose(RetrievalEvent(p), 1000).get_epsilon(1e-7)
     assert e_cont <= e_hard <= e_cont * 1.2
-    assert np.array_equal(Budget.single(1.0, 1e-7, p).charge(p, hardened_dimension=512), hard)
+    assert np.array_equal(Budget.single(1.0, 1e-7, p, hardened_dimension=512).charge(p, hardened_dimension=512), hard)
 
 
 def test_noise_pool_serves_fresh_lattice_vectors() -> None:

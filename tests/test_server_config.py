@@ -328,3 +328,22 @@ def test_budget_without_a_recorded_noise_kind_serves_one_mechanism():
     both = {"faces": _index(profiles=same), "faces-float": _index(profiles=same, noise="float", allow_float_noise=True)}
     with pytest.raises(StartupError, match="may serve ONE mechanism, but the domain serves 2"):
         build_catalog(make_config(indexes=both, budgets={}), ledger, fake_loaders())
+
+
+def test_an_index_of_group_size_two_is_charged_the_group_curve():
+    """An IVF index whose capacity-limited lists may overflow (manifest group_size 2): one record
+    can change two stored records, so its queries are charged ``group2_rdp`` and it is a mechanism
+    of its own (issue 12, item 4)."""
+    from dprdm.privacy import mechanism_rdp
+    from dprdm.privacy.orders import DEFAULT_ORDERS
+
+    same = {"default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 1.0}}
+    ivf = _index(path="fake:domain=corpus-a,n=50,dim=16,public=100,group=2", profiles=same)
+    cat = build_catalog(make_config(indexes={"ivf": ivf}, budgets={"corpus-a": {"epsilon": 30.0}}), MemoryLedger(), fake_loaders())
+    served = cat.indexes["ivf"].profiles["default"]
+    prof = Profile(k=5, q=0.5, sigma=0.5, lam=1.0)
+    expected = mechanism_rdp(prof, orders=DEFAULT_ORDERS, hardened_dimension=16, group_size=2)
+    assert (served.charge == expected).all() and cat.budgets["corpus-a"].group_size == 2
+    both = {"ivf": ivf, "flat": _index(profiles=same)}
+    cat = build_catalog(make_config(indexes=both, budgets={"corpus-a": {"epsilon": 30.0}}), MemoryLedger(), fake_loaders())
+    assert cat.budgets["corpus-a"].filter_order is not None  # two mechanisms: the Rényi filter

@@ -1,0 +1,78 @@
+"""Issue 12 item 10: ``dprdm privacy`` reports what the server charges (noise kind, safe rounding)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from dprdm.cli.main import main as cli_main
+from dprdm.clients.client import Client, DprdmError
+from dprdm.ledger import SqliteLedger
+from dprdm.privacy import Profile, epsilon_for
+from dprdm.privacy.calibration import max_queries
+from dprdm.server.testing import TENANT_TOKEN, ServerThread, make_config
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert cli_main(["privacy", *argv]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_calibrated_sigma_printed_rounded_up_meets_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """30 random targets: the printed sigma, parsed back, still meets epsilon (float noise for speed;
+    the rounding does not depend on the noise kind)."""
+    rng = np.random.default_rng(12)
+    for _ in range(30):
+        eps, k, q = float(rng.uniform(0.3, 8.0)), int(rng.integers(2, 40)), float(rng.uniform(0.005, 0.2))
+        out = _run(capsys, "calibrate", "--epsilon", repr(eps), "--delta", "1e-6", "--queries", "100",
+                   "--k", str(k), "--q", repr(q), "--noise", "float")
+        sigma = float(out.split("=")[1].split()[0])
+        assert epsilon_for(Profile(k=k, q=q, sigma=sigma, lam=1.0), queries=100, delta=1e-6) <= eps
+
+
+def test_printed_epsilon_rounds_up_and_queries_down(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--sigma", "0.2", "--q", "0.01", "--k", "18", "--delta", "1e-7"]
+    text = _run(capsys, "epsilon", *args, "--queries", "1000")
+    full = json.loads(_run(capsys, "epsilon", *args, "--queries", "1000", "--json"))
+    assert full["noise"] == "discrete" and full["dimension"] == 512
+    printed = float(text.split("=")[1].split()[0])
+    assert printed >= full["epsilon"] and printed == pytest.approx(full["epsilon"], rel=1e-5)
+    assert full["epsilon"] == epsilon_for(Profile(k=18, q=0.01, sigma=0.2, lam=1.0), queries=1000, delta=1e-7,
+                                          hardened_dimension=512)
+    fl = json.loads(_run(capsys, "epsilon", *args, "--queries", "1000", "--json", "--noise", "float"))
+    assert fl["noise"] == "float" and fl["dimension"] is None and fl["epsilon"] < full["epsilon"]
+
+
+def test_max_queries_is_the_discrete_curve_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """SPEC §4 reference profile: the CLI says what a private (discrete-noise, d = 512) index admits."""
+    args = ["--epsilon", "9.44", "--delta", "2e-5", "--sigma", "0.05", "--q", "0.01", "--k", "23"]
+    assert _run(capsys, "max-queries", *args, "--noise", "float") == "max queries = 999 (float noise)"
+    p = Profile(k=23, q=0.01, sigma=0.05, lam=1.0)
+    expected = max_queries(epsilon=9.44, delta=2e-5, profile=p, hardened_dimension=512)
+    assert _run(capsys, "max-queries", *args) == f"max queries = {expected} (discrete noise)"
+    assert json.loads(_run(capsys, "max-queries", *args, "--json"))["max_queries"] == expected
+
+
+def test_server_admits_exactly_what_max_queries_reports(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Budget epsilon = the CLI's epsilon for T queries of the served index (fake, d = 16, discrete noise):
+    max-queries reports T and the server admits exactly T, then refuses."""
+    t = 6
+    profile = {"k": 5, "q": 0.5, "sigma": 0.8, "lambda": 0.5}
+    prof_args = ["--sigma", "0.8", "--q", "0.5", "--k", "5", "--delta", "1e-5", "--dimension", "16"]
+    eps = json.loads(_run(capsys, "epsilon", *prof_args, "--queries", str(t), "--json"))["epsilon"]
+    reported = json.loads(_run(capsys, "max-queries", *prof_args, "--epsilon", repr(eps), "--json"))["max_queries"]
+    assert reported == t
+    cfg = make_config(
+        indexes={"faces": {"path": "fake:domain=corpus-x,n=300,dim=16,public=1000", "bundle": "hash-16",
+                           "profiles": {"default": profile}}},
+        budgets={"corpus-x": {"delta": 1e-5, "epsilon": eps, "rule": "single"}},
+    )
+    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "ledger.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+        for i in range(reported):
+            c.retrieve("faces", f"prompt {i}", profile="default")
+        with pytest.raises(DprdmError) as err:
+            c.retrieve("faces", "one more", profile="default")
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
