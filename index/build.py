@@ -15,6 +15,8 @@ Stages, each in its own module:
 :func:`build_from_vectors` skips stages 1 and 2 for precomputed embeddings.  Memory: the images
 of one batch, one shard of vectors, and O(N) small per-item metadata (hashes, ids); vectors are
 written through memory maps.
+
+Size (~400 lines): the orchestrator only; shards and record ids live in ``shards`` and ``records``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ or 2 (ivf: such a build passed a private capacity check, which the drop rule sub
 
 Exact counts, list sizes and reports are operator-only (SPEC §3): :meth:`PrivateIndex.public_info`
 is the only view meant for clients.
+
+Size (~460 lines, over the ~400 guideline): loading and verifying are one contract (every check
+that ``load`` performs, ``verify`` reports), including the format-1 compatibility path; splitting
+them would let the two drift.
 """
 
 from __future__ import annotations

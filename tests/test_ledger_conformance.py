@@ -6,6 +6,8 @@ with one transaction per call, and the in-memory store. A test here states the l
 (``dprdm.ledger.api.Ledger``) and must pass unchanged for each; store-specific behaviour
 (durability, schema, several processes, ``verify``, batching) is tested in ``test_ledger.py`` and
 ``test_ledger_concurrency.py``. A new store joins by adding a case to ``make_ledger``.
+
+Size (~480 lines): the whole behavioural contract in one suite, so every store is held to all of it.
 """
 
 from __future__ import annotations
