@@ -396,6 +396,8 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         raise BenchError(f"--address: the load benchmark runs over loopback only; found {args.address!r}")
     if args.index_path and not Path(args.index_path, "manifest.json").is_file():
         raise BenchError(f"--index-path: no index at {args.index_path!r}")
+    if args.tmp is not None and not Path(args.tmp).is_dir():
+        raise BenchError(f"--tmp: {args.tmp!r} is not an existing directory")
     return LoadSettings(
         n=args.n, d=args.d, k=args.k, q=args.q, sigma=args.sigma, lam=args.lam, methods=methods,
         clients=tuple(args.clients), queries=args.queries, generate_queries=args.generate_queries,

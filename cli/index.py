@@ -1,4 +1,4 @@
-"""``dprdm index``: build, info, verify, near-duplicates (registered by :mod:`dprdm.cli.main`)."""
+"""``dprdm index``: build, info, verify, seal, near-duplicates (registered by :mod:`dprdm.cli.main`)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def register(subparsers: Any) -> None:
     v.add_argument("path", type=Path)
     v.set_defaults(func=_cmd_verify)
 
+    se = sub.add_parser("seal", help="seal the manifest of an index built before manifests were sealed",
+                        description="Verify the index fully, then record manifest_sha256 over the manifest's "
+                                    "fields as they are now (check them with `dprdm index info` first).")
+    se.add_argument("path", type=Path)
+    se.set_defaults(func=_cmd_seal)
+
     nd = sub.add_parser("near-duplicates", help="operator-only near-duplicate report (never changes the index)")
     nd.add_argument("path", type=Path)
     nd.add_argument("--threshold", type=float, default=0.95, help="cosine similarity threshold")
@@ -104,6 +110,11 @@ def _wrap(fn: Any) -> Any:
 def _cmd_build(args: argparse.Namespace) -> int:
     from dprdm.index.build import BuildConfig, build_index
     from dprdm.index.readers import open_reader
+
+    if args.no_progress:  # model-loading bars (tqdm, Hugging Face) too, not only the build's own
+        from dprdm.server.logs import quiet_progress
+
+        quiet_progress()
 
     def run() -> int:
         config = BuildConfig(
@@ -151,6 +162,9 @@ def _summary(m: dict[str, Any]) -> list[str]:
     if m.get("dedup"):
         lines.append("dedup          " + ", ".join(f"{k} {v}" for k, v in m["dedup"].items()) + "  (operator-only)")
     lines.append(f"preprocessing  {m.get('preprocessing', '')}")
+    seal = m.get("manifest_sha256")
+    lines.append(f"manifest       sealed sha256 {seal[:16]}..." if seal else
+                 "manifest       NOT sealed (its fields are not covered by a checksum; see dprdm index seal)")
     for name, entry in sorted(m["files"].items()):
         lines.append(f"file           {name}  {entry['bytes']} bytes  sha256 {entry['sha256'][:16]}...")
     return lines
@@ -169,11 +183,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from dprdm.index.format import verify
+    from dprdm.index.format import is_sealed, verify
 
     def run() -> int:
         idx = verify(args.path)
-        print(f"OK {idx.path}: manifest, {len(idx.manifest['files'])} file checksums and every stored row verified")
+        m = idx.manifest
+        if is_sealed(m):
+            print(f"OK {idx.path}: sealed manifest, {len(m['files'])} file checksums and every stored row verified")
+        else:
+            print(f"OK {idx.path}: {len(m['files'])} file checksums and every stored row verified; "
+                  "WARNING: the manifest is NOT sealed (built before manifest_sha256 existed), so its own fields "
+                  "(private, corpus_id, public_size, ...) are unprotected: check them with `dprdm index info "
+                  f"{idx.path}`, then run `dprdm index seal {idx.path}` (or rebuild the index)")
+        return 0
+
+    return int(_wrap(run))
+
+
+def _cmd_seal(args: argparse.Namespace) -> int:
+    from dprdm.index.format import seal
+
+    def run() -> int:
+        if seal(args.path):
+            print(f"sealed {args.path}: manifest_sha256 now covers every manifest field")
+        else:
+            print(f"{args.path}: the manifest is already sealed and its seal holds; nothing to do")
         return 0
 
     return int(_wrap(run))

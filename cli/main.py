@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -106,6 +107,20 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _broken_pipe() -> int:
+    """The reader went away (``dprdm index info | head``): stop quietly with 141 (128 + SIGPIPE).
+
+    Standard output is pointed at ``os.devnull`` so the interpreter's final flush raises nothing
+    (the recipe of the Python documentation, "Note on SIGPIPE").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured output)
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dprdm`` console script. Returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -135,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "build" in extras and (conflict := faiss_conflict()):
         print(conflict, file=sys.stderr)
     try:
-        return int(func(args) or 0)
+        status = int(func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return status
+    except BrokenPipeError:
+        return _broken_pipe()
     except CliError as exc:
         print(f"dprdm {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -40,10 +40,10 @@ from dprdm.index.errors import IndexBuildError, PrivacyPolicyError
 from dprdm.index.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST,
     atomic_write_json,
     file_entry,
     index_version_of,
+    write_manifest,
 )
 from dprdm.index.records import deduplicate, write_records
 from dprdm.index.search import QUERY_GRID_BITS, STORE_GRID_BITS, quantize_store
@@ -295,8 +295,7 @@ def _emit(
         "build": {"tool": f"dprdm.index format {FORMAT_VERSION}", **build_info},
         "operator_only": ["count", "dedup", "build", "sources.tsv", "reports/"],
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    return write_manifest(out, manifest)  # sealed: manifest_sha256 covers every other field
 
 
 def build_from_vectors(

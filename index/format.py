@@ -24,12 +24,20 @@ time); rebuild the index to get a memory-mapped format 2.  Its charge is ``group
 or 2 (ivf: such a build passed a private capacity check, which the drop rule subsumes).
 ``manifest.json`` is written last (atomically), so a directory without it is not an index.
 
+The manifest is sealed: ``manifest_sha256`` is the SHA-256 of the canonical JSON of every other
+field (sorted keys, no spaces), so an edit of ``private``, ``corpus_id``, ``public_size`` or any
+other field is refused by :func:`load` like a changed data file (``files`` holds the data files'
+checksums, the seal covers ``files``). It guards against edits and corruption, not against
+someone who rewrites the seal too (no key is involved). A manifest written before sealing
+existed has no ``manifest_sha256``: it still loads, :func:`verify` reports it as unsealed, and
+``dprdm index seal`` (:func:`seal`) seals it after a full verification.
+
 Exact counts, list sizes and reports are operator-only (SPEC §3): :meth:`PrivateIndex.public_info`
 is the only view meant for clients.
 
-Size (~460 lines, over the ~400 guideline): loading and verifying are one contract (every check
-that ``load`` performs, ``verify`` reports), including the format-1 compatibility path; splitting
-them would let the two drift.
+Size (~540 lines, over the ~400 guideline): loading and verifying are one contract (every check
+that ``load`` performs, ``verify`` reports), including the format-1 compatibility path and the
+manifest seal; splitting them would let the two drift.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dprdm.index.checksum_cache import ChecksumCache
 from dprdm.index.errors import IndexFormatError
 from dprdm.index.layouts import FlatLayout, IvfLayout
 from dprdm.index.search import STORE_GRID_BITS, SubsampledNeighbors, subsampled_topk
@@ -62,12 +71,18 @@ __all__ = [
     "atomic_write_json",
     "file_entry",
     "index_version_of",
+    "SEAL_FIELD",
+    "manifest_digest",
+    "is_sealed",
+    "write_manifest",
+    "seal",
 ]
 
 FORMAT_NAME = "dprdm-index"
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+SEAL_FIELD = "manifest_sha256"
 _DTYPES = ("float32", "float16")
 _NORM_TOLERANCE = 1e-3  # float16 rounding can exceed 1 by ~6e-5; anything above 1e-3 is corrupt
 _REQUIRED = (
@@ -128,6 +143,36 @@ def index_version_of(corpus_id: str, files: dict[str, dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of every manifest field but the seal (``manifest_sha256``)."""
+    body = {k: v for k, v in manifest.items() if k != SEAL_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def is_sealed(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest carries a seal (checked by :func:`load`; old manifests have none)."""
+    return SEAL_FIELD in manifest
+
+
+def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Seal ``manifest`` and write it atomically as ``root/manifest.json``; returns the sealed copy."""
+    sealed = {**{k: v for k, v in manifest.items() if k != SEAL_FIELD}, SEAL_FIELD: manifest_digest(manifest)}
+    atomic_write_json(Path(root) / MANIFEST, sealed)
+    return sealed
+
+
+def _check_seal(root: Path, m: dict[str, Any]) -> None:
+    recorded = m.get(SEAL_FIELD)
+    if recorded is None:
+        return  # written before sealing: loadable; verify reports it
+    if recorded != manifest_digest(m):
+        raise IndexFormatError(
+            f"{root / MANIFEST}: the manifest was edited after the build: its fields no longer match "
+            f"{SEAL_FIELD} (fields such as private, corpus_id or public_size cannot be changed in place; "
+            "rebuild the index, or restore the original manifest)"
+        )
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
     if not root.is_dir():
@@ -180,7 +225,7 @@ def _check_fields(root: Path, m: dict[str, Any]) -> EncoderIdentity:
     return encoder
 
 
-def _check_file(root: Path, m: dict[str, Any], name: str, checksum: bool) -> Path:
+def _check_file(root: Path, m: dict[str, Any], name: str, checksum: bool | ChecksumCache) -> Path:
     entry = m["files"].get(name)
     if entry is None:
         raise IndexFormatError(f"{root / MANIFEST}: no entry for required file {name!r}")
@@ -192,7 +237,7 @@ def _check_file(root: Path, m: dict[str, Any], name: str, checksum: bool) -> Pat
         what = "truncated" if size < entry.get("bytes", 0) else "larger than recorded"
         raise IndexFormatError(f"{path}: file is {what}: {size} bytes, manifest records {entry.get('bytes')}")
     if checksum:
-        digest = sha256_file(path)
+        digest = checksum.sha256(path) if isinstance(checksum, ChecksumCache) else sha256_file(path)
         if digest != entry.get("sha256"):
             raise IndexFormatError(f"{path}: checksum mismatch: sha256 {digest}, manifest records {entry.get('sha256')}")
     return path
@@ -324,6 +369,7 @@ def load(
     verify_checksums: bool = True,
     expected_encoder: EncoderIdentity | None = None,
     prefault: bool = True,
+    checksum_cache: str | os.PathLike[str] | None = None,
 ) -> PrivateIndex:
     """Open an index directory, verifying the manifest and every data file.
 
@@ -333,33 +379,41 @@ def load(
             shapes and dtypes are always checked.
         expected_encoder: if given, refuse an index built with a different encoder.
         prefault: populate the memory mapping of the vectors now (reads them into the page cache).
+        checksum_cache: a directory for a :class:`~dprdm.index.checksum_cache.ChecksumCache`: a
+            file whose stat is unchanged since it was last hashed is not re-hashed (its recorded
+            digest is still compared with the manifest; see that module for the trade-off).
 
     Returns:
         The :class:`PrivateIndex`.
 
     Raises:
-        IndexFormatError: missing/unknown-version manifest, truncated file, checksum, shape,
-            dtype or dimension mismatch, inconsistent IVF metadata, encoder mismatch.
+        IndexFormatError: missing/unknown-version manifest, a manifest edited after the build
+            (seal mismatch), truncated file, checksum, shape, dtype or dimension mismatch,
+            inconsistent IVF metadata, encoder mismatch.
     """
     root = Path(path)
     m = _read_manifest(root)
     encoder = _check_fields(root, m)
+    _check_seal(root, m)
     if expected_encoder is not None and expected_encoder != encoder:
         raise IndexFormatError(
             f"{root}: built with encoder {encoder.to_dict()}, but the server uses {expected_encoder.to_dict()}"
         )
     n, d = int(m["count"]), int(m["dimension"])
+    checksum: bool | ChecksumCache = verify_checksums
+    if verify_checksums and checksum_cache is not None:
+        checksum = ChecksumCache(checksum_cache)
     if m["format_version"] == 1:
-        vectors, ids, layout = _load_v1(root, m, n, d, verify_checksums)
+        vectors, ids, layout = _load_v1(root, m, n, d, checksum)
     else:
-        layout = _layout(root, m, d, verify_checksums)
+        layout = _layout(root, m, d, checksum)
         rows = layout.storage_rows
         if m.get("storage_rows") != rows or m.get("group_size") not in (1, 2):
             raise IndexFormatError(f"{root / MANIFEST}: storage_rows must be {rows} (the public slots) and "
                                    f"group_size 1 or 2; found {m.get('storage_rows')!r}, {m.get('group_size')!r}")
-        vectors = _npy(_check_file(root, m, "vectors.npy", verify_checksums), (rows, d), m["dtype"], mmap=True)
+        vectors = _npy(_check_file(root, m, "vectors.npy", checksum), (rows, d), m["dtype"], mmap=True)
         vectors = vectors.view(np.ndarray)  # plain ndarray over the mapping: no memmap indexing overhead
-        ids = _npy(_check_file(root, m, "ids.npy", verify_checksums), (rows,), "int64")
+        ids = _npy(_check_file(root, m, "ids.npy", checksum), (rows,), "int64")
         if np.any(ids < FILLER_ID) or int(np.count_nonzero(ids >= 0)) != n:
             raise IndexFormatError(f"{root / 'ids.npy'}: expected {n} record ids >= 0 and filler ids {FILLER_ID}")
     if prefault and vectors.size:
@@ -367,7 +421,7 @@ def load(
     return PrivateIndex(root, m, encoder, vectors, ids, layout)
 
 
-def _layout(root: Path, m: dict[str, Any], d: int, checksum: bool) -> FlatLayout | IvfLayout:
+def _layout(root: Path, m: dict[str, Any], d: int, checksum: bool | ChecksumCache) -> FlatLayout | IvfLayout:
     if m["index_type"] == "flat":
         return FlatLayout(public_size=int(m["public_size"]))
     ivf = m.get("ivf")
@@ -385,7 +439,7 @@ def _layout(root: Path, m: dict[str, Any], d: int, checksum: bool) -> FlatLayout
 
 
 def _load_v1(
-    root: Path, m: dict[str, Any], n: int, d: int, checksum: bool
+    root: Path, m: dict[str, Any], n: int, d: int, checksum: bool | ChecksumCache
 ) -> tuple[np.ndarray, npt.NDArray[np.int64], FlatLayout | IvfLayout]:
     """Format 1 (unpadded): verify its files, then pad into anonymous memory (module docstring)."""
     vec = _npy(_check_file(root, m, "vectors.npy", checksum), (n, d), m["dtype"], mmap=True)
@@ -427,6 +481,10 @@ def verify(path: str | os.PathLike[str], *, block_rows: int = 65536) -> PrivateI
         IndexFormatError: naming the first problem found.
     """
     index = load(path, verify_checksums=True)
+    m = index.manifest
+    if "index_version" in m and m["index_version"] != index_version_of(str(m["corpus_id"]), m["files"]):
+        raise IndexFormatError(f"{index.path / MANIFEST}: index_version {m['index_version']!r} does not match "
+                               "the corpus id and the file checksums (was corpus_id edited?)")
     vec, ids = index.vectors, index.ids
     real_ids = ids[ids >= 0]
     if np.unique(real_ids).size != real_ids.size:
@@ -459,3 +517,22 @@ def verify(path: str | os.PathLike[str], *, block_rows: int = 65536) -> PrivateI
             raise IndexFormatError(f"{index.path / 'vectors.npy'}: a filler row differs from the public filler "
                                    f"near row {s}")
     return index
+
+
+def seal(path: str | os.PathLike[str]) -> bool:
+    """Seal the manifest of an index written before sealing existed, after a full :func:`verify`.
+
+    The seal records the manifest as it is now: check its fields (``dprdm index info``) first.
+
+    Returns:
+        True if the manifest was sealed now, False if it already was (and its seal holds).
+
+    Raises:
+        IndexFormatError: the index does not verify (a sealed manifest that was edited included).
+    """
+    index = verify(path)
+    manifest = index.manifest
+    if is_sealed(manifest):
+        return False
+    write_manifest(index.path, manifest)
+    return True

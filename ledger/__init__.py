@@ -15,6 +15,7 @@ from .api import (
     Ledger,
     LedgerCorrupt,
     LedgerError,
+    LedgerUnavailable,
     QuotaExhausted,
     Receipt,
     ReleaseConflict,
@@ -49,4 +50,5 @@ __all__ = [
     "UnknownSpend",
     "ReleaseConflict",
     "LedgerCorrupt",
+    "LedgerUnavailable",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "UnknownSpend",
     "ReleaseConflict",
     "LedgerCorrupt",
+    "LedgerUnavailable",
     "BudgetState",
     "Spend",
     "Receipt",
@@ -106,6 +107,33 @@ class ReleaseConflict(LedgerError):
 
 class LedgerCorrupt(LedgerError):
     """Stored running curves or counts do not add up to the spends (a consistency check failed)."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The store cannot commit (disk full, I/O error, read-only or missing file, another process
+    holding the write lock past the busy timeout): the transaction was rolled back, so nothing
+    was written and nothing was charged (gRPC UNAVAILABLE with RetryInfo).
+
+    Why "nothing was charged" holds for SQLite in WAL mode: a transaction exists once its commit
+    frame is in the WAL and the WAL index header (what every connection reads) is advanced past
+    it. A failed write (``SQLITE_FULL``: ENOSPC, or ``SQLITE_IOERR``) makes the COMMIT (or an
+    earlier statement) fail before the header is advanced; the ledger then issues ``ROLLBACK``
+    (or SQLite already did), and the next transaction overwrites those frames. The one exception
+    is a failed fsync AFTER the frames were written: a crash could then recover the spend on
+    restart. That errs on the safe side: a charge without a release, answered with
+    :class:`ReleaseMissing` on replay, never a release without a charge.
+
+    Attributes:
+        path: the database file.
+        cause: SQLite's description of the failure (e.g. "database or disk is full").
+        retry_after_seconds: a public constant for the client's RetryInfo.
+    """
+
+    def __init__(self, path: str, cause: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(f"ledger {path} cannot commit: {cause} (rolled back: nothing was written or charged)")
+        self.path = path
+        self.cause = cause
+        self.retry_after_seconds = retry_after_seconds
 
 
 @dataclass(frozen=True)
@@ -303,6 +331,7 @@ class Ledger(Protocol):
 
         Raises:
             UnknownDomain, ReplayMismatch, ReleaseMissing, BudgetExhausted, QuotaExhausted,
+            LedgerUnavailable (a durable store that cannot commit; nothing charged),
             ValueError (naming a malformed argument).
         """
         ...
@@ -315,6 +344,7 @@ class Ledger(Protocol):
         Raises:
             UnknownSpend: no spend has this id.
             ReleaseConflict: the spend already has a different release.
+            LedgerUnavailable: a durable store cannot commit (the release is not stored).
         """
         ...
 

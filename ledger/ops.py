@@ -31,7 +31,7 @@ from .state import (
     short_repr,
 )
 
-__all__ = ["CreateBudget", "Reserve", "StoreRelease", "WriteOp", "Pending"]
+__all__ = ["CreateBudget", "Reserve", "StoreRelease", "CheckWritable", "WriteOp", "Pending"]
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,14 @@ class StoreRelease:
         return cls(spend_id, arr.tobytes(), json.dumps(list(arr.shape)))
 
 
-WriteOp = CreateBudget | Reserve | StoreRelease
+@dataclass(frozen=True)
+class CheckWritable:
+    """The health probe: can the store commit again after it could not? Rewrites the ``meta``
+    row ``write_check`` with 64 KiB of fresh bytes (more than one charge writes) and commits;
+    no budget or spend changes."""
+
+
+WriteOp = CreateBudget | Reserve | StoreRelease | CheckWritable
 """Every write operation of a ledger."""
 
 

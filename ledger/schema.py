@@ -5,7 +5,8 @@ Layout (schema version :data:`SCHEMA_VERSION`, checked at open):
 * ``meta(key, value)``: ``schema_version``, the Rényi order grid the curves are over (``orders``)
   and, once a file has been migrated to a new grid, ``grid_migrations`` (a JSON list of records;
   see :mod:`dprdm.ledger.migration`: a file written with another grid is migrated conservatively
-  at open, in the open's transaction).
+  at open, in the open's transaction); ``write_check`` is scratch space of the health probe
+  (``SqliteLedger.check_writable``), rewritten while the store cannot commit.
 * ``budgets``: one row per privacy domain: the budget (JSON), the running spent curve (JSON),
   the number of spends, creation time.
 * ``tenant_quotas``: (domain, tenant) -> epsilon quota and the tenant's own running curve.

@@ -30,10 +30,10 @@ from dprdm.privacy import Budget
 from dprdm.privacy.accountant import curve_from_json
 
 from .api import BudgetState, LedgerCorrupt, LedgerError, Receipt, Reservation, Spend
-from .ops import CreateBudget, Reserve, StoreRelease
+from .ops import CheckWritable, CreateBudget, Reserve, StoreRelease
 from .schema import SCHEMA_VERSION, check_counts, connect, init_schema
 from .state import ORDERS, Rule, curve_id_of, decode_release, unknown_domain
-from .writer import Writer, stored_receipt
+from .writer import CommitObserver, Writer, stored_receipt
 
 __all__ = ["SCHEMA_VERSION", "SqliteLedger"]
 
@@ -56,6 +56,11 @@ class SqliteLedger:
     A file written with another Rényi order grid is migrated to the current one at open,
     conservatively and in one transaction (:mod:`dprdm.ledger.migration`; logged, and recorded
     in the file's ``meta`` table).
+
+    A write the store cannot commit (disk full, I/O error, read-only file, busy past the
+    timeout) raises :class:`~dprdm.ledger.api.LedgerUnavailable` naming the cause and the file;
+    it was rolled back, so nothing was charged. :meth:`add_commit_observer` is told every
+    write's outcome and :meth:`check_writable` probes whether the store can commit again.
 
     Raises:
         SchemaMismatch: the file holds another schema version, an order grid it cannot migrate
@@ -86,7 +91,11 @@ class SqliteLedger:
         self._local = threading.local()
         self._readers_lock = threading.Lock()
         self._writer = Writer(
-            conn, group_commit=group_commit, window_s=float(batch_window_s), max_batch=int(max_batch)
+            conn,
+            group_commit=group_commit,
+            window_s=float(batch_window_s),
+            max_batch=int(max_batch),
+            path=str(self.path),
         )
         if check_on_open:
             try:
@@ -144,6 +153,7 @@ class SqliteLedger:
             ReleaseMissing: ``request_id`` was reserved but its release never stored.
             BudgetExhausted: the domain budget does not admit the charge (nothing written).
             QuotaExhausted: the tenant's quota does not admit the charge (nothing written).
+            LedgerUnavailable: the store cannot commit (rolled back: nothing charged).
             ValueError: naming a malformed argument.
         """
         op = Reserve.build(
@@ -170,9 +180,31 @@ class SqliteLedger:
         Raises:
             UnknownSpend: no spend has this id.
             ReleaseConflict: the spend already has a different release.
+            LedgerUnavailable: the store cannot commit (the release is not stored).
             ValueError: a malformed argument.
         """
         self._writer.submit(StoreRelease.build(spend_id, release))
+
+    def check_writable(self) -> None:
+        """Commit a small write that changes no budget or spend (more WAL frames than a charge,
+        and an fsync), through the writer, so its outcome reaches the commit observers (the
+        health probe; it rewrites the ``meta`` row ``write_check``).
+
+        Raises:
+            LedgerUnavailable: the store still cannot commit.
+        """
+        self._writer.submit(CheckWritable())
+
+    def add_commit_observer(self, observer: CommitObserver) -> None:
+        """Tell ``observer`` every write transaction's outcome: None once committed, the
+        :class:`~dprdm.ledger.api.LedgerUnavailable` when the store could not commit. It is
+        called on the committing thread, in commit order, and must be quick and not raise."""
+        self._writer.observers.append(observer)
+
+    def remove_commit_observer(self, observer: CommitObserver) -> None:
+        """Stop telling ``observer`` (no error if it was not added)."""
+        if observer in self._writer.observers:
+            self._writer.observers.remove(observer)
 
     # -------------------------------------------------------------------------------------- reads
 

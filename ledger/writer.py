@@ -15,6 +15,7 @@ Operations are dispatched on their type through :data:`HANDLERS`.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -27,8 +28,8 @@ import numpy as np
 from dprdm.privacy import Budget
 from dprdm.privacy.accountant import curve_from_json
 
-from .api import DomainExists, LedgerError, Receipt, Reservation
-from .ops import CreateBudget, Pending, Reserve, StoreRelease, WriteOp
+from .api import DomainExists, LedgerError, LedgerUnavailable, Receipt, Reservation
+from .ops import CheckWritable, CreateBudget, Pending, Reserve, StoreRelease, WriteOp
 from .state import (
     ORDERS,
     DomainState,
@@ -43,9 +44,62 @@ from .state import (
     unknown_spend,
 )
 
-__all__ = ["Writer", "HANDLERS", "stored_receipt"]
+__all__ = ["Writer", "HANDLERS", "stored_receipt", "unavailable", "CommitObserver"]
+
+log = logging.getLogger("dprdm.ledger")
 
 _SPEND_COLUMNS = "s.spend_id, s.domain, s.binding_hash, s.release, s.release_shape, s.receipt"
+
+
+CommitObserver = Callable[[LedgerUnavailable | None], None]
+"""Told the outcome of every write transaction: None after a commit, the error when the store
+could not commit (called on the committing thread, in commit order; it must be quick)."""
+
+
+# SQLite's primary result codes for a store that cannot commit (not a bug in the program):
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOLFS, NOTADB.
+_STORE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 22, 26})
+_STORE_TEXTS = (  # the same failures by message, for an error without a code (raised by Python code)
+    "database or disk is full",
+    "disk i/o error",
+    "readonly database",
+    "unable to open database file",
+    "database is locked",
+    "database table is locked",
+    "malformed",
+    "not a database",
+    "out of memory",
+)
+
+
+def unavailable(exc: BaseException, path: str) -> LedgerUnavailable | None:
+    """The :class:`LedgerUnavailable` a SQLite error means, or None for anything else (a bug:
+    an SQL error, a constraint, misuse), which stays as it is.
+
+    The store cannot commit when SQLite says "database or disk is full", "disk I/O error",
+    "attempt to write a readonly database", "unable to open database file", "database is
+    locked" (busy timeout), or that the file is damaged; told by the result code, or by the
+    message when the error carries none.
+    """
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if code is not None:
+        if code & 0xFF not in _STORE_CODES:
+            return None
+    elif not any(t in text.lower() for t in _STORE_TEXTS):
+        return None
+    out = LedgerUnavailable(path, text or type(exc).__name__)
+    out.__cause__ = exc
+    return out
+
+
+def _each(err: LedgerUnavailable, cause: BaseException) -> LedgerUnavailable:
+    """A copy of ``err`` for one caller (each caller's thread raises its own exception object)."""
+    out = LedgerUnavailable(err.path, err.cause, err.retry_after_seconds)
+    out.__cause__ = cause
+    return out
 
 
 def stored_receipt(stored: str | Receipt) -> Receipt:
@@ -56,15 +110,23 @@ def stored_receipt(stored: str | Receipt) -> Receipt:
 class Writer:
     """Runs write operations against one connection, batched; owns the running-state cache.
 
+    A transaction the store cannot commit fails its operations with :class:`LedgerUnavailable`
+    (naming the cause and ``path``); every outcome is reported to the :attr:`observers`.
+
     Args:
         conn: the writer connection (WAL, ``synchronous=FULL``).
         group_commit: run a committer thread that batches concurrent callers.
         window_s: with group commit, how long to wait for more writes after the first one.
         max_batch: largest number of operations per transaction.
+        path: the database file (named in errors).
     """
 
-    def __init__(self, conn: sqlite3.Connection, *, group_commit: bool, window_s: float, max_batch: int) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, *, group_commit: bool, window_s: float, max_batch: int, path: str = ""
+    ) -> None:
         self._conn = conn
+        self._path = path
+        self.observers: list[CommitObserver] = []
         self._window = window_s
         self._max_batch = max_batch
         self._cache: dict[str, DomainState] = {}
@@ -144,9 +206,10 @@ class Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
+            busy = unavailable(exc, self._path) or LedgerUnavailable(self._path, type(exc).__name__)
             for pending in batch:
-                pending.result, pending.error = None, LedgerError(f"ledger store unavailable ({type(exc).__name__})")
-                pending.error.__cause__ = exc
+                pending.result, pending.error = None, _each(busy, exc)
+            self._report(busy)
             return
         try:
             try:
@@ -163,13 +226,17 @@ class Writer:
                 self._flush(tx)
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                self._rollback()
                 raise
         except Exception as exc:
             for pending in batch:
                 pending.result, pending.error = None, None
-            if len(batch) == 1:
+            err = unavailable(exc, self._path)
+            if err is not None:  # the store cannot commit: every operation fails the same way
+                for pending in batch:
+                    pending.error = _each(err, exc)
+                self._report(err)
+            elif len(batch) == 1:
                 batch[0].error = exc
             else:  # isolate the failing operation: run each alone
                 for pending in batch:
@@ -179,6 +246,24 @@ class Writer:
         self._curves.update(tx.new_curves)
         self._stats["transactions"] += 1
         self._stats["operations"] += len(batch)
+        self._report(None)
+
+    def _rollback(self) -> None:
+        """Roll back after a failed statement or COMMIT. After SQLITE_FULL or SQLITE_IOERR SQLite
+        may already have rolled back (then ``in_transaction`` is False); a ROLLBACK that fails too
+        leaves nothing committed either (the WAL index header was never advanced)."""
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("ledger %s: ROLLBACK after a failed transaction failed too", self._path)
+
+    def _report(self, error: LedgerUnavailable | None) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(error)
+            except Exception:  # an observer must never fail a write
+                log.exception("ledger commit observer %r failed", observer)
 
     def _prefetch(self, tx: Tx, ops: list[WriteOp]) -> None:
         keys = list({(op.tenant, op.request_id) for op in ops if isinstance(op, Reserve)})
@@ -294,6 +379,11 @@ class Writer:
         row.release, row.shape = op.blob, op.shape
         tx.new_releases.append((op.spend_id, op.blob, op.shape))
 
+    def _check_writable(self, tx: Tx, op: CheckWritable) -> None:
+        # 64 KiB of fresh bytes (16 WAL frames: more than one charge writes, so space that lets
+        # the probe commit lets a charge commit; unchanged bytes would write nothing at all).
+        tx.conn.execute("INSERT OR REPLACE INTO meta VALUES ('write_check', hex(randomblob(32768)))")
+
     # ------------------------------------------------------------------------------------- misc
 
     def stats(self) -> dict[str, int]:
@@ -317,5 +407,6 @@ HANDLERS: dict[type, Callable[[Writer, Tx, Any], Any]] = {
     CreateBudget: Writer._create,
     Reserve: Writer._reserve,
     StoreRelease: Writer._store,
+    CheckWritable: Writer._check_writable,
 }
 """Operation type -> the writer method that applies it inside a batch transaction."""

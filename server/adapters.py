@@ -54,15 +54,20 @@ class IndexAdapter:
         return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).padded)
 
 
-def load_index(path: str) -> IndexAdapter:
+def load_index(path: str, *, checksum_cache: str | None = None) -> IndexAdapter:
     """Load and verify an index directory with :func:`dprdm.index.format.load`.
+
+    Args:
+        path: the index directory.
+        checksum_cache: a directory (the server's data dir) for verified checksums: a data file whose
+            stat is unchanged is not re-hashed (:mod:`dprdm.index.checksum_cache`). None: re-hash all.
 
     Raises:
         ValueError: the index is invalid (``IndexFormatError``).
     """
     from dprdm.index.format import load
 
-    return IndexAdapter(load(path))
+    return IndexAdapter(load(path, checksum_cache=checksum_cache))
 
 
 def load_bundle(name: str) -> Bundle:

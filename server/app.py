@@ -9,33 +9,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from dataclasses import dataclass
+import socket
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dprdm.ledger.api import Ledger
+from dprdm.ledger.api import Ledger, LedgerError
 from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 
+from .access import AccessInterceptor
 from .admin import AdminService
 from .auth import Authenticator, AuthInterceptor
 from .catalog import Catalog, Loaders, build_catalog
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .errors import StartupError
+from .ledger_health import LedgerHealth
+from .ledger_peers import ServerRecord, register_server
+from .logs import event, startup_fields
 from .metrics import Metrics
 from .service import DprdmService, ServiceOptions
 from .servicer import AdminServicer, DprdmServicer
 
-__all__ = ["RunningServer", "start_server", "serve", "open_ledger", "default_loaders", "SERVICE_NAMES"]
+__all__ = [
+    "RunningServer",
+    "start_server",
+    "serve",
+    "check_server",
+    "open_ledger",
+    "default_loaders",
+    "SERVICE_NAMES",
+    "CUT_SECONDS",
+]
 
 log = logging.getLogger("dprdm.server")
 SERVICE_NAMES = (
     dprdm_pb2.DESCRIPTOR.services_by_name["Dprdm"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+CUT_SECONDS = 2.0
+"""After the drain's grace: how long cut calls (and any other call) get to send their status
+before gRPC cancels what is left."""
 
 
 def open_ledger(config: ServerConfig) -> Ledger:
@@ -47,11 +69,19 @@ def open_ledger(config: ServerConfig) -> Ledger:
     return SqliteLedger(data_dir / "ledger.sqlite3", group_commit=config.group_commit)
 
 
-def default_loaders() -> Loaders:
-    """Loaders backed by ``dprdm.index.load`` and ``dprdm.models.registry.load_bundle``."""
+def default_loaders(checksum_cache: str | None = None) -> Loaders:
+    """Loaders backed by ``dprdm.index.load`` and ``dprdm.models.registry.load_bundle``.
+
+    ``checksum_cache``: a directory (the server's data dir) where verified data-file checksums are
+    kept, so a restart re-hashes only files whose stat changed (:mod:`dprdm.index.checksum_cache`);
+    None re-hashes every file (``serve --check`` and ``dprdm index verify`` always do).
+    """
     from .adapters import load_bundle, load_index
 
-    return Loaders(index=load_index, bundle=load_bundle)
+    def index(path: str) -> Any:
+        return load_index(path, checksum_cache=checksum_cache)
+
+    return Loaders(index=index, bundle=load_bundle)
 
 
 @dataclass
@@ -66,14 +96,36 @@ class RunningServer:
     metrics: Metrics
     health: health.aio.HealthServicer
     metrics_port: int | None = None
+    authenticator: Authenticator | None = None
+    ledger_health: LedgerHealth | None = None
+    record: ServerRecord | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """Stop accepting calls, let running ones finish within ``grace``, close the ledger."""
+        """Drain: refuse new calls, let admitted ones finish within ``grace`` seconds, cut the rest.
+
+        Health turns NOT_SERVING and the gRPC server refuses new calls at once. A Retrieve or
+        Generate still running when ``grace`` expires is cut with ``UNAVAILABLE``/
+        ``SHUTTING_DOWN`` naming its request id (one log line each); its query still runs to
+        completion in the pool, so a charged one stores its release before the ledger closes
+        and a retry with that id returns it. Other calls get :data:`CUT_SECONDS` more.
+        """
+        grace = max(0.0, grace or 0.0)
+        log.info("shutting down: draining %d call(s) (grace %g s)", self.service.admitted, grace)
+        if self.ledger_health is not None:  # a late commit must not set SERVING again
+            await self.ledger_health.close()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
-        self.service.close()
+        self.service.begin_drain()
+        stopping = asyncio.ensure_future(self.server.stop(grace + CUT_SECONDS))
+        if not await self.service.drain(grace):
+            log.warning("shutting down: grace of %g s expired; cutting %d call(s)", grace, self.service.admitted)
+            self.service.cut()
+        await stopping
+        await asyncio.to_thread(self.service.close)  # charged queries finish and store their release
         self.ledger.close()
+        if self.record is not None:
+            self.record.close()
+        log.info("stopped")
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -100,9 +152,9 @@ async def start_server(
     """
     if not config.tokens:
         raise StartupError("tokens: no token is configured; every call would be refused")
-    ledger = ledger if ledger is not None else open_ledger(config)
+    ledger = ledger if ledger is not None else _open_ledger_or_say_why(config)
     try:
-        catalog = build_catalog(config, ledger, loaders or default_loaders())
+        catalog = build_catalog(config, ledger, loaders or default_loaders(checksum_cache=config.data_dir))
     except BaseException:
         ledger.close()
         raise
@@ -126,11 +178,10 @@ async def start_server(
     admin = AdminService(catalog, ledger, service._pool)
     for domain in catalog.budgets:
         metrics.budget_state(ledger.budget_state(domain))
-    interceptor = AuthInterceptor(
-        Authenticator(config.tokens), on_reject=lambda m, c: metrics.request(m, c.name)
-    )
+    authenticator = Authenticator(config.tokens)
+    interceptor = AuthInterceptor(authenticator, on_reject=lambda m, c: metrics.request(m, c.name))
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[interceptor, AccessInterceptor(metrics)],  # auth first: it refuses before decoding
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -144,18 +195,167 @@ async def start_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    try:
+        port, metrics_port = await _bind_and_start(config, server, metrics)
+    except BaseException:
+        await server.stop(None)
+        service.close()
+        ledger.close()
+        raise
+    ledger_health = LedgerHealth(health_servicer, ("", *SERVICE_NAMES), ledger)
+    await ledger_health.start()  # SERVING; NOT_SERVING while the ledger cannot commit
+    ledger_path = getattr(ledger, "path", None)  # a shared ledger file is logged (one line)
+    record = None if ledger_path is None else register_server(Path(ledger_path), port)
+    event(log, logging.INFO, f"serving {len(catalog.indexes)} index(es) on port {port}",
+          **startup_fields(config, catalog, ledger, port, metrics_port))  # fmt: skip
+    return RunningServer(
+        server, port, service, ledger, catalog, metrics, health_servicer, metrics_port, authenticator,
+        ledger_health=ledger_health, record=record,
+    )  # fmt: skip
+
+
+def check_server(config: ServerConfig, *, loaders: Loaders | None = None) -> list[str]:
+    """``dprdm serve --check``: what :func:`start_server` checks before it binds, binding nothing.
+
+    Opens every index with the real loaders (manifest and checksums), resolves every bundle, reads
+    the TLS files and checks every domain's budget against a throw-away copy of the ledger (the
+    ledger file is only read; a budget the configuration would create is created in the copy).
+
+    Returns:
+        One line per thing checked.
+
+    Raises:
+        StartupError: the first problem, named as ``serve`` would name it.
+    """
+    if not config.tokens:
+        raise StartupError("tokens: no token is configured; every call would be refused")
+    _credentials(config)
+    with tempfile.TemporaryDirectory(prefix="dprdm-check-") as tmp:
+        ledger, ledger_line = _ledger_copy(config, Path(tmp))
+        try:
+            catalog = build_catalog(config, ledger, loaders or default_loaders())
+        finally:
+            ledger.close()
+    lines = [
+        f"index {s.name}: {s.config.path} (domain {s.domain}, version {s.index.version}, "
+        f"dimension {s.index.dimension}, bundle {s.bundle.name}, profiles {', '.join(s.profiles)})"
+        for s in catalog.indexes.values()
+    ]
+    lines += [f"budget {d}: epsilon {b.epsilon:g} at delta {b.delta:g}" for d, b in sorted(catalog.budgets.items())]
+    lines.append(ledger_line)
+    lines.append(f"tls: {'mTLS' if config.tls and config.tls.client_ca else 'on' if config.tls else 'off'}")
+    lines.append(f"tokens: {len(config.tokens)}")
+    return lines
+
+
+def _ledger_copy(config: ServerConfig, tmp: Path) -> tuple[Ledger, str]:
+    """A throw-away copy of the ledger (read through SQLite's backup API), or an empty in-memory
+    ledger if there is none yet; and a line saying which."""
+    from dprdm.ledger import MemoryLedger, SqliteLedger
+
+    path = Path(config.data_dir) / "ledger.sqlite3"
+    if not path.exists():
+        parent = next(p for p in path.parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            why = "not a directory" if not parent.is_dir() else "not writable"
+            raise StartupError(f"server.data_dir: cannot create the ledger {path}: {parent} is {why}")
+        return MemoryLedger(), f"ledger: {path} (new: the configured budgets will be created)"
+    copy = tmp / "ledger.sqlite3"
+    # Without a WAL file (no server has it open) the file is read as immutable, which creates no
+    # -wal/-shm beside it; with one (a running server) SQLite's read-only mode joins its WAL.
+    wal = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+    try:
+        src, dst = sqlite3.connect(uri, uri=True), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        ledger = SqliteLedger(copy, group_commit=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"server.data_dir: cannot read the ledger {path}: {exc}") from None
+    except LedgerError as exc:
+        raise StartupError(f"server.data_dir: the ledger {path}: {exc}") from None
+    return ledger, f"ledger: {path} ({len(ledger.domains())} domain(s))"
+
+
+def _open_ledger_or_say_why(config: ServerConfig) -> Ledger:
+    """:func:`open_ledger`, its OS or SQLite failure turned into one line naming the path.
+
+    Raises:
+        StartupError: e.g. ``server.data_dir: cannot open the ledger /srv/x/ledger.sqlite3: ...``.
+    """
+    path = Path(config.data_dir) / "ledger.sqlite3"
+    try:
+        return open_ledger(config)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else path
+        raise StartupError(f"server.data_dir: cannot open the ledger {where}: {exc.strerror or exc}") from None
+    except sqlite3.Error as exc:
+        raise StartupError(f"server.data_dir: cannot open the ledger {path}: {_sqlite_reason(path, exc)}") from None
+
+
+def _sqlite_reason(path: Path, exc: sqlite3.Error) -> str:
+    """SQLite's message, with the OS reason when a probe of the file or directory finds one."""
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_RDWR))
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"{exc} (directory {path.parent} is not writable)"
+    except OSError as err:
+        return f"{exc} ({err.strerror})"
+    return str(exc)
+
+
+async def _bind_and_start(config: ServerConfig, server: grpc.aio.Server, metrics: Metrics) -> tuple[int, int | None]:
+    """Bind the gRPC port and the metrics port, then start serving; returns both ports.
+
+    Raises:
+        StartupError: naming the address that cannot be bound (or the unreadable TLS file).
+    """
     creds = _credentials(config)
-    port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
-    if port == 0:
-        raise StartupError(f"server.listen: cannot bind {config.listen!r}")
-    await server.start()
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reason = _bind_reason(config.listen)  # asked first: gRPC's own failure is a multi-line log
+    if reason is None:
+        try:
+            port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
+        except RuntimeError:  # recent grpc raises instead of returning 0
+            port = 0
+        reason = "gRPC refused the address" if port == 0 else None
+    if reason is not None:
+        raise StartupError(f"server.listen: cannot bind {config.listen}: {reason}")
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = metrics.serve(config.metrics_port, config.metrics_host)
-    log.info("serving %d index(es) on port %d", len(catalog.indexes), port)
-    return RunningServer(server, port, service, ledger, catalog, metrics, health_servicer, metrics_port)
+        address = f"{config.metrics_host}:{config.metrics_port}"
+        try:
+            metrics_port = metrics.serve(config.metrics_port, config.metrics_host)
+        except OSError as exc:
+            raise StartupError(f"server.metrics_port: cannot bind {address}: {_os_reason(exc)}") from None
+    await server.start()
+    return port, metrics_port
+
+
+def _os_reason(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def _bind_reason(listen: str) -> str | None:
+    """Why ``listen`` cannot be bound (None: it can), from a probe bind with gRPC's socket options
+    (``SO_REUSEADDR``, no ``SO_REUSEPORT``): gRPC's own failure says it in many lines, not why."""
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return None
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+    except OSError as exc:
+        return _os_reason(exc)
+    return None
 
 
 async def serve(
@@ -164,15 +364,52 @@ async def serve(
     ledger: Ledger | None = None,
     loaders: Loaders | None = None,
     ready: asyncio.Event | None = None,
+    reload_config: Callable[[], ServerConfig] | None = None,
 ) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop gracefully."""
+    """Run a server until SIGINT or SIGTERM, then drain it (:meth:`RunningServer.stop`) within
+    ``config.shutdown_grace``.
+
+    SIGHUP reloads the ``[[tokens]]`` from ``reload_config()`` (the configuration file read
+    again); a bad file keeps the current tokens (one log line). Without ``reload_config`` SIGHUP
+    is ignored with a log line.
+    """
     running = await start_server(config, ledger=ledger, loaders=loaders)
     print(f"dprdm: listening on port {running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_stop, stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, _reload_tokens, running, config, reload_config)
     if ready is not None:
         ready.set()
-    await stop.wait()
-    await running.stop(grace=5.0)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    await running.stop(grace=config.shutdown_grace)
+
+
+def _on_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("received %s", sig.name)
+    stop.set()
+
+
+def _reload_tokens(
+    running: RunningServer, current: ServerConfig, reload_config: Callable[[], ServerConfig] | None
+) -> None:
+    """SIGHUP: swap in the configuration file's token list; on any error keep the current one."""
+    if reload_config is None or running.authenticator is None:
+        log.warning("received SIGHUP: ignored (no configuration file to reload tokens from)")
+        return
+    try:
+        fresh = reload_config()
+        running.authenticator.replace(fresh.tokens)
+    except (ConfigError, ValueError) as exc:
+        log.error("received SIGHUP: tokens not reloaded, keeping the %d current one(s): %s",
+                  len(running.authenticator), exc)
+        return
+    log.info("received SIGHUP: reloaded %d token(s)", len(fresh.tokens))
+    if replace(fresh, tokens=current.tokens) != current:
+        log.warning("received SIGHUP: only [[tokens]] are reloaded; other changes need a restart")

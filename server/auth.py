@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,12 +21,14 @@ import grpc
 from .api_types import Caller
 from .config import TokenConfig, hash_token
 from .errors import PermissionDenied, ServiceError, Unauthenticated
+from .logs import ACCESS_LOGGER, event
 from .status import code_of, to_rpc_status
 
 __all__ = ["Authenticator", "AuthInterceptor", "current_caller", "OPEN_PREFIXES", "ADMIN_PREFIX"]
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/dprdm.v1.Admin/"
+_LOG = logging.getLogger(ACCESS_LOGGER)
 _CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("dprdm_caller", default=None)
 
 
@@ -45,9 +48,26 @@ class Authenticator:
     """Maps bearer tokens to callers."""
 
     def __init__(self, tokens: Sequence[TokenConfig]) -> None:
-        self._by_digest = {
+        self._by_digest = self._digests(tokens)
+
+    @staticmethod
+    def _digests(tokens: Sequence[TokenConfig]) -> dict[str, Caller]:
+        return {
             t.token_sha256: Caller(tenant=t.tenant, role=t.role, indexes=t.indexes, domains=t.domains) for t in tokens
         }
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def replace(self, tokens: Sequence[TokenConfig]) -> None:
+        """Swap in a new token list atomically (``SIGHUP``): a call sees the old list or the new one.
+
+        Raises:
+            ValueError: ``tokens`` is empty (every call would be refused; the old list is kept).
+        """
+        if not tokens:
+            raise ValueError("no token is configured; every call would be refused")
+        self._by_digest = self._digests(tokens)  # one reference assignment
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller:
         """The caller for the ``authorization`` metadata.
@@ -86,7 +106,13 @@ def _method_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any, bool], Any]) -> grpc.RpcMethodHandler:
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Any, bool], Any],
+    deserializer: Callable[[Any], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour replaced by ``wrap(behaviour, streaming)`` (and, if given, its
+    request deserializer by ``deserializer(original)``); every RPC kind, serializers kept."""
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
         ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
@@ -96,9 +122,10 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any, bool], Any]) ->
     for attr, factory, streaming in kinds:
         behaviour = getattr(handler, attr)
         if behaviour is not None:
+            request = handler.request_deserializer
             return factory(
                 wrap(behaviour, streaming),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request if deserializer is None else deserializer(request),
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -127,19 +154,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             error = exc
             if self._on_reject is not None:
                 self._on_reject(_method_name(details.method), code_of(error))
-            return _rewrap(handler, lambda _b, streaming: _refuse(error, details.method, streaming))
+            return rewrap_handler(handler, lambda _b, streaming: _refuse(error, details.method, streaming))
         if caller is None:
             return handler
-        return _rewrap(handler, lambda b, streaming: _with_caller(b, caller, streaming))
+        return rewrap_handler(handler, lambda b, streaming: _with_caller(b, caller, streaming))
 
 
 def _refuse(exc: ServiceError, method: str, streaming: bool) -> Callable[..., Any]:
     status = to_rpc_status(exc, method)
 
+    def log_refusal(context: grpc.aio.ServicerContext) -> None:
+        # The reason is one of this module's fixed messages (never the token); the peer is the address.
+        event(_LOG, logging.WARNING, "auth refused", method=_method_name(method), code=code_of(exc).name,
+              error=type(exc).__name__, reason=str(exc), peer=context.peer())  # fmt: skip
+
     async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        log_refusal(context)
         await context.abort_with_status(status)
 
     async def stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        log_refusal(context)
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 

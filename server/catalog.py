@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,6 +37,8 @@ from dprdm.privacy import (
 )
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
+from .curve_cache import CACHE_DIR as CURVE_CACHE_DIR
+from .curve_cache import cached_charge
 from .errors import StartupError
 
 __all__ = [
@@ -298,11 +301,21 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
 
 
 @functools.lru_cache(maxsize=256)
-def _charge(profile: Profile, hardened_dimension: int | None = None, group_size: int = 1) -> npt.NDArray[np.float64]:
-    """The RDP curve of one query of a mechanism (computed once per distinct one; read-only)."""
-    curve: npt.NDArray[np.float64] = mechanism_rdp(
-        profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension, group_size=group_size
-    )
+def _charge(
+    profile: Profile, hardened_dimension: int | None = None, group_size: int = 1, cache_dir: Path | None = None
+) -> npt.NDArray[np.float64]:
+    """The RDP curve of one query of a mechanism (computed once per distinct one; read-only).
+
+    With ``cache_dir``, discrete-noise curves go through the disk cache of
+    :mod:`dprdm.server.curve_cache` (bit-identical; saves ~1.3 s per mechanism at a restart)."""
+    curve: npt.NDArray[np.float64]
+    if cache_dir is not None and hardened_dimension is not None:
+        curve = cached_charge(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension,
+                              group_size=group_size, cache_dir=cache_dir)
+    else:
+        curve = mechanism_rdp(
+            profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension, group_size=group_size
+        )
     curve.flags.writeable = False
     return curve
 
@@ -363,11 +376,13 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
         if any(p.profile.retrieves for s in members for p in s.config.profiles):
             budgets[domain] = _domain_budget(config, ledger, domain, members)
     final: dict[str, ServedIndex] = {}
+    data_dir = Path(config.data_dir)  # curves are cached beside the ledger (only once it exists)
+    cache_dir = data_dir / CURVE_CACHE_DIR if data_dir.is_dir() else None
     for s in served:
         delta = budgets[s.domain].delta if s.domain in budgets else None
         profiles = {}
         for p in s.config.profiles:  # each served profile built once, with its final epsilon
-            charge = _charge(p.profile, s.hardened, s.group)
+            charge = _charge(p.profile, s.hardened, s.group, cache_dir)
             profiles[p.name] = ServedProfile(
                 p.name, p.profile, charge, _epsilon_one(charge, delta), p.nprobe, s.hardened
             )

@@ -12,6 +12,8 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     # fixed_response_seconds = 0.5   # answer at a fixed time after admission (timing is a release)
     noise_pool_size = 2048           # discrete noise vectors kept ready per (sigma, dimension)
     noise_pool_threads = 1           # background refill threads (a drained pool answers UNAVAILABLE)
+    shutdown_grace = 30.0            # SIGTERM/SIGINT: seconds admitted calls get to finish
+    log_format = "text"              # or "json" (one object per line); dprdm serve --log-format
 
     [limits]
     max_prompt_chars = 1000
@@ -110,6 +112,7 @@ class ProfileConfig:
     name: str
     profile: Profile
     nprobe: int | None = None
+    """IVF indexes only: lists probed per query, fixed per profile (public). Absent: the index's own default."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,17 @@ class IndexConfig:
 
     name: str
     path: str
+    """The index directory (built by ``dprdm index build``)."""
     bundle: str
+    """Encoder/generator bundle: a registry name (``dprdm-mini``) or a bundle file; its encoder must be
+    the one that built the index (checked at start)."""
     profiles: tuple[ProfileConfig, ...]
     private: bool = True
+    """Whether the corpus is private (charged to its domain's budget). ``false`` is refused for an index
+    whose manifest declares a private corpus."""
     noise: str = "discrete"
+    """``discrete`` (the exact discrete Gaussian; the default of a private index) or ``float`` (the
+    default of a public one)."""
     allow_float_noise: bool = False
     """Explicit opt-in to float noise on a private index (``noise = "float"``): textbook
     floating-point Gaussian samples leak through their low-order bits (I. Mironov, "On
@@ -140,10 +150,18 @@ class BudgetConfig:
 
     domain: str
     epsilon: float
+    """The domain's total epsilon (> 0); queries are refused once the next one would exceed it."""
     delta: float | None = None
+    """The budget's delta, in (0, 1) and < 1/N̄ of every index of the domain; absent: 1/(10 N̄) of the
+    largest served index."""
     rule: str = "auto"
+    """``single`` (one mechanism: the exact RDP curve of n queries), ``filter`` (a Rényi filter at one
+    order: mixes profiles and noise kinds) or ``auto`` (single when the domain serves one mechanism)."""
     filter_order: float | None = None
+    """The Rényi filter's order; absent: the best order for the served mechanisms."""
     quotas: tuple[tuple[str, float], ...] = ()
+    """Per-tenant epsilon caps within the budget (``{ alice = 2.0 }``); a tenant over its cap is
+    refused with ``TENANT_QUOTA_EXHAUSTED``."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +174,14 @@ class TokenConfig:
     """
 
     tenant: str
+    """The tenant the token acts as (receipts, quotas and the audit trail name it)."""
     role: str
+    """``tenant`` (queries) or ``admin`` (the admin service); default ``tenant``."""
     token_sha256: str = field(repr=False)
     indexes: frozenset[str] | None = None
+    """Tenant tokens only: the index names this token may use (others: ``PERMISSION_DENIED``)."""
     domains: frozenset[str] | None = None
+    """Tenant tokens only: the privacy domains (corpus ids) whose indexes this token may use."""
 
 
 @dataclass(frozen=True)
@@ -167,8 +189,11 @@ class TlsConfig:
     """Server TLS; ``client_ca`` enables mTLS (client certificates required)."""
 
     cert: str
+    """PEM certificate chain of the server."""
     key: str
+    """PEM private key of the server."""
     client_ca: str | None = None
+    """PEM CA bundle; set: clients must present a certificate it signed (mTLS)."""
 
 
 @dataclass(frozen=True)
@@ -176,9 +201,13 @@ class Limits:
     """Request bounds (validation)."""
 
     max_prompt_chars: int = 1000
+    """Longest prompt accepted (characters)."""
     max_images: int = 4
+    """Most images one Generate call may ask for."""
     max_steps: int = 100
+    """Most diffusion steps one Generate call may ask for."""
     default_steps: int = 25
+    """Diffusion steps when a call names none (<= ``max_steps``)."""
 
 
 @dataclass(frozen=True)
@@ -186,17 +215,34 @@ class ServerConfig:
     """The whole server configuration."""
 
     listen: str = "127.0.0.1:50051"
+    """HOST:PORT of the gRPC server (port 0: any free port; ``--listen`` overrides)."""
     data_dir: str = "./dprdm-data"
+    """Directory of the SQLite ledger (``ledger.sqlite3``) and the start-up caches (verified index
+    checksums, discrete-noise RDP curves); created if missing. ``--data-dir`` overrides."""
     metrics_port: int | None = None
+    """Prometheus metrics port; absent: no metrics endpoint. ``--metrics-port`` overrides."""
     metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds."""
     reuse_releases: bool = True
+    """Answer a tenant's repeated identical public input from its stored release, charged 0
+    (``--no-reuse`` turns it off)."""
     group_commit: bool = True
+    """Batch concurrent ledger commits into one fsync (each charge is still durable before it is
+    answered)."""
     query_threads: int = 32
+    """Threads running retrievals (search and release) off the event loop."""
     generation_workers: int = 1
+    """Generations run at once (each holds the generator)."""
     generation_queue: int = 8
+    """Generate calls that may wait for a worker; beyond it: ``UNAVAILABLE``/``OVERLOADED``, nothing charged."""
     min_deadline_seconds: float = 0.05
+    """Calls whose deadline leaves less than this are refused before any charge
+    (``DEADLINE_EXCEEDED``/``DEADLINE_TOO_SHORT``)."""
     fixed_response_seconds: float | None = None
+    """Answer every spending call this long after admission (the response time is then independent
+    of the private data); absent: as soon as ready."""
     max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message received or sent (>= 4 MiB)."""
     noise_pool_size: int = 2048
     """Exact discrete-Gaussian vectors pre-generated per served (sigma, dimension), filled before
     serving. Sized from ``benchmarks/noise.py`` (issue 12 item 11): the vectorised sampler refills
@@ -204,6 +250,13 @@ class ServerConfig:
     per key at d = 512; filling it delays start-up by ~0.5-1 s per key there); a drained pool
     answers UNAVAILABLE with RetryInfo, nothing charged."""
     noise_pool_threads: int = 1
+    """Background threads refilling the discrete-noise pools."""
+    shutdown_grace: float = 30.0
+    """Seconds a SIGTERM/SIGINT drain lets admitted calls finish (new calls are refused at once);
+    calls still running then are cut with ``UNAVAILABLE``/``SHUTTING_DOWN`` naming their request
+    id (a charged one still stores its release before the process exits: a replay returns it)."""
+    log_format: str = "text"
+    """``text`` or ``json`` (JSON lines): see :mod:`dprdm.server.logs`."""
     limits: Limits = Limits()
     tls: TlsConfig | None = None
     tokens: tuple[TokenConfig, ...] = ()
@@ -361,7 +414,13 @@ def _token(i: int, t: _Table, env: Mapping[str, str]) -> TokenConfig:
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise ConfigError(f"{t.key('token_sha256')}: must be 64 hex digits")
     else:
-        raw = t.get("token", str) if sources[0] == "token" else env.get(t.get("token_env", str), "")
+        if sources[0] == "token":
+            raw = t.get("token", str)
+        else:
+            var = t.get("token_env", str)
+            if var not in env:
+                raise ConfigError(f"{t.key('token_env')}: environment variable {var} is not set")
+            raw = env[var]
         if len(raw) < 16:
             raise ConfigError(f"{t.key(sources[0])}: the token must have at least 16 characters")
         digest = hash_token(raw)
@@ -411,6 +470,10 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
     fixed = cfg.fixed_response_seconds
     if fixed is not None and not (0.0 < fixed <= 600):
         raise ConfigError(f"server.fixed_response_seconds: must be in (0, 600]; found {fixed!r}")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"server.log_format: must be 'text' or 'json'; found {cfg.log_format!r}")
+    if not (0.0 <= cfg.shutdown_grace <= 3600):
+        raise ConfigError(f"server.shutdown_grace: must be in [0, 3600] seconds; found {cfg.shutdown_grace!r}")
     if not (0.0 <= cfg.min_deadline_seconds < 3600):
         raise ConfigError(
             f"server.min_deadline_seconds: must be in [0, 3600); found {cfg.min_deadline_seconds!r}"
@@ -475,6 +538,8 @@ def parse_config(
             "max_message_bytes",
             "noise_pool_size",
             "noise_pool_threads",
+            "shutdown_grace",
+            "log_format",
         )
     }
     tokens_raw = root.get("tokens", list, [])

@@ -6,6 +6,8 @@ private-derived value (SPEC §3) and never a traceback.
 
 from __future__ import annotations
 
+import uuid
+
 __all__ = [
     "ServiceError",
     "InvalidArgument",
@@ -17,6 +19,10 @@ __all__ = [
     "DeadlineTooShort",
     "Cancelled",
     "Unsupported",
+    "ShuttingDown",
+    "ChargedNotAnswered",
+    "AnswerPending",
+    "AnswerLost",
     "StartupError",
 ]
 
@@ -89,6 +95,67 @@ class Cancelled(ServiceError):
 
 class Unsupported(ServiceError):
     """The request is valid but this server cannot serve it (e.g. no generator loaded)."""
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining (SIGTERM) and cut this call; ``request_id`` is the call's id
+    (server-chosen ones too): a retry with it returns the stored release if the call was charged."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"the server is shutting down and cut this call; retry with request_id {request_id!r}: "
+            f"if it was charged, the retry returns its stored release without a new charge"
+        )
+        self.request_id = request_id
+
+
+class ChargedNotAnswered(ServiceError):
+    """The query's charge was committed but its answer could not be delivered (SPEC §6: the charge
+    is kept). The message and the ErrorInfo metadata carry ``request_id`` (also a server-chosen
+    one), the key a replay uses; a replay never draws a fresh release.
+
+    Attributes:
+        request_id: the request's id (send it back as ``request_id`` to replay).
+        spend_id: the committed spend.
+    """
+
+    def __init__(self, message: str, *, request_id: str, spend_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.spend_id = spend_id
+
+
+class AnswerPending(ChargedNotAnswered):
+    """Charged, and the release exists but could not be stored (the ledger cannot commit): the
+    server holds it, and a replay with ``request_id`` once the ledger commits again stores and
+    returns it, charging nothing (UNAVAILABLE with RetryInfo). Held releases live in memory: after
+    a restart the replay is answered RELEASE_MISSING, as after a crash."""
+
+    def __init__(self, *, request_id: str, spend_id: str, cause: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was charged, but the privacy ledger cannot store its release "
+            f"({cause}); replay request_id {request_id!r} to receive it (no new charge)",
+            request_id=request_id,
+            spend_id=spend_id,
+        )
+        self.cause = cause
+        self.retry_after_seconds = retry_after_seconds
+
+
+class AnswerLost(ChargedNotAnswered):
+    """Charged, but no release exists (an unexpected error after the charge): the charge is kept
+    and a replay with ``request_id`` is answered RELEASE_MISSING, never with a fresh draw
+    (INTERNAL; ``error_id`` names the logged stack)."""
+
+    def __init__(self, *, request_id: str, spend_id: str) -> None:
+        self.error_id = uuid.uuid4().hex[:16]
+        super().__init__(
+            f"request_id {request_id!r} was charged, but its answer failed (error id {self.error_id}); "
+            f"the charge is kept and a replay of request_id {request_id!r} returns RELEASE_MISSING, "
+            "never a fresh release",
+            request_id=request_id,
+            spend_id=spend_id,
+        )
 
 
 class StartupError(Exception):

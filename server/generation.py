@@ -15,7 +15,8 @@ import asyncio
 import io
 import secrets
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class GenerationPool:
         self._running: asyncio.Semaphore | None = None
         self._inside = 0
         self._lock = threading.Lock()
+        self.on_generated: Callable[[float], None] | None = None
+        """Called with the seconds a worker spent making one job's images (metrics)."""
 
     @property
     def inside(self) -> int:
@@ -110,7 +113,11 @@ class GenerationPool:
 
         def work() -> None:
             try:
-                for ev in _generate(job, stop, put):
+                start = time.perf_counter()
+                images = _generate(job, stop, put)
+                if self.on_generated is not None:  # metrics: public inputs only (steps, images, model)
+                    self.on_generated(time.perf_counter() - start)
+                for ev in images:
                     put(ev)
                 put(None)
             except _Stop:

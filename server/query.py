@@ -16,6 +16,14 @@
 6. ``ledger.store_release``; from step 4 on the work always runs to completion, whatever
    happens to the caller (the charge is never refunded, and the release stays replayable).
 
+A failure after the charge is never a bare INTERNAL: it raises
+:class:`~dprdm.server.errors.AnswerPending` when the release exists but the ledger cannot store
+it (the release is held in :class:`HeldReleases`; a replay with the request id stores and returns
+it once the ledger commits again), or :class:`~dprdm.server.errors.AnswerLost` when no release
+exists (a replay is answered ``ReleaseMissing``, never with a fresh draw). Both carry the request
+id. A release leaves the server only once it is stored (SPEC §6: store, then return), so every
+answer a client saw can be replayed.
+
 The receipt is the ledger's: ``reserve`` composes and stores it with the spend, replays and
 release reuse return the stored one; this module only marks a reused one (charged 0).
 
@@ -26,8 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -35,15 +45,41 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from dprdm.ledger.api import BudgetState, Ledger, ReplayMismatch, Reservation
+from dprdm.ledger.api import (
+    BudgetState,
+    Ledger,
+    LedgerUnavailable,
+    ReleaseMissing,
+    ReplayMismatch,
+    Reservation,
+)
 from dprdm.privacy import Budget, check_dp_generator, release
 from dprdm.privacy.discrete import NoisePool, release_hardened
 
 from .api_types import Answer, Caller, QueryArgs, Receipt
 from .catalog import Catalog, ServedIndex, ServedProfile
-from .errors import Cancelled, DeadlineTooShort, NoiseExhausted, NotFound, PermissionDenied
+from .errors import (
+    AnswerLost,
+    AnswerPending,
+    Cancelled,
+    DeadlineTooShort,
+    NoiseExhausted,
+    NotFound,
+    PermissionDenied,
+)
 
-__all__ = ["ChargeGuard", "QueryPlan", "plan_query", "binding_hash", "answer_query", "PoolNoise", "pool_noise"]
+__all__ = [
+    "ChargeGuard",
+    "QueryPlan",
+    "plan_query",
+    "binding_hash",
+    "answer_query",
+    "HeldReleases",
+    "PoolNoise",
+    "pool_noise",
+]
+
+log = logging.getLogger("dprdm.server")
 
 
 @dataclass
@@ -137,6 +173,50 @@ def plan_query(catalog: Catalog, caller: Caller, args: QueryArgs) -> QueryPlan:
     )
 
 
+@dataclass(frozen=True)
+class _Held:
+    binding: str
+    spend_id: str
+    release: npt.NDArray[np.float64]
+    receipt: Receipt
+
+
+class HeldReleases:
+    """Charged releases the ledger could not store, kept in memory until a replay of their
+    (tenant, request id) stores and returns them (see :func:`answer_query`).
+
+    A held release is only ever given to the same tenant, request id and binding it was charged
+    for (the ledger checks the binding before it answers ``ReleaseMissing``). At most ``limit``
+    are held, the oldest dropped first; a dropped one, like any after a restart, is answered
+    ``ReleaseMissing`` on replay (as after a crash between the charge and the store).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._held: OrderedDict[tuple[str, str], _Held] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def put(self, tenant: str, request_id: str, held: _Held) -> None:
+        """Hold a release (dropping the oldest beyond the limit)."""
+        with self._lock:
+            self._held[(tenant, request_id)] = held
+            while len(self._held) > self._limit:
+                self._held.popitem(last=False)
+
+    def get(self, tenant: str, request_id: str) -> _Held | None:
+        """The held release of (tenant, request id), or None."""
+        with self._lock:
+            return self._held.get((tenant, request_id))
+
+    def discard(self, tenant: str, request_id: str) -> None:
+        """Forget a release once it is stored."""
+        with self._lock:
+            self._held.pop((tenant, request_id), None)
+
+
 def _encode(plan: QueryPlan) -> npt.NDArray[np.float32]:
     u = np.asarray(plan.served.bundle.encoder.encode_texts([plan.args.prompt]), dtype=np.float32)
     return u.reshape(-1)
@@ -152,6 +232,7 @@ def answer_query(
     production: bool = True,
     on_charge: Callable[[BudgetState], None] | None = None,
     noise: NoiseSource | None = None,
+    held: HeldReleases | None = None,
 ) -> Answer:
     """Charge and answer one query (see the module docstring for the order of steps).
 
@@ -165,10 +246,14 @@ def answer_query(
         on_charge: called with the budget state after a new charge (metrics).
         noise: lattice noise source for hardened profiles (pre-generated off the request path;
             it raises :class:`NoiseExhausted` instead of sampling when none is ready).
+        held: where a charged release the ledger cannot store waits for its replay (None: such
+            a release is dropped and its replay answered ``ReleaseMissing``).
 
     Raises:
         Cancelled, DeadlineTooShort, NoiseExhausted: before the charge, nothing charged.
-        dprdm.ledger.api.LedgerError: refusal, replay mismatch, missing release.
+        dprdm.ledger.api.LedgerError: refusal, replay mismatch, missing release, a ledger that
+            cannot commit (``LedgerUnavailable``: nothing charged).
+        AnswerPending, AnswerLost: after the charge (both name the request id).
     """
     u = _encode(plan)
     domain = plan.served.domain
@@ -210,18 +295,60 @@ def answer_query(
             index=plan.served.name,
         )
 
-    res = _give_back_on_error(charge, plan, noise, z)  # a refusal returns the unused vector
+    try:
+        res = _give_back_on_error(charge, plan, noise, z)  # a refusal returns the unused vector
+    except ReleaseMissing:
+        found = _store_held(plan, ledger, held)  # a replay of a release the ledger could not store
+        if found is None:
+            raise
+        guard.charged = True
+        return found
     guard.charged = True
     if res.replay:  # the ledger's stored receipt, marked replayed (the vector was never used)
         _give_back(plan, noise, z)
         return Answer(release=np.asarray(res.release, dtype=np.float64), receipt=res.receipt)
     if on_charge is not None:
-        on_charge(res.state)
-    rng = rng_factory()
-    check_dp_generator(rng, production=production)
-    c = _release(plan, u, rng, z)
-    ledger.store_release(res.spend_id, c)
+        try:
+            on_charge(res.state)
+        except Exception:  # metrics never fail a charged query
+            log.exception("budget metrics failed after the charge of spend %s", res.spend_id)
+    try:
+        rng = rng_factory()
+        check_dp_generator(rng, production=production)
+        c = _release(plan, u, rng, z)
+    except Exception as exc:  # charged, no release: a replay is answered ReleaseMissing
+        raise AnswerLost(request_id=plan.args.request_id, spend_id=res.spend_id) from exc
+    _store(plan, ledger, held, res, c)
     return Answer(release=c, receipt=res.receipt)
+
+
+def _store(
+    plan: QueryPlan, ledger: Ledger, held: HeldReleases | None, res: Reservation, c: npt.NDArray[np.float64]
+) -> None:
+    """Store the charged release; if the ledger cannot, hold it for a replay (AnswerPending)."""
+    rid = plan.args.request_id
+    try:
+        ledger.store_release(res.spend_id, c)
+    except LedgerUnavailable as exc:
+        if held is None:
+            raise AnswerLost(request_id=rid, spend_id=res.spend_id) from exc
+        held.put(plan.tenant, rid, _Held(plan.binding, res.spend_id, c, res.receipt))
+        raise AnswerPending(
+            request_id=rid, spend_id=res.spend_id, cause=exc.cause, retry_after_seconds=exc.retry_after_seconds
+        ) from exc
+    except Exception as exc:
+        raise AnswerLost(request_id=rid, spend_id=res.spend_id) from exc
+
+
+def _store_held(plan: QueryPlan, ledger: Ledger, held: HeldReleases | None) -> Answer | None:
+    """The replay of a held release: store it now (``LedgerUnavailable`` if the ledger still
+    cannot: it stays held) and answer it as the replay of its own request; None if none is held."""
+    found = None if held is None else held.get(plan.tenant, plan.args.request_id)
+    if held is None or found is None or found.binding != plan.binding:
+        return None
+    ledger.store_release(found.spend_id, found.release)
+    held.discard(plan.tenant, plan.args.request_id)
+    return Answer(release=found.release, receipt=found.receipt.as_replay())
 
 
 NoiseSource = Callable[[float, int], npt.NDArray[np.float64]]

@@ -10,16 +10,23 @@ Async orchestration around :func:`dprdm.server.query.answer_query`:
 * with ``fixed_response_seconds``, answers leave at a fixed time after admission, so the
   response time does not depend on the private data (unless the work overran it);
 * concurrent requests with the same (tenant, request id) are serialised: the second waits for the
-  first and is then answered as a replay (instead of seeing a reservation without its release).
+  first and is then answered as a replay (instead of seeing a reservation without its release);
+* shutdown drain: every Retrieve/Generate is an admitted call while it runs here; :meth:`drain`
+  waits for them, :meth:`cut` ends those still running with
+  :class:`~dprdm.server.errors.ShuttingDown` naming their request id (their queries still run to
+  completion in the pool, so a charged one stores its release and a retry returns it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -45,12 +52,22 @@ from .api_types import (
 )
 from .catalog import Catalog
 from .config import Limits
-from .errors import DeadlineTooShort, InvalidArgument, NotFound, PermissionDenied, StartupError, Unsupported
+from .errors import (
+    DeadlineTooShort,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShuttingDown,
+    StartupError,
+    Unsupported,
+)
 from .generation import GenerationJob, GenerationPool
-from .metrics import Metrics
-from .query import ChargeGuard, answer_query, plan_query, pool_noise
+from .metrics import InstrumentedLedger, Metrics
+from .query import ChargeGuard, HeldReleases, answer_query, plan_query, pool_noise
 
 __all__ = ["ServiceOptions", "DprdmService", "budget_view"]
+
+log = logging.getLogger("dprdm.server")
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,41 @@ def _default_noise_pool(catalog: Catalog, options: ServiceOptions = ServiceOptio
     return pool
 
 
+class _Admission:
+    """One admitted Retrieve/Generate while it runs in the service (the shutdown drain's unit).
+
+    A cut (:meth:`DprdmService.cut`) cancels the call's task; leaving this context turns that
+    cancellation into :class:`ShuttingDown` with the request id (any other cancellation, e.g. the
+    caller going away, stays a cancellation).
+    """
+
+    def __init__(self, service: DprdmService, request_id: str) -> None:
+        self.service, self.request_id = service, request_id
+        self.task = asyncio.current_task()
+        self.guard: ChargeGuard | None = None
+        self.cut = False
+
+    def __enter__(self) -> _Admission:
+        if self.service._draining:
+            log.info("shutting down: refused call request_id=%s (not admitted, not charged)", self.request_id)
+            raise ShuttingDown(self.request_id)
+        self.service._admitted.add(self)
+        self.service._idle.clear()
+        return self
+
+    def __exit__(
+        self, etype: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        admitted = self.service._admitted
+        admitted.discard(self)
+        if not admitted:
+            self.service._idle.set()
+        if self.cut and isinstance(exc, asyncio.CancelledError):
+            if self.task is not None:
+                self.task.uncancel()
+            raise ShuttingDown(self.request_id) from None
+
+
 class DprdmService:
     """The public API's service layer (no gRPC types)."""
 
@@ -138,6 +190,8 @@ class DprdmService:
     ) -> None:
         self.catalog, self.ledger, self.options = catalog, ledger, options
         self.metrics = metrics
+        if metrics is not None:  # commit durations and error counts (public: the ledger holds no private data)
+            self.ledger = InstrumentedLedger(ledger, metrics)  # type: ignore[assignment]
         self._rng_factory = rng_factory
         if noise_pool is not None:  # an injected pool (tests, tools): register the served keys
             for sigma, dim in sorted(_hardened_keys(catalog)):
@@ -148,7 +202,52 @@ class DprdmService:
         )
         self._pool = ThreadPoolExecutor(max_workers=options.query_threads, thread_name_prefix="dprdm-query")
         self.generation = GenerationPool(options.generation_workers, options.generation_queue)
+        if metrics is not None:  # generation time depends on public inputs only (steps, images, model)
+            self.generation.on_generated = metrics.generation_seconds.observe
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
+        self.held = HeldReleases()  # charged releases the ledger could not store, until replayed
+        self._admitted: set[_Admission] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    @property
+    def admitted(self) -> int:
+        """Retrieve/Generate calls running in the service now."""
+        return len(self._admitted)
+
+    def begin_drain(self) -> None:
+        """Refuse new Retrieve/Generate calls with :class:`ShuttingDown` (nothing charged)."""
+        self._draining = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the admitted calls to finish; whether they all did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return not self._admitted
+        return True
+
+    def cut(self) -> int:
+        """End every admitted call with :class:`ShuttingDown` (one log line each); returns how many.
+
+        An uncharged query is stopped before its charge; a charged one keeps running in the pool
+        until its release is stored (:meth:`close` waits for it), so a retry returns it.
+        """
+        calls = sorted(self._admitted, key=lambda a: a.request_id)
+        for call in calls:
+            charged = call.guard is not None and call.guard.charged
+            if call.guard is not None:
+                call.guard.cancel()  # effective only before the charge
+            call.cut = True
+            if call.task is not None:
+                call.task.cancel()
+            log.warning(
+                "shutting down: cut call request_id=%s (%s)",
+                call.request_id,
+                "charged: its release is stored before exit" if charged else "not charged",
+            )
+        return len(calls)
 
     async def retrieve(self, caller: Caller, args: QueryArgs, *, deadline: float | None = None) -> Answer:
         """Charge and answer one query: the release and its receipt.
@@ -159,13 +258,20 @@ class DprdmService:
             deadline: absolute ``time.monotonic()`` deadline of the call, or None.
 
         Raises:
-            NotFound, DeadlineTooShort, Cancelled, and the ledger's errors (refusal, replay
-            mismatch, missing release).
+            NotFound, DeadlineTooShort, Cancelled, ShuttingDown, and the ledger's errors
+            (refusal, replay mismatch, missing release).
         """
+        with _Admission(self, args.request_id) as call:
+            return await self._retrieve(caller, args, deadline, call)
+
+    async def _retrieve(
+        self, caller: Caller, args: QueryArgs, deadline: float | None, call: _Admission
+    ) -> Answer:
         start = time.monotonic()
         plan = plan_query(self.catalog, caller, args)
         fixed = self.options.fixed_response_seconds
         guard = ChargeGuard(deadline=deadline, margin=max(self.options.min_deadline_seconds, fixed or 0.0))
+        call.guard = guard
         guard.before_charge()
         key = (caller.tenant, args.request_id)
         while args.client_request_id and key in self._inflight:
@@ -181,6 +287,7 @@ class DprdmService:
                 reuse=self.options.reuse_releases,
                 on_charge=on_charge,
                 noise=self._noise,
+                held=self.held,
             ),
         )
         future.add_done_callback(_consume)
@@ -192,6 +299,8 @@ class DprdmService:
         except asyncio.CancelledError:
             guard.cancel()  # effective only if the charge has not happened yet
             raise
+        if not answer.receipt.spend_id and plan.served.domain in self.catalog.budgets:  # e.g. lambda = 0
+            answer = await asyncio.get_running_loop().run_in_executor(self._pool, _with_figures, self.ledger, answer)
         if fixed is not None:  # timing is a release: answer at a fixed time after admission (SPEC §3)
             await asyncio.sleep(max(0.0, start + fixed - time.monotonic()))
         return answer
@@ -212,11 +321,18 @@ class DprdmService:
             raise Unsupported(f"index {plan.served.name!r} has no generator; use Retrieve")
         if deadline is not None and time.monotonic() + self.options.min_deadline_seconds >= deadline:
             raise DeadlineTooShort()
+        with _Admission(self, args.query.request_id) as call:
+            async for event in self._generate(caller, args, deadline, call, generator):
+                yield event
+
+    async def _generate(
+        self, caller: Caller, args: GenerateArgs, deadline: float | None, call: _Admission, generator: Any
+    ) -> AsyncIterator[GenerateEvent]:
         slot = self.generation.admit()
         self._gauge()
         try:
             yield Queued(position=slot.position)
-            answer = await self.retrieve(caller, args.query, deadline=deadline)
+            answer = await self._retrieve(caller, args.query, deadline, call)
             yield Retrieved(receipt=answer.receipt)
             seed = args.seed if args.seed is not None else self.generation.new_seed()
             job = GenerationJob(
@@ -318,6 +434,20 @@ class DprdmService:
         self._pool.shutdown(wait=True)
         if self._noise_pool is not None:
             self._noise_pool.close()
+
+
+def _with_figures(ledger: Ledger, answer: Answer) -> Answer:
+    """An answer that charged nothing (lambda = 0), its receipt showing its domain's real figures
+    (SPEC §7: the budget's delta and epsilon, spent and left now) instead of zeros."""
+    state = ledger.budget_state(answer.receipt.domain)
+    receipt = replace(
+        answer.receipt,
+        delta=float(state.budget.delta),
+        epsilon_budget=float(state.budget.epsilon),
+        epsilon_spent=float(state.epsilon_spent),
+        epsilon_left=float(state.epsilon_left),
+    )
+    return replace(answer, receipt=receipt)
 
 
 def _consume(future: asyncio.Future[Answer]) -> None:

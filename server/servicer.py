@@ -1,7 +1,8 @@
 """Thin gRPC servicers: convert the request, call the service layer, convert the reply.
 
 Every method runs inside :class:`_Call`, which maps exceptions through the one status table
-(:mod:`dprdm.server.status`) and counts the request by method and final code.
+(:mod:`dprdm.server.status`), counts the request by method and final code, and reports that code
+to the access line (:func:`dprdm.server.access.note_outcome`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import grpc
 from dprdm.proto.v1 import admin_pb2, admin_pb2_grpc, dprdm_pb2, dprdm_pb2_grpc
 
 from . import converters as conv
+from .access import note_outcome
 from .admin import AdminService
 from .api_types import Caller
 from .auth import current_caller
@@ -51,18 +53,19 @@ class _Call:
         self, etype: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
         if exc is None:
-            self._count("OK")
+            self._count("OK", None)
             return False
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            self._count("CANCELLED")
+            self._count("CANCELLED", None)
             return False
         if isinstance(exc, grpc.aio.AbortError):
             return False
-        self._count(code_of(exc).name)
+        self._count(code_of(exc).name, exc)
         await self.context.abort_with_status(to_rpc_status(exc, self.method))
         return False  # pragma: no cover - abort_with_status raises
 
-    def _count(self, code: str) -> None:
+    def _count(self, code: str, exc: BaseException | None) -> None:
+        note_outcome(code, exc)
         if self.metrics is not None:
             self.metrics.request(self.method, code)
 

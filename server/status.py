@@ -3,6 +3,11 @@
 Every servicer method goes through :func:`to_rpc_status`; an exception that is not in the table
 is ``INTERNAL`` with an opaque error id (logged with its stack but without its message, which
 could carry a private-derived value); a traceback never reaches the client.
+
+A ledger that cannot commit is UNAVAILABLE with RetryInfo and its cause (nothing was charged;
+the file's path is logged, not sent). A call charged but not answered names its request id
+(server-chosen ones too) in the message, the ErrorInfo metadata and a RequestInfo:
+UNAVAILABLE when a replay will return the release, INTERNAL (with an error id) when none exists.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (E.DeadlineTooShort, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_TOO_SHORT"),
     (E.Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED_BEFORE_CHARGE"),
     (E.Unsupported, grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED"),
+    (E.AnswerPending, grpc.StatusCode.UNAVAILABLE, "CHARGED_REPLAY_TO_RECEIVE"),
+    (E.AnswerLost, grpc.StatusCode.INTERNAL, "CHARGED_ANSWER_LOST"),
+    (L.LedgerUnavailable, grpc.StatusCode.UNAVAILABLE, "LEDGER_UNAVAILABLE"),
+    (E.ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
     (L.BudgetExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "PRIVACY_BUDGET_EXHAUSTED"),
     (L.QuotaExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_QUOTA_EXHAUSTED"),
     (L.UnknownDomain, grpc.StatusCode.NOT_FOUND, "UNKNOWN_PRIVACY_DOMAIN"),
@@ -60,9 +69,43 @@ def _pack(msg: Any) -> any_pb2.Any:
     return out
 
 
-def _details(exc: BaseException, reason: str) -> list[Any]:
+def _retry_info(secs: float) -> error_details_pb2.RetryInfo:
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
+    )
+
+
+def _message(exc: BaseException, cls: type[BaseException]) -> str:
+    if isinstance(exc, L.LedgerUnavailable):  # the cause, not the server's file path (logged instead)
+        return f"the privacy ledger cannot commit ({exc.cause}); this call charged nothing, retry later"
+    return _MESSAGES.get(cls, str(exc))
+
+
+def _charged_details(exc: E.ChargedNotAnswered, meta: dict[str, str], method: str) -> list[Any]:
+    """A charged call that could not answer: the request id to replay with (server-chosen too)."""
+    meta.update(request_id=exc.request_id, spend_id=exc.spend_id, charged="true")
+    extra: list[Any] = [error_details_pb2.RequestInfo(request_id=exc.request_id)]
+    if isinstance(exc, E.AnswerPending):
+        extra.append(_retry_info(float(exc.retry_after_seconds)))
+        log.warning("%s: spend %s charged, its release held until the ledger can store it: %s",
+                    method, exc.spend_id, exc.cause)  # fmt: skip
+    elif isinstance(exc, E.AnswerLost):
+        meta["error_id"] = exc.error_id
+        cause = exc.__cause__ or exc
+        frames = "".join(traceback.format_tb(cause.__traceback__))
+        log.error("internal error %s in %s after the charge of spend %s: %s\n%s",
+                  exc.error_id, method, exc.spend_id, type(cause).__name__, frames)  # fmt: skip
+    return extra
+
+
+def _details(exc: BaseException, reason: str, method: str = "") -> list[Any]:
     meta: dict[str, str] = {}
     extra: list[Any] = []
+    if isinstance(exc, E.ChargedNotAnswered):
+        extra = _charged_details(exc, meta, method)
+    elif isinstance(exc, L.LedgerUnavailable):
+        meta["cause"] = exc.cause
+        extra.append(_retry_info(float(exc.retry_after_seconds)))
     if isinstance(exc, E.InvalidArgument):
         meta["field"] = exc.field
         extra.append(
@@ -115,6 +158,9 @@ def _details(exc: BaseException, reason: str) -> list[Any]:
                 retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
             )
         )
+    if isinstance(exc, E.ShuttingDown):  # the id to retry with (server-chosen ids too)
+        meta["request_id"] = exc.request_id
+        extra.append(error_details_pb2.RequestInfo(request_id=exc.request_id))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=meta)
     return [info, *extra]
 
@@ -148,6 +194,6 @@ def to_rpc_status(exc: BaseException, method: str) -> grpc.Status:
         code, message, details = _internal(exc, method)
     else:
         cls, code, reason = row
-        message, details = _MESSAGES.get(cls, str(exc)), _details(exc, reason)
+        message, details = _message(exc, cls), _details(exc, reason, method)
     proto = status_pb2.Status(code=code.value[0], message=message, details=[_pack(d) for d in details])
     return rpc_status.to_status(proto)

@@ -63,6 +63,13 @@ def test_refuses_non_loopback_address(capsys):
     assert "loopback only" in capsys.readouterr().err
 
 
+def test_missing_tmp_directory_is_one_line(tmp_path, capsys):
+    assert main(["bench", "load", "--tmp", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--tmp" in err and "not an existing directory" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_benchmark_server_defaults_follow_the_server() -> None:
     """The load benchmark measures the server as shipped unless a flag says otherwise."""
     from dprdm.server.config import ServerConfig

@@ -165,8 +165,8 @@ q = 1.0
 sigma = 0.5
 lambda = 0.5
 """)
-    assert main(["serve", "--config", str(cfg), "--check"]) == 0
-    assert "configuration OK" in capsys.readouterr().out
+    assert main(["serve", "--config", str(cfg), "--check"]) == 2  # --check opens the index (issue 13)
+    assert "indexes.faces" in capsys.readouterr().err
     assert main(["serve", "--config", str(cfg)]) == 2
     assert "indexes.faces" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -79,3 +82,47 @@ def test_unknown_encoder_spec_is_a_clear_error(tmp_path, capsys):
     write_image_folder(tmp_path / "imgs", 2)
     assert _build(tmp_path) == 2  # real resolver: "fake" is not a registry spec
     assert "--encoder 'fake'" in capsys.readouterr().err
+
+
+def test_verify_refuses_edited_manifest_fields_and_seals_old_ones(tmp_path, capsys, index_fake_encoder):
+    """Issue 13 item 7: `verify` no longer says OK after `private`/`corpus_id`/`public_size` edits."""
+    write_image_folder(tmp_path / "imgs", 6)
+    assert _build(tmp_path) == 0
+    idx, mpath = tmp_path / "idx", tmp_path / "idx" / "manifest.json"
+    original = mpath.read_text()
+    assert main(["index", "info", str(idx)]) == 0
+    assert "sealed sha256" in capsys.readouterr().out
+    for key, value in (("private", False), ("corpus_id", "other"), ("public_size", 10_000)):
+        m = json.loads(original)
+        m[key] = value
+        mpath.write_text(json.dumps(m, indent=2))
+        assert main(["index", "verify", str(idx)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "edited after the build" in err and "\n" not in err
+    m = json.loads(original)
+    m.pop("manifest_sha256")
+    mpath.write_text(json.dumps(m))  # an index built before manifests were sealed
+    assert main(["index", "verify", str(idx)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK") and "NOT sealed" in out and "dprdm index seal" in out
+    assert main(["index", "seal", str(idx)]) == 0
+    assert "sealed" in capsys.readouterr().out
+    assert main(["index", "verify", str(idx)]) == 0
+    assert "sealed manifest" in capsys.readouterr().out
+    assert main(["index", "seal", str(idx)]) == 0
+    assert "already sealed" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_is_quiet(tmp_path, capsys, index_fake_encoder):
+    """`dprdm index info | head`: no BrokenPipe traceback, exit status 141 (128 + SIGPIPE)."""
+    write_image_folder(tmp_path / "imgs", 3)
+    assert _build(tmp_path) == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dprdm", "index", "info", "--json", str(tmp_path / "idx")],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

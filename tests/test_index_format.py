@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dprdm.index import BuildConfig, IndexFormatError, build_from_vectors, load, verify
+from dprdm.index.format import SEAL_FIELD, index_version_of, is_sealed, seal, write_manifest
 from dprdm.index.testing import random_unit_vectors
 from dprdm.models.base import EncoderIdentity
 from dprdm.models.fake import FakeEncoder
@@ -100,7 +101,7 @@ def test_verify_detects_off_grid_vectors(tmp_path, index_dir):
     from dprdm.index.format import file_entry
 
     m["files"]["vectors.npy"] = file_entry(path / "vectors.npy")
-    (path / "manifest.json").write_text(json.dumps(m))
+    _save(path, m)
     load(path)
     with pytest.raises(IndexFormatError, match="grid"):
         verify(path)
@@ -113,13 +114,24 @@ def _rewrite(path, name, arr, m):
     m["files"][name] = file_entry(path / name)
 
 
+def _save(path, m, *, sealed=True):
+    """Write a consistent manifest (index version and, unless an old unsealed one, the seal), as
+    a build or someone rewriting every checksum would."""
+    m["index_version"] = index_version_of(m["corpus_id"], m["files"])
+    if sealed:
+        write_manifest(path, m)
+    else:
+        m.pop(SEAL_FIELD, None)
+        (path / "manifest.json").write_text(json.dumps(m))
+
+
 def test_verify_detects_private_data_in_filler(index_dir):
     path = index_dir[0]
     m = json.loads((path / "manifest.json").read_text())
     vec = np.load(path / "vectors.npy")
     vec[350] = vec[0]  # a filler row (id -1) holding a record's vector
     _rewrite(path, "vectors.npy", vec, m)
-    (path / "manifest.json").write_text(json.dumps(m))
+    _save(path, m)
     with pytest.raises(IndexFormatError, match="public filler"):
         verify(path)
 
@@ -130,7 +142,7 @@ def test_bad_filler_ids_refused(index_dir):
     ids = np.load(path / "ids.npy")
     ids[399] = 12345  # a 301st "record" where the filler is
     _rewrite(path, "ids.npy", ids, m)
-    (path / "manifest.json").write_text(json.dumps(m))
+    _save(path, m)
     with pytest.raises(IndexFormatError, match="expected 300 record ids"):
         load(path)
 
@@ -149,7 +161,7 @@ def test_format_1_index_still_loads_padded(index_dir):
     for key in ("storage_rows", "group_size", "storage"):
         m.pop(key)
     m["format_version"] = 1
-    (path / "manifest.json").write_text(json.dumps(m))
+    _save(path, m, sealed=False)  # format 1 predates the seal
     old = verify(path)
     assert old.vectors.shape == (400, 16) and np.array_equal(old.ids, new_ids)
     assert np.array_equal(old.vectors, new_vectors) and old.group_size == 1
@@ -178,7 +190,63 @@ def test_format_1_ivf_index_still_loads_padded(tmp_path):
     for key in ("storage_rows", "group_size", "storage"):
         m.pop(key)
     m["format_version"] = 1
-    (path / "manifest.json").write_text(json.dumps(m))
+    _save(path, m, sealed=False)  # format 1 predates the seal
     old = verify(path)
     assert np.array_equal(old.ids, ids) and np.array_equal(old.vectors, vec) and old.group_size == 2
     assert old.search_subsampled(u, k=6, q=0.6, rng=np.random.default_rng(2)).ids.tolist() == want
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(private=False),
+        lambda m: m.update(corpus_id="another-domain"),
+        lambda m: m.update(public_size=m["public_size"] + 1000),
+        lambda m: m.update(record_unit="owner"),
+        lambda m: m["files"]["vectors.npy"].update(sha256="0" * 64),
+    ],
+)
+def test_manifest_fields_are_covered_by_the_seal(index_dir, edit):
+    """Issue 13 item 7: editing the manifest's own fields is refused like a changed data file."""
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    assert is_sealed(m)
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2))
+    for check in (load, verify):
+        with pytest.raises(IndexFormatError, match="edited after the build"):
+            check(path)
+
+
+def test_seal_is_canonical_json_and_reformatting_keeps_it(index_dir):
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(dict(reversed(list(m.items())))))  # key order, spacing
+    verify(path)
+
+
+def test_old_unsealed_manifest_loads_and_seal_seals_it(index_dir):
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    m.pop(SEAL_FIELD)
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert not is_sealed(verify(path).manifest)  # still loadable; the CLI reports it as unsealed
+    assert seal(path) is True
+    assert is_sealed(verify(path).manifest) and seal(path) is False
+    sealed = json.loads((path / "manifest.json").read_text())
+    sealed["private"] = False
+    (path / "manifest.json").write_text(json.dumps(sealed))
+    with pytest.raises(IndexFormatError, match="edited after the build"):
+        seal(path)  # a sealed manifest that was edited is never re-sealed
+
+
+def test_unsealed_corpus_id_edit_is_caught_by_the_index_version(index_dir):
+    path = index_dir[0]
+    m = json.loads((path / "manifest.json").read_text())
+    m.pop(SEAL_FIELD)
+    m["corpus_id"] = "another-domain"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match="was corpus_id edited"):
+        verify(path)
+    with pytest.raises(IndexFormatError, match="was corpus_id edited"):
+        seal(path)

@@ -20,7 +20,7 @@ from dprdm.ledger import writer as writer_module
 from dprdm.ledger.api import (
     BudgetExhausted,
     LedgerCorrupt,
-    LedgerError,
+    LedgerUnavailable,
     Receipt,
     ReleaseMissing,
     SchemaMismatch,
@@ -267,7 +267,7 @@ def test_busy_store_fails_the_batch_quickly_and_recovers(tmp_path):
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         batch = _batch(["a", "b"])
         led._writer.execute(batch)
-        assert all(type(p.error) is LedgerError and "unavailable" in str(p.error) for p in batch)
+        assert all(type(p.error) is LedgerUnavailable and "database is locked" in str(p.error) for p in batch)
         other.execute("ROLLBACK")
         other.close()
         assert reserve(led, "a").state.spends == 1

@@ -30,11 +30,17 @@ def test_metrics(tmp_path):
     assert 'dprdm_requests_total{code="UNAUTHENTICATED",method="ListIndexes"} 1.0' in text
     assert 'dprdm_requests_total{code="OK",method="Generate"} 1.0' in text
     assert re.search(r'dprdm_budget_epsilon_spent\{domain="corpus-a"\} [0-9.]+', text)
-    names = {m.group(1) for m in re.finditer(r"^(dprdm_[a-z_]+?)(?:_total|_created)?[{ ]", text, re.M)}
+    names = {m.group(1) for m in re.finditer(r"^(dprdm_[a-z_]+?)(?:_total|_created|_bucket|_count|_sum)?[{ ]", text, re.M)}
     assert names == {
-        "dprdm_requests",
+        "dprdm_requests",  # dprdm_bad_requests has no sample until a bad request (test_server_observability)
         "dprdm_budget_epsilon",
         "dprdm_budget_epsilon_spent",
         "dprdm_generation_inside",
+        "dprdm_generation_seconds",
+        "dprdm_ledger_commit_seconds",
+        "dprdm_ledger_errors",
     }
-    assert "seconds" not in text and "survivor" not in text and "distance" not in text
+    # the only timings: generation and ledger commits (public inputs); none per query or per method
+    timed = {m.group(1) for m in re.finditer(r"^(\w+)_seconds_bucket", text, re.M)}
+    assert timed == {"dprdm_generation", "dprdm_ledger_commit"}
+    assert "survivor" not in text and "distance" not in text
