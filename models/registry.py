@@ -57,6 +57,9 @@ __all__ = [
     "load_generator",
     "load_bundle",
     "shared_bundle",
+    "shared_key",
+    "loaded_shared",
+    "declared_conditioning_dimension",
     "check_identity",
     "Check",
 ]
@@ -350,8 +353,45 @@ def _checks(spec: BundleSpec, encoder: Encoder, generator: Generator) -> list[Ch
     return checks
 
 
+def declared_conditioning_dimension(spec: BundleSpec) -> int | None:
+    """The generator's conditioning dimension as its JSON files declare it, importing no model code.
+
+    ``generator.conditioning_dimension`` in the bundle file wins; else ``rdm`` reads ``dim`` from the
+    folder's ``rdm_config.json`` and ``rdm-packed`` from the packed JSON's ``rdm`` section. Other
+    types declare nothing (None). A loaded generator is checked against this value.
+
+    Raises:
+        ValueError: a declared value or config file is malformed.
+    """
+    gen = spec.generator
+    if "conditioning_dimension" in gen:
+        dim = gen["conditioning_dimension"]
+        where = f"bundle {spec.path}: generator.conditioning_dimension"
+    elif gen.get("type") in ("rdm", "rdm-packed") and "path" in gen:
+        path = _resolve(spec.path.parent, str(gen["path"]))
+        cfg = path / "rdm_config.json" if gen["type"] == "rdm" else path
+        try:
+            raw = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # missing or unreadable: the real load names the problem
+        dim = (raw.get("rdm") if gen["type"] == "rdm-packed" else raw) or {}
+        dim = dim.get("dim") if isinstance(dim, dict) else None
+        if dim is None:
+            return None
+        where = f"{cfg}: dim"
+    else:
+        return None
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"{where} must be a positive integer; found {dim!r}")
+    return dim
+
+
 def load_bundle(
-    name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None, refuse: bool = True
+    name_or_path: str | Path = DEFAULT_BUNDLE,
+    device: Any = None,
+    dtype: Any = None,
+    refuse: bool = True,
+    encoder: Encoder | None = None,
 ) -> Bundle:
     """Load a bundle's encoder and generator and check that they belong together.
 
@@ -360,6 +400,8 @@ def load_bundle(
         device, dtype: as :func:`load_encoder` (used for both models).
         refuse: raise on the first failed check (``False``: return the bundle with its ``checks``,
             for ``dprdm models check``).
+        encoder: the bundle's encoder, already loaded (the server loads it first and the generator
+            in the background); None loads it.
 
     Raises:
         FileNotFoundError: unknown bundle or missing model files (named).
@@ -369,7 +411,8 @@ def load_bundle(
     """
     spec = read_bundle(name_or_path)
     base = spec.path.parent
-    encoder = load_encoder(spec.encoder, base, device=device, dtype=dtype)
+    if encoder is None:
+        encoder = load_encoder(spec.encoder, base, device=device, dtype=dtype)
     if refuse and spec.encoder_identity is not None:  # cheap, before the generator loads
         check_identity(spec.encoder_identity, encoder.identity, what=f"bundle {spec.name!r} declaration")
     generator = load_generator(spec.generator, base, device=device, dtype=dtype)
@@ -382,18 +425,40 @@ def load_bundle(
 
 _SHARED: dict[tuple[str, str, str, str], Bundle] = {}
 _SHARED_LOCK = threading.Lock()
+_KEY_LOCKS: dict[tuple[str, str, str, str], threading.Lock] = {}
 
 
-def shared_bundle(name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None) -> Bundle:
+def shared_key(name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None) -> tuple[str, str, str, str]:
+    """What :func:`shared_bundle` loads a bundle once per: its resolved file, content, device and dtype."""
+    path = read_bundle(name_or_path).path.resolve()
+    return (str(path), hashlib.sha256(path.read_bytes()).hexdigest(), str(device), str(dtype))
+
+
+def loaded_shared(key: tuple[str, str, str, str]) -> Bundle | None:
+    """The bundle :func:`shared_bundle` already loaded for ``key`` (:func:`shared_key`), else None."""
+    with _SHARED_LOCK:
+        return _SHARED.get(key)
+
+
+def shared_bundle(
+    name_or_path: str | Path = DEFAULT_BUNDLE, device: Any = None, dtype: Any = None, encoder: Encoder | None = None
+) -> Bundle:
     """:func:`load_bundle`, once per process for each resolved bundle (file path and content), device
     and dtype: every index served with one bundle shares its encoder and pipeline (one copy in memory).
+
+    ``encoder``: the bundle's encoder, already loaded (used only if the bundle is not loaded yet).
+    One bundle loading does not hold up another (a lock per bundle).
 
     Raises:
         As :func:`load_bundle`.
     """
-    path = read_bundle(name_or_path).path.resolve()
-    key = (str(path), hashlib.sha256(path.read_bytes()).hexdigest(), str(device), str(dtype))
-    with _SHARED_LOCK:  # held while loading: two indexes starting together load the bundle once
-        if key not in _SHARED:
-            _SHARED[key] = load_bundle(path, device=device, dtype=dtype)
-        return _SHARED[key]
+    key = shared_key(name_or_path, device, dtype)
+    with _SHARED_LOCK:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:  # held while loading: two indexes starting together load the bundle once
+        with _SHARED_LOCK:
+            if key in _SHARED:
+                return _SHARED[key]
+        bundle = load_bundle(Path(key[0]), device=device, dtype=dtype, encoder=encoder)
+        with _SHARED_LOCK:
+            return _SHARED.setdefault(key, bundle)

@@ -52,7 +52,6 @@ from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
-from scipy.optimize import linprog
 
 from .lattice import DEFAULT_LATTICE_EXPONENT, widened_sensitivity
 from .mechanism import Profile
@@ -172,6 +171,8 @@ def _majorant_log_a(q: float, z: float, a: float) -> float:
     a_ub /= row_max[:, None]  # rows scaled to max 1; tiny entries dropped (a candidate only: the
     a_ub[np.abs(a_ub) < 1e-10] = 0.0  # certificate below is what counts)
     cost = np.concatenate([np.ones(pos_c.size), [1.0, -1.0, 1.0, -1.0]])
+    from scipy.optimize import linprog  # lazy: ~0.26 s at import, and curves usually come from the disk cache
+
     try:
         res = linprog(cost, A_ub=a_ub, b_ub=-1.0 / row_max, bounds=(0.0, None), method="highs")
     except ValueError:

@@ -69,19 +69,25 @@ def open_ledger(config: ServerConfig) -> Ledger:
     return SqliteLedger(data_dir / "ledger.sqlite3", group_commit=config.group_commit)
 
 
-def default_loaders(checksum_cache: str | None = None) -> Loaders:
+def default_loaders(checksum_cache: str | None = None, *, background: bool = False) -> Loaders:
     """Loaders backed by ``dprdm.index.load`` and ``dprdm.models.registry.load_bundle``.
 
     ``checksum_cache``: a directory (the server's data dir) where verified data-file checksums are
     kept, so a restart re-hashes only files whose stat changed (:mod:`dprdm.index.checksum_cache`);
     None re-hashes every file (``serve --check`` and ``dprdm index verify`` always do).
+
+    ``background``: load each bundle's generator on a background thread after the encoder
+    (:func:`dprdm.server.adapters.load_bundle`); ``serve`` does, ``serve --check`` loads everything now.
     """
     from .adapters import load_bundle, load_index
 
     def index(path: str) -> Any:
         return load_index(path, checksum_cache=checksum_cache)
 
-    return Loaders(index=index, bundle=load_bundle)
+    def bundle(name: str) -> Any:
+        return load_bundle(name, background=background)
+
+    return Loaders(index=index, bundle=bundle)
 
 
 @dataclass
@@ -154,7 +160,7 @@ async def start_server(
         raise StartupError("tokens: no token is configured; every call would be refused")
     ledger = ledger if ledger is not None else _open_ledger_or_say_why(config)
     try:
-        catalog = build_catalog(config, ledger, loaders or default_loaders(checksum_cache=config.data_dir))
+        catalog = build_catalog(config, ledger, loaders or default_loaders(checksum_cache=config.data_dir, background=True))
     except BaseException:
         ledger.close()
         raise
@@ -204,6 +210,10 @@ async def start_server(
         raise
     ledger_health = LedgerHealth(health_servicer, ("", *SERVICE_NAMES), ledger)
     await ledger_health.start()  # SERVING; NOT_SERVING while the ledger cannot commit
+    for served in catalog.indexes.values():  # generators load once SERVING (Generate says so till then)
+        start_loading = getattr(served.bundle.generator, "start", None)
+        if start_loading is not None:
+            start_loading()
     ledger_path = getattr(ledger, "path", None)  # a shared ledger file is logged (one line)
     record = None if ledger_path is None else register_server(Path(ledger_path), port)
     event(log, logging.INFO, f"serving {len(catalog.indexes)} index(es) on port {port}",
@@ -233,7 +243,7 @@ def check_server(config: ServerConfig, *, loaders: Loaders | None = None) -> lis
     with tempfile.TemporaryDirectory(prefix="dprdm-check-") as tmp:
         ledger, ledger_line = _ledger_copy(config, Path(tmp))
         try:
-            catalog = build_catalog(config, ledger, loaders or default_loaders())
+            catalog = build_catalog(config, ledger, loaders or default_loaders(background=False))
         finally:
             ledger.close()
     lines = [

@@ -19,6 +19,8 @@ __all__ = [
     "DeadlineTooShort",
     "Cancelled",
     "Unsupported",
+    "GeneratorLoading",
+    "GeneratorFailed",
     "ShuttingDown",
     "ChargedNotAnswered",
     "AnswerPending",
@@ -95,6 +97,32 @@ class Cancelled(ServiceError):
 
 class Unsupported(ServiceError):
     """The request is valid but this server cannot serve it (e.g. no generator loaded)."""
+
+
+class GeneratorLoading(ServiceError):
+    """The index's generator is still loading in the background (the server serves Retrieve while
+    it loads); checked before any charge, so nothing was charged. ``retry_after_seconds`` is a
+    public constant."""
+
+    def __init__(self, bundle: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(
+            f"the generator of bundle {bundle!r} is still loading; nothing was charged, retry later "
+            "(Retrieve is available now)"
+        )
+        self.bundle = bundle
+        self.retry_after_seconds = retry_after_seconds
+
+
+class GeneratorFailed(Unsupported):
+    """The index's generator failed to load in the background (the cause is in the server log, not
+    sent); checked before any charge. Retrieve keeps working."""
+
+    def __init__(self, bundle: str) -> None:
+        super().__init__(
+            f"the generator of bundle {bundle!r} failed to load (see the server log); nothing was "
+            "charged; use Retrieve"
+        )
+        self.bundle = bundle
 
 
 class ShuttingDown(ServiceError):

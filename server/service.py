@@ -313,12 +313,17 @@ class DprdmService:
         Overload is refused with :class:`~dprdm.server.errors.Overloaded` before any charge.
 
         Raises:
-            Unsupported: the index has no generator. Plus the errors of :meth:`retrieve`.
+            Unsupported: the index has no generator (``GeneratorFailed``: it failed to load).
+            GeneratorLoading: the generator is still loading in the background.
+            Plus the errors of :meth:`retrieve`.
         """
         plan = plan_query(self.catalog, caller, args.query)
         generator = plan.served.bundle.generator
         if generator is None:
             raise Unsupported(f"index {plan.served.name!r} has no generator; use Retrieve")
+        loaded = getattr(generator, "loaded", None)  # a generator loading in the background
+        if callable(loaded):
+            generator = loaded()  # GeneratorLoading / GeneratorFailed: before any charge
         if deadline is not None and time.monotonic() + self.options.min_deadline_seconds >= deadline:
             raise DeadlineTooShort()
         with _Admission(self, args.query.request_id) as call:

@@ -41,6 +41,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (E.NoiseExhausted, grpc.StatusCode.UNAVAILABLE, "NOISE_POOL_EMPTY"),
     (E.DeadlineTooShort, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_TOO_SHORT"),
     (E.Cancelled, grpc.StatusCode.CANCELLED, "CANCELLED_BEFORE_CHARGE"),
+    (E.GeneratorLoading, grpc.StatusCode.UNAVAILABLE, "GENERATOR_LOADING"),
+    (E.GeneratorFailed, grpc.StatusCode.FAILED_PRECONDITION, "GENERATOR_FAILED"),
     (E.Unsupported, grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED"),
     (E.AnswerPending, grpc.StatusCode.UNAVAILABLE, "CHARGED_REPLAY_TO_RECEIVE"),
     (E.AnswerLost, grpc.StatusCode.INTERNAL, "CHARGED_ANSWER_LOST"),
@@ -151,13 +153,15 @@ def _details(exc: BaseException, reason: str, method: str = "") -> list[Any]:
                 ]
             )
         )
-    elif isinstance(exc, (E.Overloaded, E.NoiseExhausted)):
+    elif isinstance(exc, (E.Overloaded, E.NoiseExhausted, E.GeneratorLoading)):
         secs = float(exc.retry_after_seconds)
         extra.append(
             error_details_pb2.RetryInfo(
                 retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
             )
         )
+    if isinstance(exc, (E.GeneratorLoading, E.GeneratorFailed)):
+        meta["bundle"] = exc.bundle
     if isinstance(exc, E.ShuttingDown):  # the id to retry with (server-chosen ids too)
         meta["request_id"] = exc.request_id
         extra.append(error_details_pb2.RequestInfo(request_id=exc.request_id))

@@ -14,5 +14,5 @@ from dprdm.cli.main import main
 from dprdm.server.testing import fake_loaders
 
 if __name__ == "__main__":
-    app.default_loaders = lambda checksum_cache=None: fake_loaders()  # the only difference from `dprdm serve`
+    app.default_loaders = lambda checksum_cache=None, background=False: fake_loaders()  # the only difference from `dprdm serve`
     raise SystemExit(main(sys.argv[1:]))
