@@ -159,6 +159,10 @@ def _summary(m: dict[str, Any]) -> list[str]:
         ivf = m["ivf"]
         lines.append(f"ivf            nlist {ivf['nlist']}, nprobe {ivf['nprobe']}, total capacity "
                      f"{ivf['total_capacity']}, slack {ivf['capacity_rule']['slack']}")
+    group = int(m.get("group_size", 1))
+    lines.append(f"group size     {group}" + ("  (one record can change two stored records: charged the group-2 curve;"
+                                          " list overflow counts in reports/build_report.json, operator-only)"
+                                          if group == 2 else ""))
     if m.get("dedup"):
         lines.append("dedup          " + ", ".join(f"{k} {v}" for k, v in m["dedup"].items()) + "  (operator-only)")
     lines.append(f"preprocessing  {m.get('preprocessing', '')}")

@@ -37,6 +37,7 @@ def test_build_info_verify_near_duplicates(tmp_path, capsys, index_fake_encoder)
     assert main(["index", "info", str(tmp_path / "idx")]) == 0
     out = capsys.readouterr().out
     assert "cli-test" in out and "public size N̄  100" in out and "operator-only" in out
+    assert "group size     1\n" in out  # flat: one record changes one stored record
     assert main(["index", "info", "--json", str(tmp_path / "idx")]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 12
     assert main(["index", "verify", str(tmp_path / "idx")]) == 0
@@ -76,6 +77,7 @@ def test_ivf_build_via_cli(tmp_path, capsys, index_fake_encoder):
     assert main(["index", "info", str(tmp_path / "idx")]) == 0
     out = capsys.readouterr().out
     assert "IVF4,Flat" in out and "trained on public" in out and "float16" in out
+    assert "group size     2  (one record can change two stored records" in out  # capacities < N̄
 
 
 def test_unknown_encoder_spec_is_a_clear_error(tmp_path, capsys):
