@@ -220,10 +220,19 @@ class Receipt:
     reused: bool = False
 
     @classmethod
-    def free(cls, *, request_id: str, index: str, domain: str, profile: str) -> Receipt:
-        """The receipt of an answer that charged no ledger (a profile that never retrieves, or
-        an index whose domain has no budget): no spend, every figure 0."""
-        return cls("", request_id, index, domain, profile, 0.0, 0.0, 0.0, 0.0, 0.0)
+    def free(
+        cls, *, request_id: str, index: str, domain: str, profile: str, state: BudgetState | None = None
+    ) -> Receipt:
+        """The receipt of an answer that charged nothing (a profile that never retrieves, or an
+        index whose domain has no budget): no spend, charged 0; with ``state`` (the domain's budget
+        now) the budget's delta and epsilon, spent and left, else every figure 0."""
+        if state is None:
+            return cls("", request_id, index, domain, profile, 0.0, 0.0, 0.0, 0.0, 0.0)
+        budget = state.budget
+        return cls(
+            "", request_id, index, domain, profile, 0.0, float(budget.delta),
+            float(state.epsilon_spent), float(state.epsilon_left), float(budget.epsilon),
+        )  # fmt: skip
 
     def as_replay(self) -> Receipt:
         """This receipt marked ``replayed`` (a replay of its own request: nothing new charged)."""

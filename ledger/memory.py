@@ -27,7 +27,6 @@ from .state import (
     DomainState,
     Rule,
     decode_release,
-    release_conflict,
     unknown_domain,
     unknown_spend,
 )
@@ -172,11 +171,8 @@ class MemoryLedger:
             spend = self._spends.get(op.spend_id)
             if spend is None:
                 raise unknown_spend(op.spend_id)
-            if spend.release is not None:
-                if spend.release != op.blob or spend.shape != op.shape:
-                    raise release_conflict(op.spend_id)
-                return
-            spend.release, spend.shape = op.blob, op.shape
+            if op.needs_write(spend.release, spend.shape):
+                spend.release, spend.shape = op.blob, op.shape
 
     def find_release(
         self, *, domain: str, tenant: str, binding_hash: str

@@ -26,6 +26,7 @@ from .state import (
     check_text,
     compose_receipt,
     new_spend_id,
+    release_conflict,
     release_missing,
     replay_mismatch,
     short_repr,
@@ -176,6 +177,19 @@ class StoreRelease:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"release must be an array of floats; found {type(release).__name__}") from exc
         return cls(spend_id, arr.tobytes(), json.dumps(list(arr.shape)))
+
+    def needs_write(self, stored_blob: bytes | None, stored_shape: str | None) -> bool:
+        """Whether this release must be written over what the spend holds: True when it holds none,
+        False when it holds this same release (store is idempotent).
+
+        Raises:
+            ReleaseConflict: the spend already holds a different release.
+        """
+        if stored_blob is None:
+            return True
+        if stored_blob != self.blob or stored_shape != self.shape:
+            raise release_conflict(self.spend_id)
+        return False
 
 
 @dataclass(frozen=True)

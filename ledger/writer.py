@@ -39,7 +39,6 @@ from .state import (
     chunks,
     curve_text,
     decode_release,
-    release_conflict,
     unknown_domain,
     unknown_spend,
 )
@@ -372,12 +371,9 @@ class Writer:
         row = tx.by_id.get(op.spend_id)
         if row is None:
             raise unknown_spend(op.spend_id)
-        if row.release is not None:
-            if row.release != op.blob or row.shape != op.shape:
-                raise release_conflict(op.spend_id)
-            return
-        row.release, row.shape = op.blob, op.shape
-        tx.new_releases.append((op.spend_id, op.blob, op.shape))
+        if op.needs_write(row.release, row.shape):
+            row.release, row.shape = op.blob, op.shape
+            tx.new_releases.append((op.spend_id, op.blob, op.shape))
 
     def _check_writable(self, tx: Tx, op: CheckWritable) -> None:
         # 64 KiB of fresh bytes (16 WAL frames: more than one charge writes, so space that lets

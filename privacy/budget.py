@@ -46,6 +46,7 @@ __all__ = [
     "default_delta",
     "check_delta_for_size",
     "mechanism_rdp",
+    "mechanism_text",
 ]
 
 
@@ -243,8 +244,8 @@ class Budget:
         """
         if not self.serves(profile, hardened_dimension, group_size):
             raise ValueError(
-                f"this budget serves only {self.describe_mechanism()}; found profile {profile.to_dict()} "
-                f"with {_noise_text(hardened_dimension)}{_group_text(group_size)}"
+                f"this budget serves only {self.describe_mechanism()}; found profile "
+                f"{mechanism_text(profile, hardened_dimension, group_size)}"
             )
         return mechanism_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension, group_size=group_size)
 
@@ -278,8 +279,10 @@ class Budget:
         """One line naming the mechanism a single-profile budget serves (or "a Rényi filter")."""
         if self.profile is None:
             return f"a Rényi filter at order {self.filter_order:g}"
-        noise = _noise_text(self.hardened_dimension) if self.noise_recorded else "one noise kind (not recorded)"
-        return f"profile {self.profile.to_dict()} with {noise}{_group_text(self.group_size)}"
+        if not self.noise_recorded:
+            group = "" if self.group_size == 1 else f" (group size {self.group_size})"
+            return f"profile {self.profile.to_dict()} with one noise kind (not recorded){group}"
+        return f"profile {mechanism_text(self.profile, self.hardened_dimension, self.group_size)}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``hardened_dimension`` present iff a single budget's noise is recorded)."""
@@ -328,11 +331,9 @@ def mechanism_rdp(
     raise ValueError(f"group_size must be 1 or 2; found {group_size!r}")
 
 
-def _group_text(group_size: int) -> str:
-    return "" if group_size == 1 else f" (group size {group_size})"
-
-
-def _noise_text(hardened_dimension: int | None) -> str:
-    if hardened_dimension is None:
-        return "float noise"
-    return f"discrete noise at dimension {hardened_dimension}"
+def mechanism_text(profile: Profile, hardened_dimension: int | None, group_size: int = 1) -> str:
+    """A mechanism in one phrase, e.g. ``{'k': 5, ...} with discrete noise at dimension 16 (group size 2)``
+    (for errors and logs that name what a budget serves or refuses)."""
+    noise = "float noise" if hardened_dimension is None else f"discrete noise at dimension {hardened_dimension}"
+    group = "" if group_size == 1 else f" (group size {group_size})"
+    return f"{profile.to_dict()} with {noise}{group}"

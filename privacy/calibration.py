@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from .accountant import retrieval_rdp
-from .conversion import epsilon_from_rdp
+from .conversion import epsilon_from_rdp, epsilon_per_order
 from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
 
@@ -73,9 +73,9 @@ def _meets(profile: Profile, *, queries: int, delta: float, epsilon: float, hard
         return epsilon_for(profile, queries=queries, delta=delta, hardened_dimension=hardened_dimension) <= epsilon
     orders = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
     float_curve = retrieval_rdp(profile, orders=orders) * queries
-    per_order = np.array(
-        [epsilon_from_rdp(float_curve[i : i + 1], orders[i : i + 1], delta).epsilon for i in range(orders.size)]
-    )
+    # epsilon_from_rdp order by order: Thm 21, clamped at 0, and 0 where the TV bound applies
+    tv = delta**2 + np.expm1(-float_curve) >= 0.0
+    per_order = np.where(tv, 0.0, np.maximum(epsilon_per_order(float_curve, orders, delta), 0.0))
     subset = np.sort(orders[np.argsort(per_order, kind="stable")[:_CANDIDATES]])
     curve = retrieval_rdp(profile, orders=subset, hardened_dimension=hardened_dimension) * queries
     return epsilon_from_rdp(curve, subset, delta).epsilon <= epsilon

@@ -35,6 +35,7 @@ from dprdm.privacy import (
     epsilon_from_rdp,
     mechanism_rdp,
 )
+from dprdm.privacy.budget import mechanism_text
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
 from .curve_cache import CACHE_DIR as CURVE_CACHE_DIR
@@ -188,12 +189,6 @@ Mechanism = tuple[Profile, int | None, int]
 d: the exact discrete Gaussian at embedding dimension d) and the index's group size (1 or 2)."""
 
 
-def _mechanism_text(m: Mechanism) -> str:
-    noise = "float noise" if m[1] is None else f"discrete noise at dimension {m[1]}"
-    group = "" if m[2] == 1 else f" (group size {m[2]})"
-    return f"{m[0].to_dict()} with {noise}{group}"
-
-
 def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], public_size: int) -> Budget:
     """The :class:`Budget` a ``[budgets.<domain>]`` section describes.
 
@@ -214,7 +209,7 @@ def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], publi
     try:
         if rule == "single":
             if len(mechanisms) != 1:
-                served = "; ".join(_mechanism_text(m) for m in mechanisms)
+                served = "; ".join(mechanism_text(*m) for m in mechanisms)
                 raise ValueError(
                     f"rule 'single' needs exactly one retrieving mechanism; the domain serves "
                     f"{len(mechanisms)} ({served}): use rule = \"filter\""
@@ -278,14 +273,14 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
         )
     if budget.profile is not None and not budget.noise_recorded:
         if len(mechanisms) > 1:
-            served_text = "; ".join(_mechanism_text(m) for m in mechanisms)
+            served_text = "; ".join(mechanism_text(*m) for m in mechanisms)
             raise StartupError(
                 f"privacy domain {domain!r}: its single-profile budget (noise kind not recorded) may "
                 f"serve ONE mechanism, but the domain serves {len(mechanisms)} ({served_text}): serve "
                 f"one noise kind, or give the domain a Rényi-filter budget"
             )
         _LOG.info("privacy domain %r: single-profile budget without a recorded noise kind; it serves %s",
-                  domain, _mechanism_text(mechanisms[0]) if mechanisms else "no retrieving profile")
+                  domain, mechanism_text(*mechanisms[0]) if mechanisms else "no retrieving profile")
     for s in served:
         try:
             check_delta_for_size(budget.delta, s.index.public_size)
@@ -293,7 +288,7 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
                 if not budget.serves(p.profile, s.hardened, s.group):
                     raise ValueError(
                         f"the budget serves only {budget.describe_mechanism()}; profile {p.name!r} is "
-                        f"{_mechanism_text((p.profile, s.hardened, s.group))}: two mechanisms need a Rényi filter"
+                        f"{mechanism_text(p.profile, s.hardened, s.group)}: two mechanisms need a Rényi filter"
                     )
         except ValueError as exc:
             raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None

@@ -265,9 +265,11 @@ def answer_query(
             rng = rng_factory()
             check_dp_generator(rng, production=production)
             c = _release(plan, u, rng, z)
+        state = ledger.budget_state(domain) if plan.budget is not None else None  # e.g. lambda = 0
         free = Receipt.free(
-            request_id=plan.args.request_id, index=plan.served.name, domain=domain, profile=plan.profile.name
-        )
+            request_id=plan.args.request_id, index=plan.served.name, domain=domain, profile=plan.profile.name,
+            state=state,
+        )  # fmt: skip
         return Answer(release=c, receipt=free)
     if reuse:
         bound = ledger.request_binding(tenant=plan.tenant, request_id=plan.args.request_id)

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -299,8 +299,6 @@ class DprdmService:
         except asyncio.CancelledError:
             guard.cancel()  # effective only if the charge has not happened yet
             raise
-        if not answer.receipt.spend_id and plan.served.domain in self.catalog.budgets:  # e.g. lambda = 0
-            answer = await asyncio.get_running_loop().run_in_executor(self._pool, _with_figures, self.ledger, answer)
         if fixed is not None:  # timing is a release: answer at a fixed time after admission (SPEC §3)
             await asyncio.sleep(max(0.0, start + fixed - time.monotonic()))
         return answer
@@ -439,20 +437,6 @@ class DprdmService:
         self._pool.shutdown(wait=True)
         if self._noise_pool is not None:
             self._noise_pool.close()
-
-
-def _with_figures(ledger: Ledger, answer: Answer) -> Answer:
-    """An answer that charged nothing (lambda = 0), its receipt showing its domain's real figures
-    (SPEC §7: the budget's delta and epsilon, spent and left now) instead of zeros."""
-    state = ledger.budget_state(answer.receipt.domain)
-    receipt = replace(
-        answer.receipt,
-        delta=float(state.budget.delta),
-        epsilon_budget=float(state.budget.epsilon),
-        epsilon_spent=float(state.epsilon_spent),
-        epsilon_left=float(state.epsilon_left),
-    )
-    return replace(answer, receipt=receipt)
 
 
 def _consume(future: asyncio.Future[Answer]) -> None:
