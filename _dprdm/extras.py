@@ -1,7 +1,7 @@
 """Optional parts of dprdm ("extras") and the one-line message when one is missing.
 
 ``pip install dprdm`` installs only the client and the privacy core (numpy, scipy, randomgen,
-grpcio, protobuf). Everything else comes with an extra of ``pyproject.toml``; :data:`EXTRA_MODULES`
+dp-accounting, grpcio, protobuf). Everything else comes with an extra of ``pyproject.toml``; :data:`EXTRA_MODULES`
 lists, for each, the top-level modules it provides (what :func:`is_available` checks, without
 importing them)::
 

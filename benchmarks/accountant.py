@@ -14,7 +14,12 @@ admission decision: add the next query's cost and decide whether the budget stil
 A library whose projected time for one measurement exceeds ``--max-seconds`` is not run at that H;
 the row then reports the projection (linear in H, from the largest H measured) and says so.
 
-Usage: ``python benchmarks/accountant.py [--out benchmarks/results] [--repeats 5]``
+Second table (issue 17): queries a single-profile budget admits by RDP vs by PLD
+(``dprdm.privacy.pld``) at SPEC §4's reference profiles and the DP-RDM paper's settings, with the
+time to compute each T_max (cold caches) and the PLD budget's receipts table. Discrete-noise rows
+have no PLD number (not proven for the lattice: ``pld_dominating_pair`` returns None).
+
+Usage: ``python benchmarks/accountant.py [--out benchmarks/results] [--repeats 5] [--part admission|pld|all]``
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile, profile_rdp
+from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile, max_queries, profile_rdp
+from dprdm.privacy import pld as pld_mod
 
 PROFILES = [
     Profile(k=16, q=0.01, sigma=0.2, lam=0.5),
@@ -141,6 +147,72 @@ def run(repeats: int, max_seconds: float) -> dict[str, object]:
     }
 
 
+# (name, profile, delta, epsilon, noise dimension or None, source)
+PLD_SETTINGS: list[tuple[str, Profile, float, float, int | None, str]] = [
+    ("SPEC §4 ref. 2", Profile(k=23, q=0.01, sigma=0.05, lam=1.0), 2e-5, 9.44, None, "RDP epsilon of 1000 queries"),
+    ("SPEC §4 ref. 2, discrete d=512", Profile(k=23, q=0.01, sigma=0.05, lam=1.0), 2e-5, 9.44, 512, "private-index default"),
+    ("SPEC §4 ref. 1 / DP-RDM notebook", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 1.00, None,
+     "privacy_analysis.ipynb: 1000 queries, N = 1e7"),
+    ("SPEC §4 ref. 3 (q = 1)", Profile(k=20, q=1.0, sigma=0.05, lam=1.0), 1 / 82800, 10.65, None,
+     "one query (10.64 rounded up)"),
+    ("DP-RDM paper budget", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 10.0, None,
+     "epsilon 10 (MS-COCO headline) with the notebook's profile"),
+    ("Opacus test", Profile(k=2, q=0.04, sigma=1.5, lam=1.0), 1e-5, 7.3291, None, "multiplier 1.5, 2250 steps"),
+]
+
+
+def _cold_pld_caches() -> None:
+    for fn in (pld_mod._base, pld_mod._epsilon, pld_mod._delta, pld_mod._max_queries, pld_mod._plan):
+        fn.cache_clear()
+
+
+def run_pld() -> dict[str, object]:
+    """Queries admitted by RDP vs PLD at each of :data:`PLD_SETTINGS`, and the time to compute them."""
+    rows = []
+    for name, profile, delta, eps, dim, source in PLD_SETTINGS:
+        t0 = time.perf_counter()
+        rdp = max_queries(epsilon=eps, delta=delta, profile=profile, hardened_dimension=dim)
+        row: dict[str, object] = {"setting": name, "source": source, "profile": profile.to_dict(), "delta": delta,
+                                  "epsilon": eps, "noise": "float" if dim is None else f"discrete d={dim}",
+                                  "rdp_max_queries": rdp, "rdp_seconds": time.perf_counter() - t0}
+        if pld_mod.pld_dominating_pair(profile, dim) is None:
+            row.update(pld_max_queries=None, pld_seconds=None, plan_seconds=None, gain=None,
+                       pld_note=pld_mod.pld_refusal(hardened_dimension=dim))
+        else:
+            _cold_pld_caches()
+            t0 = time.perf_counter()
+            pld = pld_mod.max_queries_pld(epsilon=eps, delta=delta, profile=profile)
+            t1 = time.perf_counter()
+            plan = pld_mod.pld_plan(epsilon=eps, delta=delta, profile=profile)
+            t2 = time.perf_counter()
+            row.update(pld_max_queries=pld, pld_seconds=t1 - t0, plan_seconds=t2 - t1, table_points=len(plan.table),
+                       gain=(pld / rdp - 1.0) if rdp else None)
+        rows.append(row)
+        print(f"  {name}: RDP {row['rdp_max_queries']}, PLD {row['pld_max_queries']}", flush=True)
+    return {"benchmark": "accountant-pld", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "dp_accounting": pld_mod.dp_accounting_version(), "discretisation": pld_mod.DISCRETISATION,
+            "table_discretisation": pld_mod.TABLE_DISCRETISATION, "rows": rows}
+
+
+def pld_table(result: dict[str, object]) -> str:
+    """Markdown table of :func:`run_pld`."""
+    lines = [
+        "| setting | k | q | sigma | delta | epsilon | noise | RDP queries | PLD queries | gain | RDP s | PLD T_max s | + table s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:  # type: ignore[attr-defined]
+        p = r["profile"]
+        pld = "n/a (not proven)" if r["pld_max_queries"] is None else f"{r['pld_max_queries']:,}"
+        gain = "" if r["gain"] is None else f"{100 * r['gain']:+.0f} %"
+        secs = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(
+            f"| {r['setting']} | {p['k']} | {p['q']:g} | {p['sigma']:g} | {r['delta']:.3g} | {r['epsilon']:g} | "
+            f"{r['noise']} | {r['rdp_max_queries']:,} | {pld} | {gain} | {r['rdp_seconds']:.2f} | "
+            f"{secs(r['pld_seconds'])} | {secs(r['plan_seconds'])} |"
+        )
+    return "\n".join(lines)
+
+
 def table(result: dict[str, object]) -> str:
     lines = [
         "| history | dprdm (ms) | opacus (ms) | dp-accounting (ms) | x opacus | x dp-accounting |",
@@ -162,13 +234,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="skip (and project) longer runs")
+    parser.add_argument("--part", choices=("admission", "pld", "all"), default="all",
+                        help="admission cost (first table), RDP vs PLD queries (second), or both")
     args = parser.parse_args()
-    result = run(args.repeats, args.max_seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "accountant.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(f"wrote {path}")
+    if args.part in ("admission", "all"):
+        result = run(args.repeats, args.max_seconds)
+        path = args.out / "accountant.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(table(result))
+        print(f"wrote {path}")
+    if args.part in ("pld", "all"):
+        result = run_pld()
+        path = args.out / "accountant-pld.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(pld_table(result))
+        print(f"wrote {path}")
     return 0
 
 

@@ -7,13 +7,18 @@ Measures, in one run on one local-disk temp directory:
 * ``SqliteLedger.reserve`` (admission + durable reservation, committed before returning) with 1, 4,
   16 and 64 concurrent writer threads, with and without group commit: reservations per second,
   p50/p99 latency of one call, mean operations per transaction;
-* the CPU cost of one admission decision (``Budget.admits`` vs the ledger's precomputed rule).
+* the CPU cost of one admission decision (``Budget.admits`` vs the ledger's precomputed rule);
+* with ``--postgres``: the PostgreSQL ledger's single-domain reservations per second at 1, 4, 16
+  and 64 writers over 3 processes, paired with raw PostgreSQL single-row transactions on the same
+  server (:mod:`dprdm.benchmarks.ledger_pg`); ``auto`` starts a throw-away server
+  (:class:`dprdm.ledger.testing.PgServer`), a URL uses an existing database (a fresh schema per run).
 
 Writes ``ledger-<timestamp>.json`` to ``--out`` and prints a table. Ratios are within one run.
 
 Usage::
 
     python benchmarks/ledger.py [--out benchmarks/results/] [--seconds 3] [--threads 1,4,16,64]
+                                [--postgres auto|off|postgresql://...] [--skip-sqlite]
 """
 
 from __future__ import annotations
@@ -190,18 +195,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement time per configuration")
     parser.add_argument("--threads", default="1,4,16,64", help="comma-separated writer thread counts")
     parser.add_argument("--tmp", type=Path, default=None, help="local-disk directory for the databases")
+    parser.add_argument("--postgres", default="off",
+                        help="auto (a throw-away local server), off, or a postgresql:// URL of an existing database")
+    parser.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL runs")
     args = parser.parse_args(argv)
     thread_counts = [int(x) for x in args.threads.split(",")]
     directory = Path(tempfile.mkdtemp(prefix="dprdm-ledger-bench-", dir=args.tmp))
+    raw_before = raw_after = paired = {}
+    runs: list[dict[str, Any]] = []
     try:
-        raw_before = raw_sqlite(directory, args.seconds, "raw-before")
-        runs = [
-            ledger_run(directory, threads=n, group_commit=group, seconds=args.seconds)
-            for group in (False, True)
-            for n in thread_counts
-        ]
-        raw_after = raw_sqlite(directory, args.seconds, "raw-after")  # the disk is shared: bracket the runs
-        paired = paired_single_tx(directory, rounds=5, seconds=min(1.0, args.seconds))
+        if not args.skip_sqlite:
+            raw_before = raw_sqlite(directory, args.seconds, "raw-before")
+            runs = [
+                ledger_run(directory, threads=n, group_commit=group, seconds=args.seconds)
+                for group in (False, True)
+                for n in thread_counts
+            ]
+            raw_after = raw_sqlite(directory, args.seconds, "raw-after")  # the disk is shared: bracket the runs
+            paired = paired_single_tx(directory, rounds=5, seconds=min(1.0, args.seconds))
+        postgres = _postgres(args.postgres, args.seconds, tuple(thread_counts))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     result = {
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "sqlite": sqlite3.sqlite_version, "load_avg": os.getloadavg()},
         "seconds_per_config": args.seconds,
         "raw_sqlite": {k: (raw_before[k] + raw_after[k]) / 2 for k in raw_before},
+        "postgres": postgres,
         "raw_sqlite_before": raw_before,
         "raw_sqlite_after": raw_after,
         "paired_single_writer": paired,
@@ -226,7 +239,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _postgres(where: str, seconds: float, writers: tuple[int, ...]) -> dict[str, Any] | None:
+    """The PostgreSQL runs (``where``: auto, off or a URL), or None when off."""
+    if where == "off":
+        return None
+    from dprdm.benchmarks.ledger_pg import pg_runs
+
+    server = None
+    if where == "auto":
+        from dprdm.ledger.testing import PgServer
+
+        server = PgServer()
+        new_url = server.new_url
+    else:
+        import itertools
+        import os
+        from urllib.parse import quote
+
+        import psycopg
+
+        counter = itertools.count()
+
+        def new_url() -> str:
+            schema = f"dprdm_bench_{os.getpid()}_{next(counter)}"
+            with psycopg.connect(where, autocommit=True) as conn:
+                conn.execute(f'CREATE SCHEMA "{schema}"')
+            return where + ("&" if "?" in where else "?") + "options=" + quote(f"-csearch_path={schema}")
+
+    try:
+        import psycopg
+
+        with psycopg.connect(new_url()) as conn:
+            names = ("server_version", "fsync", "synchronous_commit", "wal_sync_method", "commit_delay")
+            settings = {k: str((conn.execute(f"SHOW {k}").fetchone() or ("?",))[0]) for k in names}
+            version = settings.pop("server_version")
+        runs = pg_runs(new_url, seconds=seconds, writers=writers)
+    finally:
+        if server is not None:
+            server.close()
+    return {"server": "throw-away local cluster" if server else "given URL", "version": version,
+            "settings": settings, "runs": runs}  # fmt: skip
+
+
 def _print_table(result: dict[str, Any]) -> None:
+    if result.get("postgres"):
+        from dprdm.benchmarks.ledger_pg import print_pg_table
+
+        pg = result["postgres"]
+        print(f"PostgreSQL {pg['version']} ({pg['server']}; {pg['settings']}), 3 processes:")
+        print_pg_table(pg["runs"])
+    if not result["ledger"]:
+        return
     raw, adm, pair = result["raw_sqlite"], result["admission"], result["paired_single_writer"]
     print(f"raw SQLite (WAL, synchronous=FULL, mean of before/after): {raw['single_tx_per_s']:,.0f} single-row tx/s "
           f"(p50 {raw['single_tx_p50_ms']:.2f} ms, p99 {raw['single_tx_p99_ms']:.2f} ms); "

@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:  # the harness imports this module; types only
     from .load_harness import BudgetPlan, LoadSettings
 
-__all__ = ["Record", "BUDGET_REFUSALS", "run_cell", "summarize", "check_cell", "format_table"]
+__all__ = ["Record", "BUDGET_REFUSALS", "connection_client", "run_cell", "summarize", "check_cell", "format_table"]
 
 BUDGET_REFUSALS = ("PRIVACY_BUDGET_EXHAUSTED", "TENANT_QUOTA_EXHAUSTED")
 Record = tuple[float, float, str, str, float, float, str, bool]  # end, latency, code, reason, charged, spent, id, reused
@@ -71,16 +71,44 @@ async def _client_loop(client: Any, job: _Job, cid: int, budget: list[int], out:
         i += 1
 
 
-async def _drive(job: _Job) -> tuple[list[Record], float]:
-    from dprdm.clients.client import AsyncClient
+def connection_client(address: str, token: str, timeout: float) -> Any:
+    """An ``AsyncClient`` on its own TCP connection.
 
-    async with AsyncClient(job.address, job.token, timeout=job.timeout) as client:
-        await client.list_indexes()  # connect before the start line (not charged)
+    gRPC Python shares ONE connection among all channels of a process to the same target (its
+    global subchannel pool), so the clients of a load-generator process would otherwise reach
+    ONE worker of a ``dprdm serve --workers N`` server (the kernel balances connections, not
+    calls). Each simulated client gets its own connection, as separate users would have.
+    """
+    import grpc
+
+    from dprdm.clients.client import AsyncClient, ChannelSettings
+    from dprdm.proto.v1 import admin_pb2_grpc, dprdm_pb2_grpc
+
+    class _Own(AsyncClient):
+        def __init__(self) -> None:  # AsyncClient.__init__ with one more channel option
+            self.settings = ChannelSettings.from_env(address, token)
+            options = [*self.settings.options(), ("grpc.use_local_subchannel_pool", 1)]
+            self._channel = grpc.aio.insecure_channel(self.settings.address, options=options)
+            self._stub = dprdm_pb2_grpc.DprdmStub(self._channel)
+            self._admin = admin_pb2_grpc.AdminStub(self._channel)
+            self.timeout = timeout
+
+    return _Own()
+
+
+async def _drive(job: _Job) -> tuple[list[Record], float]:
+    clients = [connection_client(job.address, job.token, job.timeout) for _ in job.client_ids]
+    try:
+        for client in clients:
+            await client.list_indexes()  # connect before the start line (not charged)
         await asyncio.sleep(max(0.0, job.start_at - time.time()))
         cpu0, out = time.process_time(), list[Record]()
         budget = [job.max_requests]
-        await asyncio.gather(*(_client_loop(client, job, cid, budget, out) for cid in job.client_ids))
+        await asyncio.gather(*(_client_loop(c, job, cid, budget, out) for c, cid in zip(clients, job.client_ids)))
         return out, time.process_time() - cpu0
+    finally:
+        for client in clients:
+            await client.close()
 
 
 def _run_job(job: _Job) -> tuple[list[Record], float]:
@@ -215,8 +243,8 @@ def format_table(cells: Sequence[dict[str, Any]], *, header: bool = True) -> str
     lines = []
     if header:
         lines += ["| method | clients | noise | granted/M | granted/s | p50 ms | p95 ms | p99 ms | refusals "
-                  "| client CPU us/req | server CPU us/req | eps spent / budget | ok |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
+                  "| client CPU us/req | server CPU us/req | eps spent / budget | ok | workers |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]  # fmt: skip
     for c in cells:
         ch, lat = c["checks"], c["latency_ms"]
         refusals = ", ".join(f"{k} {v}" for k, v in c["refusals"].items()) or "-"
@@ -224,6 +252,7 @@ def format_table(cells: Sequence[dict[str, Any]], *, header: bool = True) -> str
             f"| {c['method']} | {c['clients']} | {c['noise']} | {ch['granted']}/{ch.get('expected_admits', '?')} "
             f"| {c['granted_per_s']:,.0f} | {f(lat['p50'], '.2f')} | {f(lat['p95'], '.2f')} | {f(lat['p99'], '.2f')} "
             f"| {refusals} | {f(c['client_cpu_us_per_request'], '.0f')} | {f(c['server_cpu_us_per_request'], '.0f')} "
-            f"| {ch['ledger_epsilon_spent']:.4g} / {ch['budget_epsilon']:.4g} | {'yes' if ch['ok'] else 'NO'} |"
+            f"| {ch['ledger_epsilon_spent']:.4g} / {ch['budget_epsilon']:.4g} | {'yes' if ch['ok'] else 'NO'} "
+            f"| {c.get('workers', '-')} |"
         )
     return "\n".join(lines)

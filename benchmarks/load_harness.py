@@ -14,7 +14,11 @@ client processes and of the server per request, and the invariant checks:
 Local mode (default) builds an index of N synthetic unit vectors (``dprdm.index.build_from_vectors``)
 in a temp dir and starts one server subprocess per cell on 127.0.0.1 port 0 (real SQLite ledger,
 ``hash-<d>-gen`` test bundle with its tiny generator), so the server has its own GIL and a fresh
-ledger. ``--address``/``--token`` target a running server instead (its budget, its index).
+ledger. ``--workers 1,2`` runs each cell once per worker count (``dprdm serve --workers N``: a
+supervisor and N server processes on one port), ``--repeats R`` R times, alternating the order of
+the worker counts between repeats (paired runs, so drift on a shared machine hits both); the
+result's ``medians`` hold the per-configuration medians. ``--address``/``--token`` target a
+running server instead (its budget, its index).
 
 Only public facts and receipts are printed or written; never a release, a neighbour or a count of
 the private data. The load generator runs in ``--client-procs`` spawned processes, each an asyncio
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -40,10 +45,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
+from dprdm.ledger.factory import redact_url
+
 from .load_clients import check_cell, format_table, run_cell, summarize
+from .load_profile import NO_PY_SPY, Profiler, py_spy, stage_table
 from .load_server import TOKEN_ENV, LocalServer
 
 __all__ = [
@@ -56,6 +65,8 @@ __all__ = [
     "check_cell",
     "run_load",
     "format_table",
+    "medians",
+    "format_medians",
     "add_load_arguments",
     "load_command",
     "BenchError",
@@ -104,6 +115,10 @@ class LoadSettings:
     profile: str = PROFILE
     tmp: str | None = None
     seed: int = 0
+    workers: tuple[int, ...] = (1,)
+    repeats: int = 1
+    stages: bool = False
+    ledger_url: str | None = None
 
     def admits(self, method: str) -> int:
         """Queries the budget of a ``method`` cell admits (local mode)."""
@@ -188,9 +203,11 @@ def plan_budget(profile: Any, admits: int, delta: float, hardened_dimension: int
     return BudgetPlan(0.5 * (lo + hi), delta, admits, hardened_dimension, curve)
 
 
-def server_document(settings: LoadSettings, index_path: Path, data_dir: Path, plan: BudgetPlan) -> dict[str, Any]:
-    """The server configuration (``parse_config`` form) of one local cell; the token comes from
-    ``$DPRDM_BENCH_TOKEN``."""
+def server_document(
+    settings: LoadSettings, index_path: Path, data_dir: Path, plan: BudgetPlan, workers: int = 1
+) -> dict[str, Any]:
+    """The server configuration (``parse_config`` form) of one local cell (``workers`` server
+    processes); the token comes from ``$DPRDM_BENCH_TOKEN``."""
     index: dict[str, Any] = {
         "path": str(index_path),
         "bundle": f"hash-{settings.d}-gen",
@@ -208,11 +225,25 @@ def server_document(settings: LoadSettings, index_path: Path, data_dir: Path, pl
             "query_threads": settings.query_threads,
             "generation_workers": settings.generation_workers,
             "generation_queue": settings.generation_queue,
+            "workers": workers,
         },
         "tokens": [{"tenant": "bench", "role": "tenant", "token_env": TOKEN_ENV}],
         "indexes": {INDEX: index},
-        "budgets": {DOMAIN: {"epsilon": plan.epsilon, "delta": plan.delta}},
+        # RDP admission, as planned: with float noise a single-profile budget would default to PLD,
+        # which admits more queries than the RDP plan's M
+        "budgets": {DOMAIN: {"epsilon": plan.epsilon, "delta": plan.delta, "accountant": "rdp"}},
     }
+
+
+def fresh_ledger_url(url: str, cell: str) -> str:
+    """An empty ledger for one cell on the ``--ledger-url`` database: a new PostgreSQL schema
+    (``load_<time>_<cell>``, left in place for inspection), its tables created by the server."""
+    import psycopg
+
+    schema = re.sub(r"[^a-z0-9_]", "_", f"load_{time.strftime('%Y%m%d%H%M%S')}_{cell}".lower())
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
 
 
 def served_noise(doc: dict[str, Any], token: str) -> str:
@@ -251,7 +282,9 @@ def run_load(settings: LoadSettings, *, log: Any = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="dprdm-load-", dir=settings.tmp))
     cells: list[dict[str, Any]] = []
     result: dict[str, Any] = {"benchmark": "load", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "settings": {**asdict(settings), "token": None}, "machine": _machine()}  # fmt: skip
+                              "settings": {**asdict(settings), "token": None,
+                                           "ledger_url": settings.ledger_url and redact_url(settings.ledger_url)},
+                              "machine": _machine()}  # fmt: skip
     try:
         if settings.address:
             _external_cells(settings, cells, pool, log)
@@ -263,8 +296,46 @@ def run_load(settings: LoadSettings, *, log: Any = None) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     result["machine"]["load_avg_after"] = list(os.getloadavg())
     result["cells"] = cells
+    result["medians"] = medians(cells)
     result["ok"] = all(c["checks"]["ok"] for c in cells)
     return result
+
+
+def medians(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, clients, workers): the median granted/s, p50 latency and server CPU per request
+    over the repeats, with every run's granted/s."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["clients"], c.get("workers", 1)), []).append(c)
+
+    def med(xs: list[Any]) -> float | None:
+        vals = [float(x) for x in xs if x is not None]
+        return float(np.median(vals)) if vals else None
+
+    return [
+        {"method": m, "clients": n, "workers": w, "runs": len(cs),
+         "granted_per_s": med([c["granted_per_s"] for c in cs]),
+         "granted_per_s_runs": [round(c["granted_per_s"], 1) for c in cs],
+         "p50_ms": med([c["latency_ms"]["p50"] for c in cs]),
+         "server_cpu_us_per_request": med([c["server_cpu_us_per_request"] for c in cs]),
+         "ok": all(c["checks"]["ok"] for c in cs)}
+        for (m, n, w), cs in groups.items()
+    ]  # fmt: skip
+
+
+def format_medians(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`medians`."""
+
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = ["| method | clients | workers | runs | median granted/s | runs granted/s | median p50 ms "
+             "| median server CPU us/req | ok |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['clients']} | {r['workers']} | {r['runs']} | {f(r['granted_per_s'], ',.0f')} "
+                     f"| {', '.join(f'{x:,.0f}' for x in r['granted_per_s_runs'])} | {f(r['p50_ms'], '.1f')} "
+                     f"| {f(r['server_cpu_us_per_request'], '.0f')} | {'yes' if r['ok'] else 'NO'} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _spawn() -> Any:
@@ -287,23 +358,34 @@ def _local_cells(settings: LoadSettings, work: Path, cells: list[dict[str, Any]]
     print(f"index ready ({settings.n:,} x {settings.d}) in {result['index_build_s']:.1f}s", file=log, flush=True)
     token = secrets.token_urlsafe(24)
     profile = Profile(k=settings.k, q=settings.q, sigma=settings.sigma, lam=settings.lam)
-    for method in settings.methods:
-        for clients in settings.clients:
-            name = f"{method}-{clients}"
-            probe = server_document(settings, index_path, work / name / "data", BudgetPlan(1.0, 1e-9, 1, None, []))
-            noise = served_noise(probe, token)
-            hardened = settings.d if noise == "discrete" else None
-            plan = plan_budget(profile, settings.admits(method), default_delta(settings.n), hardened)
-            doc = server_document(settings, index_path, work / name / "data", plan)
-            with LocalServer(doc, token, work / name) as srv:
-                cpu0 = srv.cpu_seconds()
-                raw = run_cell(srv.address, token, method, clients, settings, pool)
-                server_cpu = srv.cpu_seconds() - cpu0
-                info = _budget_info(srv.address, token, INDEX)
-            cell = _cell(method, clients, raw, check_cell(raw, info, plan), noise, plan.epsilon, server_cpu)
-            cells.append(cell)
-            print(format_table([cell], header=not cells[:-1]), file=log, flush=True)
-            shutil.rmtree(work / name, ignore_errors=True)
+    runs = [(method, clients, rep, workers)
+            for method in settings.methods for clients in settings.clients for rep in range(settings.repeats)
+            for workers in (settings.workers if rep % 2 == 0 else settings.workers[::-1])]  # fmt: skip
+    for method, clients, rep, workers in runs:
+        name = f"{method}-{clients}-w{workers}-r{rep}"
+        probe = server_document(settings, index_path, work / name / "data", BudgetPlan(1.0, 1e-9, 1, None, []))
+        noise = served_noise(probe, token)
+        hardened = settings.d if noise == "discrete" else None
+        plan = plan_budget(profile, settings.admits(method), default_delta(settings.n), hardened)
+        doc = server_document(settings, index_path, work / name / "data", plan, workers)
+        if settings.ledger_url:
+            doc["ledger"] = {"url": fresh_ledger_url(settings.ledger_url, name)}
+        with LocalServer(doc, token, work / name) as srv:
+            spy = Profiler(srv.pid, work / name / "py-spy.txt") if settings.stages else None
+            cpu0 = srv.cpu_seconds()
+            raw = run_cell(srv.address, token, method, clients, settings, pool)
+            server_cpu = srv.cpu_seconds() - cpu0
+            samples = spy.stop() if spy is not None else None
+            info = _budget_info(srv.address, token, INDEX)
+        cell = _cell(method, clients, raw, check_cell(raw, info, plan), noise, plan.epsilon, server_cpu)
+        cells.append({**cell, "workers": workers, "repeat": rep})
+        if spy is not None and samples is not None:
+            cells[-1]["stages"] = stage_table(samples, rate=spy.rate, requests=cell["requests"],
+                                              server_cpu_us=cell["server_cpu_us_per_request"])  # fmt: skip
+        print(format_table([cells[-1]], header=not cells[:-1]), file=log, flush=True)
+        if "stages" in cells[-1]:
+            print(json.dumps(cells[-1]["stages"], indent=1), file=log, flush=True)
+        shutil.rmtree(work / name, ignore_errors=True)
 
 
 def _external_cells(settings: LoadSettings, cells: list[dict[str, Any]], pool: Any, log: Any) -> None:
@@ -369,6 +451,11 @@ def add_load_arguments(parser: argparse.ArgumentParser, default_out: Path) -> No
     a("--profile", default=PROFILE, help="profile name on --address")
     a("--tmp", default=None, help="directory for the temp index and ledgers (local disk)")
     a("--seed", type=int, default=0, help="seed of the synthetic vectors")
+    a("--workers", type=_ints, default=d.workers, help="server processes per cell, e.g. 1,2 (dprdm serve --workers)")
+    a("--repeats", type=int, default=d.repeats, help="runs of every cell (worker counts alternate: paired)")
+    a("--stages", action="store_true", help="sample the server with py-spy: GIL ms per request by stage")
+    a("--ledger-url", default=None, help="a PostgreSQL database for the ledgers (a fresh schema per cell); "
+      "default: SQLite in the cell's data dir")  # fmt: skip
     a("--out", type=Path, default=default_out, help="results directory")
 
 
@@ -385,7 +472,8 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
               "--generate-queries": args.generate_queries >= 1, "--client-procs": args.client_procs >= 1,
               "--max-seconds": 0 < args.max_seconds <= 3600, "--max-requests": args.max_requests >= 0,
               "--steps": args.steps >= 1, "--timeout": args.timeout > 0,
-              "--overload-backoff": 0 <= args.overload_backoff <= 10}  # fmt: skip
+              "--overload-backoff": 0 <= args.overload_backoff <= 10, "--repeats": 1 <= args.repeats <= 100,
+              "--workers": max(args.workers) <= 128}  # fmt: skip
     for flag, good in checks.items():
         if not good:
             raise BenchError(f"{flag}: out of range")
@@ -396,6 +484,12 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         raise BenchError(f"--address: the load benchmark runs over loopback only; found {args.address!r}")
     if args.index_path and not Path(args.index_path, "manifest.json").is_file():
         raise BenchError(f"--index-path: no index at {args.index_path!r}")
+    if args.stages and py_spy() is None:
+        raise BenchError(NO_PY_SPY)
+    if args.stages and args.address:
+        raise BenchError("--stages samples the local benchmark server; it cannot be used with --address")
+    if args.ledger_url and not args.ledger_url.startswith(("postgresql://", "postgres://")):
+        raise BenchError(f"--ledger-url: expected postgresql://...; found {args.ledger_url!r}")
     if args.tmp is not None and not Path(args.tmp).is_dir():
         raise BenchError(f"--tmp: {args.tmp!r} is not an existing directory")
     return LoadSettings(
@@ -407,6 +501,7 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         query_threads=args.query_threads, generation_workers=args.generation_workers,
         generation_queue=args.generation_queue, index_path=args.index_path, address=args.address,
         token=args.token, index=args.index, profile=args.profile, tmp=args.tmp, seed=args.seed,
+        workers=tuple(args.workers), repeats=args.repeats, stages=args.stages, ledger_url=args.ledger_url,
     )  # fmt: skip
 
 
@@ -425,6 +520,8 @@ def load_command(args: argparse.Namespace) -> int:
     path = args.out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result["cells"]))
+    if settings.repeats > 1 or len(settings.workers) > 1:
+        print(format_medians(result["medians"]))
     for c in result["cells"]:
         for v in c["checks"]["violations"]:
             print(f"INVARIANT VIOLATED ({c['method']}, {c['clients']} clients): {v}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """The server side of ``dprdm bench load``: a ``dprdm`` server subprocess on loopback serving a
-benchmark configuration (real index loader and SQLite ledger, test bundles)."""
+benchmark configuration (real index loader and SQLite ledger, test bundles).
+
+With ``server.workers`` > 1 in the configuration the subprocess is a supervisor
+(:class:`dprdm.server.supervisor.Supervisor`) whose workers are this module again
+(``--serve-worker``), as ``dprdm serve --workers N`` runs them."""
 
 from __future__ import annotations
 
@@ -60,12 +64,16 @@ class LocalServer:
         raise RuntimeError(f"the benchmark server did not start; its log ends with:\n{tail}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux ``/proc``; NaN elsewhere)."""
+        """User + system CPU time so far of the server process and its live workers (Linux
+        ``/proc``; NaN elsewhere)."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return sum(_cpu(pid) for pid in (self.pid, *_children(self.pid)))
         except (OSError, IndexError, ValueError):
             return float("nan")
+
+    def workers(self) -> list[int]:
+        """The pids of the workers of a supervisor (empty for a single server)."""
+        return _children(self.pid)
 
     def stop(self) -> None:
         """SIGTERM (graceful stop), then SIGKILL after 30 s."""
@@ -86,21 +94,63 @@ class LocalServer:
         self.stop()
 
 
-def _serve_child(config_file: str) -> None:
-    """Serve a bench configuration: the real index loader and SQLite ledger, the test bundles."""
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _config(config_file: str, **overrides: Any) -> Any:
+    from dprdm.server.config import parse_config
+
+    path = Path(config_file)
+    return parse_config(json.loads(path.read_text()), base_dir=path.parent).with_overrides(**overrides)
+
+
+def _serve(config: Any) -> None:
     from dprdm.server.adapters import load_index
     from dprdm.server.app import serve
     from dprdm.server.catalog import Loaders
-    from dprdm.server.config import parse_config
     from dprdm.server.testing import fake_loaders
 
-    path = Path(config_file)
-    config = parse_config(json.loads(path.read_text()), base_dir=path.parent)
     asyncio.run(serve(config, loaders=Loaders(index=load_index, bundle=fake_loaders().bundle)))
+
+
+def _serve_child(config_file: str) -> None:
+    """Serve a bench configuration: the real index loader and SQLite ledger, the test bundles;
+    a supervisor of ``--serve-worker`` processes when ``server.workers`` > 1."""
+    config = _config(config_file)
+    if config.workers == 1:
+        _serve(config)
+        return
+    from dprdm.server.supervisor import Supervisor, WorkerPlace
+
+    def command(place: WorkerPlace) -> list[str]:
+        metrics = "" if place.metrics_port is None else str(place.metrics_port)
+        return [sys.executable, "-m", "dprdm.benchmarks.load_server", "--serve-worker", config_file, place.listen,
+                str(os.getpid()), metrics]  # fmt: skip
+
+    sys.exit(Supervisor(config, command).run())
+
+
+def _serve_worker(config_file: str, listen: str, parent: str, metrics_port: str) -> None:
+    """One worker of a ``_serve_child`` supervisor: the supervisor's port, its own metrics port."""
+    from dprdm.server.supervisor import watch_parent
+
+    watch_parent(int(parent))
+    _serve(_config(config_file, listen=listen, metrics_port=int(metrics_port) if metrics_port else None))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-child":
         _serve_child(sys.argv[2])
+    elif len(sys.argv) == 6 and sys.argv[1] == "--serve-worker":
+        _serve_worker(*sys.argv[2:])
     else:
         sys.exit("usage: python -m dprdm.benchmarks.load_server --serve-child CONFIG.json (internal)")

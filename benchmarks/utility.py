@@ -63,7 +63,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _conditions(a: argparse.Namespace) -> list[tuple[str, object, float]]:
+def conditions(a: argparse.Namespace) -> list[tuple[str, object, float]]:
+    """The benchmark's conditions ``(name, Profile, epsilon)`` for ``a.k``, ``a.q``, ``a.lam``,
+    ``a.delta``, ``a.queries`` and ``a.epsilons`` (shared with ``benchmarks/fidelity.py``)."""
     from dprdm.privacy import calibration
     from dprdm.privacy.mechanism import Profile
 
@@ -93,20 +95,28 @@ def _judge(a: argparse.Namespace) -> tuple[object, object]:
     return judge, scores
 
 
-def _releases(
+def releases(
     profile: object, queries: np.ndarray, vectors: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
+    """One release per query: ``subsampled_topk`` over ``vectors`` (flat, N̄ = N, stored on the
+    float32 grid) then the float-noise ``release`` (shared with ``benchmarks/fidelity.py``).
+
+    Returns:
+        ``(len(queries), d)`` float32 releases.
+    """
     from dprdm.index import FlatLayout, subsampled_topk
+    from dprdm.index.search import quantize_store
     from dprdm.privacy.mechanism import release
 
-    layout = FlatLayout(count=len(vectors), public_size=len(vectors))
-    ids = np.arange(len(vectors), dtype=np.int64)
+    stored = quantize_store(vectors, "float32")
+    layout = FlatLayout(public_size=len(stored))
+    ids = np.arange(len(stored), dtype=np.int64)
     rows = []
     for u in queries:
         if profile.lam == 0:
             rows.append(release(profile, query=u, selected=np.zeros((0, len(u))), rng=rng))
             continue
-        nb = subsampled_topk(vectors, ids, layout, u, k=profile.k, q=profile.q, rng=rng)
+        nb = subsampled_topk(stored, ids, layout, u, k=profile.k, q=profile.q, rng=rng)
         rows.append(release(profile, query=u, selected=nb.vectors, rng=rng))
     return np.asarray(rows, np.float32)
 
@@ -189,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     rng = make_dp_generator(production=False, seed=a.seed)
     rows, sheet = [], []
-    for name, profile, eps in _conditions(a):
-        conds = _releases(profile, queries, vectors, rng)
+    for name, profile, eps in conditions(a):
+        conds = releases(profile, queries, vectors, rng)
         images = _generate(gen, conds, a.steps, a.seed)
         row = {
             "condition": name,

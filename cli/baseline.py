@@ -56,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     g.add_argument("--rank", type=int, default=4, help="dp-lora rank")
     g.add_argument("--alpha", type=float, default=4.0, help="dp-lora alpha")
     led = t.add_argument_group("privacy domain ledger (SPEC §3: every release on the domain charges ONE ledger)")
-    led.add_argument("--ledger", type=Path, default=None,
-                     help="the domain's ledger (the server's data_dir/ledger.sqlite3); charged before output")
+    led.add_argument("--ledger", default=None,
+                     help="the domain's ledger: the server's data_dir/ledger.sqlite3, or its [ledger] url "
+                          "(postgresql://...); charged before output")
     led.add_argument("--domain", default=None, help="privacy domain (corpus id) of --data; needed with --ledger")
     a = t.add_argument_group("DPAgg-TI")
     a.add_argument("--sample-rate", type=float, default=1.0, help="Poisson rate q of the aggregate")
@@ -194,7 +195,7 @@ def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
 
     import numpy as np
 
-    from dprdm.ledger import SqliteLedger
+    from dprdm.ledger import open_ledger
     from dprdm.ledger.api import LedgerError
     from dprdm.privacy import DEFAULT_ORDERS
     from dprdm.privacy.accountant import curve_from_json
@@ -207,7 +208,10 @@ def _charge_ledger(args: argparse.Namespace, report: Any) -> Any:
     if orders != [float(a) for a in DEFAULT_ORDERS]:
         raise ValueError("the privacy report's order grid is not the ledger's (DEFAULT_ORDERS)")
     curve = curve_from_json(report.accountant["rdp"])
-    ledger = SqliteLedger(args.ledger)
+    try:
+        ledger = open_ledger(args.ledger)
+    except LedgerError as exc:
+        raise ValueError(f"cannot open the ledger: {exc}") from None
     try:
         state = ledger.budget_state(args.domain)
         if state.budget.filter_order is None:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .args import CliError
+from .index_shards import register_shard_commands
 
-__all__ = ["register", "resolve_encoder"]
+__all__ = ["register", "resolve_encoder", "encoder_factory"]
 
 
 def _cli_error(message: str) -> Exception:
@@ -39,6 +40,14 @@ def resolve_encoder(spec: str, device: str | None = None) -> Any:
         raise _cli_error(f"{flag}: {exc}") from None
 
 
+def encoder_factory(spec: str, device: str | None = None) -> Any:
+    """A picklable ``() -> Encoder`` loading ``--encoder SPEC`` in each Ray encoder actor (``--device``
+    None: the actor's GPU when Ray gave it one, else the CPU)."""
+    from dprdm.index.ray_build import registry_encoder
+
+    return registry_encoder(spec, device)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``index`` command and its sub-commands to the ``dprdm`` parser."""
     parser = subparsers.add_parser("index", help="build, inspect and verify private indexes",
@@ -46,8 +55,13 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
 
     b = sub.add_parser("build", help="embed a corpus into a new index directory")
-    b.add_argument("--input", "-i", nargs="+", required=True,
-                   help="a folder, a path-list file, parquet file(s) or webdataset .tar shard(s)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", "-i", nargs="+",
+                     help="a folder, a path-list file, parquet file(s) or webdataset .tar shard(s); "
+                          "folders and lists may be fsspec URLs (s3://, gs://, file://)")
+    src.add_argument("--from-embeddings", nargs="+", metavar="FILE",
+                     help="precomputed embeddings: parquet (sha256, embedding[, owner][, key]) or X.npy + X.tsv "
+                          "(see dprdm.index.embeddings_input); --encoder names the encoder that made them")
     b.add_argument("--input-type", default="auto", choices=["auto", "folder", "list", "parquet", "webdataset"])
     b.add_argument("--output", "-o", required=True, type=Path, help="index directory to create")
     b.add_argument("--corpus-id", required=True, help="privacy domain of the corpus (one ledger)")
@@ -67,7 +81,15 @@ def register(subparsers: Any) -> None:
     b.add_argument("--capacity-slack", type=float, default=2.0, help="ivf: public capacity rule slack")
     b.add_argument("--min-capacity", type=_count, default=16, help="ivf: minimum list capacity")
     b.add_argument("--batch-size", type=_count, default=64)
-    b.add_argument("--shard-size", type=_count, default=4096, help="items per checkpoint")
+    b.add_argument("--shard-size", type=_count, default=4096, help="items per checkpoint (ray: per read unit)")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process (default); ray: Ray Data (CPU tasks decode, encoder actors embed; "
+                        "same index byte for byte)")
+    b.add_argument("--address", help="ray: join this Ray cluster ('auto' = the one this machine belongs to); "
+                                     "default: start a local one")
+    b.add_argument("--workers", type=_count, help="ray: CPUs of the local Ray started here (default: all)")
+    b.add_argument("--encoder-actors", type=_count,
+                   help="ray: encoder actor pool size (default: the cluster's GPUs, else half its CPUs)")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
@@ -83,6 +105,9 @@ def register(subparsers: Any) -> None:
 
     v = sub.add_parser("verify", help="re-check checksums, shapes and every stored row")
     v.add_argument("path", type=Path)
+    v.add_argument("--compare", type=Path, metavar="OTHER",
+                   help="also check that OTHER holds the same record ids and byte-identical vectors "
+                        "(e.g. a ray build against a local one); exit 1 naming what differs")
     v.set_defaults(func=_cmd_verify)
 
     se = sub.add_parser("seal", help="seal the manifest of an index built before manifests were sealed",
@@ -96,6 +121,8 @@ def register(subparsers: Any) -> None:
     nd.add_argument("--threshold", type=float, default=0.95, help="cosine similarity threshold")
     nd.add_argument("--out", type=Path, help="report file (default PATH/reports/near_duplicates.json)")
     nd.set_defaults(func=_cmd_near_duplicates)
+
+    register_shard_commands(sub)  # split, verify-set (dprdm.cli.index_shards)
 
 
 def _wrap(fn: Any) -> Any:
@@ -116,6 +143,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         quiet_progress()
 
+    if args.engine != "ray" and (args.address or args.workers or args.encoder_actors):
+        raise _cli_error("--address, --workers and --encoder-actors need --engine ray")
+    if args.from_embeddings and args.engine == "ray":
+        raise _cli_error("--from-embeddings does no encoding: drop --engine ray")
+
     def run() -> int:
         config = BuildConfig(
             output=args.output, corpus_id=args.corpus_id, public_size=args.public_size,
@@ -125,11 +157,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
             shard_size=args.shard_size, existing="resume" if args.resume else "overwrite" if args.overwrite else "refuse",
             progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints,
         )
-        reader = open_reader(args.input, input_type=args.input_type, image_column=args.image_column,
-                             path_column=args.path_column, owner_column=args.owner_column,
-                             key_column=args.key_column, owners_file=args.owners)
-        encoder = resolve_encoder(args.encoder, args.device)
-        result = build_index(reader, encoder, config)
+        if args.from_embeddings:
+            from dprdm.index.embeddings_input import build_from_embeddings
+
+            result = build_from_embeddings(args.from_embeddings, resolve_encoder(args.encoder, args.device).identity,
+                                           config)
+        else:
+            reader = open_reader(args.input, input_type=args.input_type, image_column=args.image_column,
+                                 path_column=args.path_column, owner_column=args.owner_column,
+                                 key_column=args.key_column, owners_file=args.owners)
+            if args.engine == "ray":
+                from dprdm.index.ray_build import RayOptions, build_index_ray
+
+                options = RayOptions(address=args.address, workers=args.workers, encoder_actors=args.encoder_actors)
+                result = build_index_ray(reader, encoder_factory(args.encoder, args.device), config, options)
+            else:
+                result = build_index(reader, resolve_encoder(args.encoder, args.device), config)
         m = result.manifest
         print(f"built {result.path}: {m['count']} records (operator-only), public size {m['public_size']}, "
               f"{m['dedup'].get('unreadable_or_skipped', 0)} unreadable, "
@@ -191,6 +234,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     def run() -> int:
         idx = verify(args.path)
+        if args.compare is not None:
+            from dprdm.index.compare import compare_indexes
+
+            diffs = compare_indexes(args.path, args.compare)
+            if diffs:
+                print(f"DIFFERENT {args.path} vs {args.compare}:", *(f"  {d}" for d in diffs), sep="\n")
+                return 1
+            print(f"SAME {args.path} and {args.compare}: same record ids, byte-identical vectors "
+                  f"({', '.join(sorted(idx.manifest['files']))})")
         m = idx.manifest
         if is_sealed(m):
             print(f"OK {idx.path}: sealed manifest, {len(m['files'])} file checksums and every stored row verified")

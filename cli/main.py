@@ -26,6 +26,7 @@ _COMMAND_MODULES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("privacy", "dprdm.cli.privacy", (), "privacy accounting: epsilon, calibration, max queries, empirical audit"),
     ("index", "dprdm.cli.index", (), "build, inspect and verify private indexes"),
     ("serve", "dprdm.cli.serve", ("server", "models"), "run the gRPC server"),
+    ("serve-shard", "dprdm.cli.serve_shard", (), "serve one shard of a shard set to the main server (internal)"),
     ("retrieve", "dprdm.cli.client", (), "ask the server for a private conditioning vector"),
     ("generate", "dprdm.cli.client", (), "generate images from a prompt"),
     ("budget", "dprdm.cli.client", (), "show a privacy budget"),

@@ -3,14 +3,20 @@ empirical privacy audit (a lower bound on epsilon from real runs of the producti
 
 Every number is the one the server charges: ``--noise discrete`` (the default, as private indexes are
 served: exact discrete Gaussian on the lattice, curve ``discrete.hardened_rdp`` at ``--dimension``,
-default 512) or ``--noise float``. Printed numbers are rounded in the safe direction (SPEC §4): sigma
-and epsilon UP, q and queries DOWN, to 6 significant digits; ``--json`` keeps full precision.
+default 512) or ``--noise float``, and ``--accountant`` (issue 17): ``pld`` (privacy loss
+distribution, ``dprdm.privacy.pld``; float noise only) or ``rdp``; the default is what the server
+uses for a single-profile budget of that mechanism: ``pld`` for float noise, ``rdp`` for discrete
+(PLD is not proven for the lattice). ``--json`` names the accountant; under PLD, calibrate and
+max-queries also give the RDP value (``<name>_rdp``) for comparison. Printed numbers are rounded in
+the safe direction (SPEC §4): sigma and epsilon UP, q and queries DOWN, to 6 significant digits;
+``--json`` keeps full precision.
 
 Examples::
 
     dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7 [--json]
     dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18   # -> sigma
     dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+    dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23 --noise float  # PLD: 1455
     dprdm privacy audit --k 1 --q 1 --sigma 3                   # empirical lower bound on epsilon
 """
 
@@ -25,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from dprdm.privacy.accountant import retrieval_rdp
-from dprdm.privacy.calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries
+from dprdm.privacy.calibration import calibrate_k, calibrate_q, calibrate_sigma, max_queries, meets_target
 from dprdm.privacy.conversion import epsilon_from_rdp
 from dprdm.privacy.empirical_audit import VARIANTS, audit_retrieval
 from dprdm.privacy.mechanism import Profile
 from dprdm.privacy.orders import DEFAULT_ORDERS
+from dprdm.privacy.pld import epsilon_pld, max_queries_pld, pld_refusal
 
 from .args import CliError, non_negative_float, positive_int
 
@@ -51,8 +58,22 @@ def _hardened(args: argparse.Namespace) -> int | None:
     return int(args.dimension) if args.noise == "discrete" else None
 
 
+def _accountant(args: argparse.Namespace) -> str:
+    """``--accountant``, or what the server uses for a single-profile budget of this mechanism."""
+    reason = pld_refusal(hardened_dimension=_hardened(args))
+    if args.accountant is None:
+        return "rdp" if reason is not None else "pld"
+    if args.accountant == "pld" and reason is not None:
+        raise CliError(f"--accountant pld: {reason}; use --noise float or --accountant rdp")
+    return str(args.accountant)
+
+
 def _noise_doc(args: argparse.Namespace) -> dict[str, Any]:
-    return {"noise": args.noise, "dimension": _hardened(args)}
+    return {"noise": args.noise, "dimension": _hardened(args), "accountant": _accountant(args)}
+
+
+def _label(args: argparse.Namespace) -> str:
+    return f"{args.noise} noise, {_accountant(args).upper()}"
 
 
 def safe_round(value: float, *, up: bool, digits: int = 6) -> str:
@@ -72,14 +93,19 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> int:
 
 def _cmd_epsilon(args: argparse.Namespace) -> int:
     profile = _profile(args)
+    accountant = _accountant(args)
     try:
-        curve = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=_hardened(args)) * args.queries
-        res = epsilon_from_rdp(curve, DEFAULT_ORDERS, args.delta)
+        if accountant == "pld":
+            eps, order = epsilon_pld(profile=profile, queries=args.queries, delta=args.delta), None
+        else:
+            curve = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=_hardened(args)) * args.queries
+            res = epsilon_from_rdp(curve, DEFAULT_ORDERS, args.delta)
+            eps, order = res.epsilon, res.order
     except ValueError as exc:
         raise CliError(str(exc)) from None
     payload = {
-        "epsilon": res.epsilon,
-        "order": res.order,
+        "epsilon": eps,
+        "order": order,
         "delta": args.delta,
         "queries": args.queries,
         "profile": profile.to_dict(),
@@ -87,7 +113,8 @@ def _cmd_epsilon(args: argparse.Namespace) -> int:
         "neighbouring": "add/remove one record",
         **_noise_doc(args),
     }
-    text = f"epsilon = {safe_round(res.epsilon, up=True)} at delta = {args.delta:g} (best order {res.order:g}, {args.noise} noise)"
+    how = f"best order {order:g}, " if order is not None else ""
+    text = f"epsilon = {safe_round(eps, up=True)} at delta = {args.delta:g} ({how}{_label(args)})"
     return _emit(args, payload, text)
 
 
@@ -96,31 +123,57 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if len(given) != 2:
         raise CliError(f"give exactly two of --sigma, --q, --k; found {sorted(given) or 'none'}")
     common = {"epsilon": args.epsilon, "delta": args.delta, "queries": args.queries}
-    hard = _hardened(args)
-    value: float
+    accountant = _accountant(args)
+    name = next(n for n in ("sigma", "k", "q") if n not in given)
     try:
-        if "sigma" not in given:
-            name, value = "sigma", calibrate_sigma(k=args.k, q=args.q, hardened_dimension=hard, **common)
-            shown = safe_round(value, up=True)  # a larger sigma still meets the target
-        elif "k" not in given:
-            name, value = "k", calibrate_k(sigma=args.sigma, q=args.q, hardened_dimension=hard, **common)
-            shown = str(value)
-        else:
-            name, value = "q", calibrate_q(sigma=args.sigma, k=args.k, hardened_dimension=hard, **common)
-            shown = safe_round(value, up=False)  # a smaller q still meets the target
+        value, shown = _solve(args, name, accountant, common)
+        payload = {name: value, **common, **_noise_doc(args)}
+        text = f"{name} = {shown} ({_label(args)})"
+        if accountant == "pld":  # the RDP value beside it (a larger sigma or k, a smaller q)
+            payload[f"{name}_rdp"], rdp_shown = _solve(args, name, "rdp", common)
+            text += f"; RDP: {rdp_shown}"
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    return _emit(args, {name: value, **common, **_noise_doc(args)}, f"{name} = {shown} ({args.noise} noise)")
+    return _emit(args, payload, text)
+
+
+def _solve(args: argparse.Namespace, name: str, accountant: str, common: dict[str, Any]) -> tuple[float, str]:
+    """(calibrated value, its safely rounded text) of ``name`` under ``accountant``."""
+    hard = _hardened(args)
+    if name == "sigma":
+        sigma = calibrate_sigma(k=args.k, q=args.q, hardened_dimension=hard, accountant=accountant, **common)
+        return sigma, _checked(safe_round(sigma, up=True), sigma, "sigma", args, accountant, common)
+    if name == "k":
+        k = calibrate_k(sigma=args.sigma, q=args.q, hardened_dimension=hard, accountant=accountant, **common)
+        return k, str(k)
+    q = calibrate_q(sigma=args.sigma, k=args.k, hardened_dimension=hard, accountant=accountant, **common)
+    return q, _checked(safe_round(q, up=False), q, "q", args, accountant, common)
+
+
+def _checked(shown: str, exact: float, name: str, args: argparse.Namespace, accountant: str,
+             common: dict[str, Any]) -> str:
+    """``shown`` (rounded in the safe direction) if it still meets the target, else the exact
+    calibrated value in full: the discrete-noise bound is not monotone in sigma or q, so rounding
+    "up" (sigma) or "down" (q) can cross a jump of the bound."""
+    values = {"k": args.k, "q": args.q, "sigma": args.sigma, name: float(shown)}
+    profile = Profile(k=values["k"], q=values["q"], sigma=values["sigma"], lam=1.0)
+    if meets_target(profile, hardened_dimension=_hardened(args), accountant=accountant, **common):
+        return shown
+    return repr(exact)
 
 
 def _cmd_max_queries(args: argparse.Namespace) -> int:
     profile = _profile(args)
+    accountant = _accountant(args)
+    common = {"epsilon": args.epsilon, "delta": args.delta, "profile": profile, "hardened_dimension": _hardened(args)}
     try:
-        t = max_queries(epsilon=args.epsilon, delta=args.delta, profile=profile, hardened_dimension=_hardened(args))
+        t = max_queries(**common) if accountant == "rdp" else max_queries_pld(**common)
+        payload = {"max_queries": t, "epsilon": args.epsilon, "delta": args.delta, **_noise_doc(args)}
+        if accountant == "pld":
+            payload["max_queries_rdp"] = max_queries(**common)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    payload = {"max_queries": t, "epsilon": args.epsilon, "delta": args.delta, **_noise_doc(args)}
-    return _emit(args, payload, f"max queries = {t} ({args.noise} noise)")
+    return _emit(args, payload, f"max queries = {t} ({_label(args)})")
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -134,8 +187,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             res = audit_retrieval(
                 search_array, profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng
             )
-            results.append(res.to_dict())
-            print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}, audited >= {res.audited_lower_bound:.3f} "
+            doc = res.to_dict()
+            pld = ""
+            if variant == "correct":  # the audit releases float noise: the PLD claim of one release applies
+                doc["claimed_epsilon_pld"] = epsilon_pld(profile=profile, queries=1, delta=args.delta)
+                pld = f" (PLD {doc['claimed_epsilon_pld']:.3f})"
+            results.append(doc)
+            print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}{pld}, audited >= {res.audited_lower_bound:.3f} "
                   f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -150,6 +208,9 @@ def _add_noise(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dimension", type=positive_int("--dimension"), default=DEFAULT_DIMENSION,
                    help=f"embedding dimension of the index (discrete noise; default {DEFAULT_DIMENSION}; "
                         "the lattice rounding widens the sensitivity by 2^-20 sqrt(d))")
+    p.add_argument("--accountant", choices=("pld", "rdp"), default=None,
+                   help="pld (privacy loss distribution; float noise only) or rdp; default: what the server "
+                        "uses for a single-profile budget (pld for float noise, rdp for discrete)")
 
 
 def register(subparsers: Any) -> None:

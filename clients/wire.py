@@ -122,10 +122,13 @@ class ChannelSettings:
         )
 
     def options(self) -> list[tuple[str, Any]]:
-        """Channel options (raised message limits, TLS name override)."""
+        """Channel options (raised message limits, TLS name override, and a subchannel pool per
+        channel: gRPC Python otherwise shares one connection per address per process, so every
+        client of one process would reach the same worker of a ``--workers N`` server)."""
         opts: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))

@@ -16,12 +16,19 @@ Stages, each in its own module:
 of one batch, one shard of vectors, and O(N) small per-item metadata (hashes, ids); vectors are
 written through memory maps.
 
+Stages 2 and 3 are :func:`finalize_shards`, the one finalize of every build path: this local
+engine, the Ray Data engine (:mod:`~dprdm.index.ray_build`, same index byte for byte) and
+``--from-embeddings`` (:mod:`~dprdm.index.embeddings_input`).  It is not partitioned by record-id
+range: its driver-side metadata is O(N) (about 0.3 kB per item, in the shard metadata and the
+dedup tables), the limit for 10^8 items.
+
 Size (~400 lines): the orchestrator only; shards and record ids live in ``shards`` and ``records``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import shutil
@@ -51,7 +58,7 @@ from dprdm.index.shards import encode_shards, prepare_output, save_npy_atomic
 from dprdm.index.storage import write_padded
 from dprdm.models.base import Encoder, EncoderIdentity
 
-__all__ = ["BuildConfig", "BuildResult", "build_index", "build_from_vectors"]
+__all__ = ["BuildConfig", "BuildResult", "build_index", "build_from_vectors", "finalize_shards", "load_train"]
 
 _CHECKPOINT_VERSION = 1  # the shard checkpoints' layout (unchanged by index format 2)
 _CORPUS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -136,10 +143,15 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class BuildResult:
-    """Where the index went and its manifest (operator-only: exact counts)."""
+    """Where the index went and its manifest (operator-only: exact counts).
+
+    ``stats`` (operator-only, this run only): ``items_encoded`` (items hashed/decoded/embedded by
+    this run, not read from a checkpoint) and ``items_reused`` (taken from committed checkpoints).
+    """
 
     path: Path
     manifest: dict[str, Any] = field(repr=False)
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 Log = Callable[[str], None]
@@ -161,11 +173,7 @@ def build_index(
         PrivacyPolicyError: a configuration that would void the privacy argument.
     """
     say = log or (_stderr if config.progress else (lambda _m: None))
-    train: tuple[npt.NDArray[np.float32], dict[str, Any]] | None = None
-    if config.index_type == "ivf" and config.train_vectors is not None:
-        train = _ivf.load_public_vectors(config.train_vectors)  # policy checks before any work
-        if train[0].shape[1] != encoder.dimension:
-            raise IndexBuildError(f"--train-vectors have dimension {train[0].shape[1]}, encoder has {encoder.dimension}")
+    train = load_train(config, encoder.dimension)  # policy checks before any work
     fingerprint = {
         "format_version": _CHECKPOINT_VERSION,
         "reader": reader.describe(),
@@ -173,33 +181,75 @@ def build_index(
         "owner_mode": reader.has_owners,
     }
     build_dir = prepare_output(config.output, config.existing, fingerprint)
+    reused = _committed_items(build_dir)
     metas = encode_shards(reader, encoder, build_dir, batch_size=config.batch_size, shard_size=config.shard_size,
                           progress=config.progress, owner_mode=reader.has_owners)
-    say(f"encoding done: {metas[-1]['end'] if metas else 0} items; finalizing")
-    manifest = _finalize(config, encoder, reader, build_dir, metas, train, owner_mode=reader.has_owners)
+    total = metas[-1]["end"] if metas else 0
+    say(f"encoding done: {total} items; finalizing")
+    manifest = finalize_shards(config, encoder.identity, build_dir, metas, train, owner_mode=reader.has_owners,
+                               build_info={"reader": reader.describe(), "engine": "local"})
     if not config.keep_checkpoints:
         shutil.rmtree(build_dir, ignore_errors=True)
     say(f"index written to {config.output}")
-    return BuildResult(path=config.output, manifest=manifest)
+    return BuildResult(path=config.output, manifest=manifest,
+                       stats={"items_encoded": total - reused, "items_reused": reused})
+
+
+def _committed_items(build_dir: Path) -> int:
+    ends = [json.loads(p.read_text())["end"] for p in build_dir.glob("shard-*.meta.json")]
+    return max(ends, default=0)
+
+
+def load_train(config: BuildConfig, dimension: int) -> tuple[npt.NDArray[np.float32], dict[str, Any]] | None:
+    """The PUBLIC training vectors of an ivf build (policy-checked), or None.
+
+    Raises:
+        IndexBuildError: their dimension is not ``dimension``.
+        PrivacyPolicyError: they are not public (see :func:`dprdm.index.ivf.load_public_vectors`).
+    """
+    if config.index_type != "ivf" or config.train_vectors is None:
+        return None
+    train = _ivf.load_public_vectors(config.train_vectors)
+    if train[0].shape[1] != dimension:
+        raise IndexBuildError(f"--train-vectors have dimension {train[0].shape[1]}, encoder has {dimension}")
+    return train
 
 
 # -- finalize ------------------------------------------------------------------------------------
 
 
-def _finalize(
+def finalize_shards(
     config: BuildConfig,
-    encoder: Encoder,
-    reader: CorpusReader,
+    identity: EncoderIdentity,
     build_dir: Path,
     metas: list[dict[str, Any]],
     train: tuple[npt.NDArray[np.float32], dict[str, Any]] | None,
     *,
     owner_mode: bool,
+    build_info: dict[str, Any],
+    preprocessing: str | None = None,
 ) -> dict[str, Any]:
+    """Turn committed checkpoint shards into the index directory: THE finalize of every build path.
+
+    The 1-stable rules (:func:`~dprdm.index.records.deduplicate`: record ids, set semantics,
+    owner means), the public-size check, the IVF assignment to PUBLIC centroids, the padded data
+    files and the sealed manifest.  Order-independent by construction: records are sorted by
+    record id, and within the shards' concatenation (``metas`` in input order) only the FIRST
+    occurrence of a content hash is kept; a duplicate's bytes, hence (fixed-size encoder calls,
+    :func:`~dprdm.index.shards.embed_fixed`) its embedding, equal the first one's.
+
+    Args:
+        metas: the committed shards in input order (``start``/``end`` contiguous from 0).
+        build_info: recorded under the manifest's ``build`` (operator-only).
+        preprocessing: the manifest's ``preprocessing`` text (default: the image/owner rule).
+
+    Returns:
+        The sealed manifest.
+    """
     rec = deduplicate(metas, owner_mode)
     _check_public_size(rec["ids"].size, config.public_size)
     staged = build_dir / "records.npy"
-    write_records(build_dir, staged, metas, rec, config.dtype, encoder.dimension, owner_mode)
+    write_records(build_dir, staged, metas, rec, config.dtype, identity.dimension, owner_mode)
     dedup = {
         "items_seen": metas[-1]["end"] if metas else 0,
         "unreadable_or_skipped": sum(len(m["errors"]) for m in metas),
@@ -207,7 +257,7 @@ def _finalize(
         "images_embedded": rec["images"],
         "records": int(rec["ids"].size),
     }
-    preprocessing = (
+    preprocessing = preprocessing or (
         "1-stable: exact duplicates removed by SHA-256 of the image bytes (set semantics"
         + (", within each owner; one record per owner = re-normalized mean embedding" if owner_mode else "")
         + "); no similarity-threshold collapsing"
@@ -216,8 +266,8 @@ def _finalize(
         "unreadable_or_skipped": [e for m in metas for e in m["errors"]],
         "exact_duplicates_dropped": dedup["exact_duplicates_dropped"],
     }
-    build_info = {"reader": reader.describe(), "batch_size": config.batch_size, "shard_size": config.shard_size}
-    return _emit(config, encoder.identity, build_dir, staged, rec["ids"], train,
+    build_info = {**build_info, "batch_size": config.batch_size, "shard_size": config.shard_size}
+    return _emit(config, identity, build_dir, staged, rec["ids"], train,
                  record_unit="owner" if owner_mode else "image", dedup=dedup, preprocessing=preprocessing,
                  build_info=build_info, report=report, sources=rec["sources"])
 
@@ -321,9 +371,7 @@ def build_from_vectors(
     if rid.shape != (n,) or (n and (rid.min() < 0 or np.unique(rid).size != n)):
         raise IndexBuildError("ids must be N unique non-negative integers")
     _check_public_size(n, config.public_size)
-    train: tuple[npt.NDArray[np.float32], dict[str, Any]] | None = None
-    if config.index_type == "ivf" and config.train_vectors is not None:
-        train = _ivf.load_public_vectors(config.train_vectors)
+    train = load_train(config, identity.dimension)
     build_dir = prepare_output(config.output, config.existing, {"vectors": True, "encoder": identity.to_dict()})
     order = np.argsort(rid, kind="stable")
     staged = build_dir / "records.npy"

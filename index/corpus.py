@@ -48,10 +48,22 @@ class CorpusReader:
     def has_owners(self) -> bool:
         return False
 
+    def units(self, size: int) -> list[tuple[Any, ...]]:
+        """Split the fixed order into consecutive read units of about ``size`` items (distributed builds).
 
-def read_file(path: Path) -> tuple[bytes | None, str | None]:
-    """The bytes of ``path``, or ``(None, why)`` if it cannot be read (never raises ``OSError``)."""
-    try:
-        return path.read_bytes(), None
-    except OSError as exc:
-        return None, f"unreadable file: {exc.strerror or exc}"
+        A unit is a small picklable tuple; :meth:`iter_unit` yields its items in the reader's order,
+        so the concatenation of all units, in list order, is ``iter_from(0)``.
+        """
+        raise NotImplementedError(f"the {self.kind} reader cannot be split into read units")
+
+    def iter_unit(self, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
+        """The items of one unit of :meth:`units`, in order."""
+        raise NotImplementedError(f"the {self.kind} reader cannot be split into read units")
+
+
+def read_file(path: Path | str) -> tuple[bytes | None, str | None]:
+    """The bytes of ``path`` (a local path or an fsspec URL, see :mod:`~dprdm.index.sources`), or
+    ``(None, why)`` if it cannot be read (never raises ``OSError``)."""
+    from dprdm.index.sources import read_bytes
+
+    return read_bytes(path)

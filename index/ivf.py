@@ -50,12 +50,22 @@ Rules enforced here:
   more than the flat index it is meant to beat, so it is not the default.
 * Centroids are rounded to multiples of 2**-28 so the assignment scores <x, c> (x on the 2**-24
   grid) are exact in float64 and the assignment is a deterministic function of the record.
+* GPU (issue 16 item 8): when faiss reports a GPU (the ``gpu`` extra's ``faiss-gpu-cu12``), the
+  PUBLIC k-means (:func:`train_centroids`) and the quantizer search of :func:`assign_lists` run on
+  it.  The assignment stays exact: the GPU's float32 scores only pre-select, under an error bound
+  that holds for any cuBLAS math mode (TF32 included), and undecided rows are settled by exact
+  float64 scores on the host, so a build assigns every record to the same list with or without a
+  GPU.  The per-query probe of a served IVF index (:meth:`dprdm.index.layouts.IvfLayout.probe`:
+  ``nlist * d`` products) stays on the host, so the host and the device search
+  (:mod:`dprdm.index.device`) probe the same lists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +77,7 @@ from dprdm.index.search import QUERY_GRID_BITS
 
 __all__ = [
     "KMEANS_SEED",
+    "gpu_available",
     "load_public_vectors",
     "train_centroids",
     "assign_lists",
@@ -129,6 +140,13 @@ def load_public_vectors(source: str | os.PathLike[str]) -> tuple[npt.NDArray[np.
     return vecs, prov
 
 
+def gpu_available() -> bool:
+    """Whether faiss reports a GPU (``faiss.get_num_gpus() > 0``; never with ``faiss-cpu``)."""
+    import faiss
+
+    return bool(faiss.get_num_gpus() > 0)
+
+
 def train_centroids(
     train: npt.NDArray[np.float32], nlist: int, *, niter: int = 25, seed: int = KMEANS_SEED, gpu: bool | None = None
 ) -> npt.NDArray[np.float64]:
@@ -141,7 +159,7 @@ def train_centroids(
     n, d = train.shape
     if nlist < 1 or nlist > n:
         raise IndexBuildError(f"--nlist must be in [1, {n}] (number of public training vectors); found {nlist}")
-    use_gpu = (faiss.get_num_gpus() > 0) if gpu is None else gpu
+    use_gpu = gpu_available() if gpu is None else gpu
     km = faiss.Kmeans(d, nlist, niter=niter, seed=seed, spherical=True, gpu=bool(use_gpu), verbose=False,
                       min_points_per_centroid=1)
     km.train(np.ascontiguousarray(train, dtype=np.float32))
@@ -150,17 +168,31 @@ def train_centroids(
     return np.ldexp(np.round(np.ldexp(cents, QUERY_GRID_BITS)), -QUERY_GRID_BITS)
 
 
-def assign_lists(vectors: npt.NDArray[np.floating], centroids: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+def assign_lists(
+    vectors: npt.NDArray[np.floating], centroids: npt.NDArray[np.float64], *, gpu: bool | None = None
+) -> npt.NDArray[np.int64]:
     """Nearest centroid (max exact inner product, lowest id on ties) of each row.
 
-    A float32 faiss search finds the best two lists; its error is at most
-    ``E = 2 (d + 2) 2**-24`` for unit vectors (worst-case rounding bound of any summation order,
-    plus the float32 rounding of the centroids), so when the runner-up is more than ``2E`` below
-    the winner the winner is certified.  Other rows are decided by exact float64 scores (exact
-    because rows are on the 2**-24 grid and centroids on the 2**-28 grid).
-    """
-    import faiss
+    A float32 faiss search (on a GPU when ``gpu``; ``None``: when faiss reports one) finds the best
+    two lists.  Its error is at most ``E`` per score, so when the runner-up is more than ``2E``
+    below the winner the winner is certified: its exact score exceeds the runner-up's exact score
+    (``s_w >= s~_w - E > s~_2 + E >= s_j`` for every other list ``j``).  Other rows are decided by
+    exact float64 scores (exact because rows are on the 2**-24 grid and centroids on the 2**-28
+    grid), in blocks.  The result is therefore the exact assignment on either device.
 
+    ``E`` for unit vectors (rows of norm <= 1.0001, float16 storage included), with u = 2**-24
+    (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., eq. (3.5): a sum of ``d``
+    products in any order errs by at most ``gamma_d * sum |x_i c_i|``, ``sum |x_i c_i| <= 1.0001``
+    by Cauchy-Schwarz):
+
+    * CPU float32: ``2 (d + 2) u`` (the sum, plus the float32 rounding of the centroids);
+    * GPU: ``1.01 (2**-10 + 2 (d + 2) u)``: also covers cuBLAS rounding both inputs to TF32
+      (10 explicit mantissa bits: a relative ``(1 + 2**-11)**2 - 1 < 2**-10 + 2**-21`` per
+      product), which faiss does not ask for today (``CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION``
+      in ``StandardGpuResources.cpp``) but a library default could; float16 storage is turned
+      off explicitly (``useFloat16 = False``).  More rows fall back to exact scores (a margin of
+      ~2e-3 instead of ~1e-4), never a different list.
+    """
     x = np.asarray(vectors, dtype=np.float32)
     n, d = x.shape
     nlist = centroids.shape[0]
@@ -168,16 +200,41 @@ def assign_lists(vectors: npt.NDArray[np.floating], centroids: npt.NDArray[np.fl
         return np.zeros(0, np.int64)
     if nlist == 1:
         return np.zeros(n, np.int64)
-    flat = faiss.IndexFlatIP(d)
-    flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    dist, lab = flat.search(np.ascontiguousarray(x), 2)
-    err = 2.0 * (d + 2) * 2.0**-24
+    use_gpu = gpu_available() if gpu is None else bool(gpu)
+    dist, lab = _quantizer(centroids, use_gpu).search(np.ascontiguousarray(x), 2)
+    err = 1.01 * (2.0**-10 + 2.0 * (d + 2) * 2.0**-24) if use_gpu else 2.0 * (d + 2) * 2.0**-24
     lists = lab[:, 0].astype(np.int64)
     unsure = np.flatnonzero(dist[:, 1] >= dist[:, 0] - 2 * err)
-    if unsure.size:
-        sims = np.asarray(vectors[unsure], dtype=np.float64) @ centroids.T
-        lists[unsure] = np.argmax(sims, axis=1)  # argmax returns the first (lowest id) maximum
+    block = max(1, (1 << 22) // nlist)  # exact scores in ~32 MiB pieces
+    for s in range(0, unsure.size, block):
+        rows = unsure[s : s + block]
+        sims = np.asarray(vectors[rows], dtype=np.float64) @ centroids.T
+        lists[rows] = np.argmax(sims, axis=1)  # argmax returns the first (lowest id) maximum
     return lists
+
+
+_QUANTIZER: list[tuple[bytes, bool, Any]] = []  # the last (centroids digest, gpu, faiss index): one build's
+_QUANTIZER_LOCK = threading.Lock()
+
+
+def _quantizer(centroids: npt.NDArray[np.float64], gpu: bool) -> Any:
+    """A flat inner-product faiss index over the float32 centroids (on all GPUs when ``gpu``), kept
+    for the next call with the same centroids (a build assigns its records block by block)."""
+    import faiss
+
+    key = hashlib.blake2b(np.ascontiguousarray(centroids).tobytes(), digest_size=16).digest()
+    with _QUANTIZER_LOCK:
+        if _QUANTIZER and _QUANTIZER[0][:2] == (key, gpu):
+            return _QUANTIZER[0][2]
+        flat = faiss.IndexFlatIP(centroids.shape[1])
+        flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        index: Any = flat
+        if gpu:
+            options = faiss.GpuMultipleClonerOptions()
+            options.useFloat16 = False
+            index = faiss.index_cpu_to_all_gpus(flat, co=options)
+        _QUANTIZER[:] = [(key, gpu, index)]
+        return index
 
 
 def public_capacities(

@@ -17,10 +17,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dprdm.index import sources
 from dprdm.index.corpus import IMAGE_EXTENSIONS, CorpusItem, CorpusReader, read_file
 from dprdm.index.errors import IndexBuildError
 from dprdm.index.parquet_reader import ParquetReader
-from dprdm.index.webdataset_reader import WebDatasetReader
+from dprdm.index.webdataset_reader import WebDatasetReader, _tar_samples
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -32,6 +33,8 @@ __all__ = [
     "WebDatasetReader",
     "load_owner_map",
     "open_reader",
+    "plan_units",
+    "iter_unit",
 ]
 
 
@@ -53,7 +56,7 @@ def load_owner_map(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 class _PathsReader(CorpusReader):
-    def __init__(self, entries: list[tuple[str, Path, str | None]]) -> None:
+    def __init__(self, entries: list[tuple[str, sources.Source, str | None]]) -> None:
         self._entries = entries
 
     def total(self) -> int | None:
@@ -64,12 +67,22 @@ class _PathsReader(CorpusReader):
         return any(owner is not None for _, _, owner in self._entries)
 
     def iter_from(self, start: int) -> Iterator[CorpusItem]:
-        for key, path, owner in self._entries[start:]:
+        return self._items(start, len(self._entries))
+
+    def units(self, size: int) -> list[tuple[Any, ...]]:
+        """Ranges ``(start, stop)`` of ``size`` consecutive files."""
+        return [(s, min(s + size, len(self._entries))) for s in range(0, len(self._entries), size)]
+
+    def iter_unit(self, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
+        return self._items(int(unit[0]), int(unit[1]))
+
+    def _items(self, start: int, stop: int) -> Iterator[CorpusItem]:
+        for key, path, owner in self._entries[start:stop]:
             data, error = read_file(path)
             yield CorpusItem(key=key, owner=owner, data=data, error=error)
 
 
-def _apply_owners(entries: list[tuple[str, Path, str | None]], owners: Mapping[str, str] | None) -> None:
+def _apply_owners(entries: list[tuple[str, sources.Source, str | None]], owners: Mapping[str, str] | None) -> None:
     if owners is None:
         return
     missing = [key for key, _, owner in entries if owner is None and key not in owners]
@@ -79,28 +92,41 @@ def _apply_owners(entries: list[tuple[str, Path, str | None]], owners: Mapping[s
         entries[i] = (key, path, owner if owner is not None else owners[key])
 
 
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+
+
 class FolderReader(_PathsReader):
-    """Every image file under ``root`` (recursive, sorted by relative POSIX path)."""
+    """Every image file under ``root`` (recursive, sorted by relative POSIX path).
+
+    ``root`` may be an fsspec URL (``s3://bucket/prefix``, ``file:///data``): the keys are the same
+    relative paths as for a local folder of the same files.
+    """
 
     kind = "folder"
 
     def __init__(self, root: str | os.PathLike[str], owners: Mapping[str, str] | None = None) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise IndexBuildError(f"input folder {str(self.root)!r} does not exist")
-        entries: list[tuple[str, Path, str | None]] = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
-            for name in filenames:
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                    path = Path(dirpath) / name
-                    entries.append((path.relative_to(self.root).as_posix(), path, None))
+        self.root: sources.Source = sources.as_source(root if isinstance(root, str) else os.fspath(root))
+        entries: list[tuple[str, sources.Source, str | None]] = []
+        if isinstance(self.root, str):
+            for key, src in sources.list_files(self.root):
+                if _is_image_name(key.rsplit("/", 1)[-1]):
+                    entries.append((key, src, None))
+        else:
+            if not self.root.is_dir():
+                raise IndexBuildError(f"input folder {str(self.root)!r} does not exist")
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                dirnames.sort()
+                for name in filenames:
+                    if _is_image_name(name):
+                        path = Path(dirpath) / name
+                        entries.append((path.relative_to(self.root).as_posix(), path, None))
         entries.sort(key=lambda e: e[0])
         _apply_owners(entries, owners)
         super().__init__(entries)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root.resolve()), "items": len(self._entries)}
+        return {"kind": self.kind, "root": sources.describe(self.root), "items": len(self._entries)}
 
 
 class ListReader(_PathsReader):
@@ -112,23 +138,25 @@ class ListReader(_PathsReader):
     kind = "list"
 
     def __init__(self, list_file: str | os.PathLike[str], owners: Mapping[str, str] | None = None) -> None:
-        self.list_file = Path(list_file)
-        if not self.list_file.is_file():
+        self.list_file: sources.Source = sources.as_source(
+            list_file if isinstance(list_file, str) else os.fspath(list_file))
+        if not sources.is_file(self.list_file):
             raise IndexBuildError(f"input list {str(self.list_file)!r} does not exist")
-        base = self.list_file.parent
-        entries: list[tuple[str, Path, str | None]] = []
-        for line in self.list_file.read_text().splitlines():
+        data, error = sources.read_bytes(self.list_file)
+        if data is None:
+            raise IndexBuildError(f"input list {str(self.list_file)!r}: {error}")
+        entries: list[tuple[str, sources.Source, str | None]] = []
+        for line in data.decode("utf-8").splitlines():
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             key, _, owner = line.rstrip("\n").partition("\t")
             key = key.strip()
-            path = Path(key) if Path(key).is_absolute() else base / key
-            entries.append((key, path, owner.strip() or None))
+            entries.append((key, sources.join(self.list_file, key), owner.strip() or None))
         _apply_owners(entries, owners)
         super().__init__(entries)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "list": str(self.list_file.resolve()), "items": len(self._entries)}
+        return {"kind": self.kind, "list": sources.describe(self.list_file), "items": len(self._entries)}
 
 
 def open_reader(
@@ -151,7 +179,7 @@ def open_reader(
     kind = input_type
     if kind == "auto":
         first = inputs[0].lower()
-        if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        if len(inputs) == 1 and sources.is_dir(sources.as_source(inputs[0])):
             kind = "folder"
         elif first.endswith(".parquet"):
             kind = "parquet"
@@ -175,3 +203,58 @@ def open_reader(
     if kind == "webdataset":
         return WebDatasetReader(inputs, owner_field=owner_column)
     raise IndexBuildError(f"unknown input type {input_type!r} (auto, folder, list, parquet, webdataset)")
+
+
+# -- read units (distributed builds, :mod:`dprdm.index.ray_build`) --------------------------------
+
+
+def plan_units(reader: CorpusReader, size: int) -> list[tuple[Any, ...]]:
+    """Split ``reader``'s fixed order into read units of about ``size`` items (see :meth:`CorpusReader.units`).
+
+    Folders and lists: ranges of ``size`` files; parquet: ranges of ``size`` rows within one file;
+    webdataset: one tar shard per unit (its sample count is known only once read).
+
+    Raises:
+        IndexBuildError: ``size`` < 1.
+    """
+    if size < 1:
+        raise IndexBuildError(f"read unit size must be >= 1; found {size}")
+    if isinstance(reader, ParquetReader):
+        units: list[tuple[Any, ...]] = []
+        offset = 0
+        for i, rows in enumerate(reader._rows):
+            units += [("parquet", i, offset, s, min(s + size, rows)) for s in range(0, rows, size)]
+            offset += rows
+        return units
+    if isinstance(reader, WebDatasetReader):
+        return [("webdataset", i) for i in range(len(reader.shards))]
+    return reader.units(size)
+
+
+def iter_unit(reader: CorpusReader, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
+    """The items of one unit of :func:`plan_units`, in ``reader``'s order (bad files are error items)."""
+    if isinstance(reader, ParquetReader):
+        return _parquet_unit(reader, unit)
+    if isinstance(reader, WebDatasetReader):
+        shard = reader.shards[int(unit[1])]
+        return (reader._item(shard, key, members, error) for key, members, error in _tar_samples(shard))
+    return reader.iter_unit(unit)
+
+
+def _parquet_unit(reader: ParquetReader, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
+    """Rows ``start:stop`` of one parquet file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    _, file_index, offset, start, stop = unit
+    f = reader.files[int(file_index)]
+    cols = [c for c in (reader.image_column, reader.path_column, reader.owner_column, reader.key_column) if c]
+    pf = pq.ParquetFile(f)
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            data = pf.read_row_group(g, columns=cols).slice(lo - first, hi - lo).to_pydict()
+            for i in range(hi - lo):
+                yield reader._item(f, offset + lo + i, {c: data[c][i] for c in cols})
+        first += n

@@ -39,8 +39,15 @@ Privacy: a :class:`SubsampledNeighbors` holds private data (ids, scores, the sur
 ``len(vectors)``); only the noisy aggregate derived from :meth:`SubsampledNeighbors.aggregate`
 may leave the server.  Its ``repr`` is redacted so it cannot leak into a log line by accident.
 
-Size (~410 lines, over the ~400 guideline): the equivalence proof, the survivor positions, the
-exact scores and the strict top-k are one argument; the layouts are in ``layouts``.
+Backends: this module is the host (numpy) backend.  :mod:`dprdm.index.device` runs the middle of
+the same search (gather, exact scores, the strict top-k's partitions) on a torch device and shares
+everything else with it: :func:`sampled_rows` (validation, query grid, coins, slot -> row map: on
+the host, from the same generator), :func:`strict_order` (the final order of the ``k`` candidates)
+and :func:`neighbors` (clamping and zero padding).  Its docstring proves both give the same bits.
+
+Size (~450 lines, over the ~400 guideline): the equivalence proof, the survivor positions, the
+exact scores and the strict top-k are one argument, shared with the device backend; the layouts
+are in ``layouts``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from dprdm.index.layouts import Candidates, FlatLayout, Layout
+from dprdm.index.layouts import FlatLayout, Layout
 
 __all__ = [
     "STORE_GRID_BITS",
@@ -65,6 +72,10 @@ __all__ = [
     "subsampled_topk",
     "subsampled_topk_batch",
     "search_array",
+    "sampled_rows",
+    "strict_order",
+    "clamp_rows",
+    "neighbors",
 ]
 
 STORE_GRID_BITS = 24
@@ -278,12 +289,21 @@ def _strict_topk(keys: FloatArray, ids: IntArray, k: int) -> IntArray:
         t = np.partition(keys, m - k)[m - k]
         comp = np.where(keys > t, _I64_MIN, np.where(keys == t, ids, _I64_MAX))
         cand = np.argpartition(comp, k - 1)[:k]
-    order = np.lexsort((ids[cand], -keys[cand]))
-    return cand[order]
+    return cand[strict_order(keys[cand], ids[cand])]
 
 
-def _clamped(vectors: npt.NDArray[np.floating], rows: IntArray) -> FloatArray:
-    x = np.asarray(vectors[rows], dtype=np.float64)
+def strict_order(keys: FloatArray, ids: IntArray) -> IntArray:
+    """The permutation sorting candidates by (key descending, id ascending).
+
+    The last step of every backend's top-k (:func:`_strict_topk`, :mod:`dprdm.index.device`):
+    the same candidate keys and ids give the same order.
+    """
+    return np.lexsort((ids, -keys))
+
+
+def clamp_rows(rows: npt.NDArray[np.floating]) -> FloatArray:
+    """Rows in float64, each divided by ``max(1, ||x||)`` (SPEC §4: float16 storage may exceed 1)."""
+    x = np.asarray(rows, dtype=np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.maximum(1.0, norms)[:, None]
 
@@ -295,34 +315,67 @@ def _check_k(k: int) -> int:
 
 
 def _select(
-    vectors: npt.NDArray[np.floating],
-    ids: IntArray,
-    cands: Candidates,
-    positions: IntArray,
-    qhat: FloatArray,
-    k: int,
+    vectors: npt.NDArray[np.floating], ids: IntArray, rows: IntArray, qhat: FloatArray, k: int
 ) -> SubsampledNeighbors:
     """Gather, score, strict top-k, clamp, zero the dummies: no branch on the number of real slots.
 
-    Every step processes arrays whose shapes are ``len(positions)`` (the sampled slots: public
-    sizes and coins), ``min(k, len(positions))`` or ``k``: the rows read, the ids read, the
+    Every step processes arrays whose shapes are ``len(rows)`` (the sampled slots: public
+    sizes and coins), ``min(k, len(rows))`` or ``k``: the rows read, the ids read, the
     scores, the keys, the partitions, the gathered winners and the ``(k, d)`` padded output.
     How many survivors are real only decides ``m_real``, which slices views of the already
     computed arrays (O(1)).
     """
-    rows = cands.rows_for(positions)
     row_ids = ids[rows]
     real = row_ids >= 0  # filler rows carry FILLER_ID = -1
     scores = exact_scores(vectors, rows, qhat)
     keys = _selection_keys(scores, real)
     chosen = _strict_topk(keys, row_ids, k)
-    d = vectors.shape[1]
-    padded = np.zeros((k, d), dtype=np.float64)
-    c = chosen.shape[0]
-    padded[:c] = _clamped(vectors, rows[chosen]) * real[chosen][:, None]
-    m_real = int(np.count_nonzero(real[chosen]))  # dummies sort last: the real winners are a prefix
-    return SubsampledNeighbors(vectors=padded[:m_real], ids=row_ids[chosen][:m_real],
-                               scores=scores[chosen][:m_real], k=k, padded=padded)
+    return neighbors(vectors[rows[chosen]], row_ids[chosen], scores[chosen], real[chosen], k)
+
+
+def neighbors(
+    raw: npt.NDArray[np.floating], ids: IntArray, scores: FloatArray, real: npt.NDArray[np.bool_], k: int
+) -> SubsampledNeighbors:
+    """One search's result from its ``c = min(k, m)`` winners in strict order (every backend's last step).
+
+    Args:
+        raw: ``(c, d)`` the winners' stored rows (any float dtype).
+        ids: ``(c,)`` their record ids (-1: dummy).
+        scores: ``(c,)`` their exact scores.
+        real: ``(c,)`` True for real records; dummies sort last, so the real winners are a prefix.
+        k: the requested ``k``.
+
+    Returns:
+        A :class:`SubsampledNeighbors` whose ``padded`` holds the clamped real winners, then
+        ``+0.0`` rows (the same bits whichever dummies were taken).
+    """
+    c = raw.shape[0]
+    padded = np.zeros((k, raw.shape[1]), dtype=np.float64)
+    padded[:c] = np.where(real[:, None], clamp_rows(raw), 0.0)
+    m_real = int(np.count_nonzero(real))
+    return SubsampledNeighbors(vectors=padded[:m_real], ids=ids[:m_real],
+                               scores=scores[:m_real], k=k, padded=padded)
+
+
+def sampled_rows(
+    layout: Layout, query: npt.ArrayLike, dimension: int, *, k: int, q: float, rng: np.random.Generator,
+    nprobe: int | None = None,
+) -> tuple[int, FloatArray, IntArray]:
+    """The host half of every backend: validate, quantize the query, draw the coins, map slots to rows.
+
+    Returns:
+        ``(k, qhat, rows)``: the checked ``k``, the query on the ``2**-28`` grid and the storage
+        rows of the sampled slots (in slot order).  The coins come from ``rng`` alone, so two
+        backends given generators in the same state sample the same rows.
+
+    Raises:
+        ValueError: bad ``k``, ``q``, ``nprobe`` or query.
+    """
+    k = _check_k(k)
+    qhat = quantize_query(query, dimension)
+    cands = layout.candidates(qhat, nprobe)
+    positions = poisson_positions(cands.length, q, rng)
+    return k, qhat, cands.rows_for(positions)
 
 
 def subsampled_topk(
@@ -355,11 +408,8 @@ def subsampled_topk(
     Raises:
         ValueError: bad ``k``, ``q``, ``nprobe`` or query.
     """
-    k = _check_k(k)
-    qhat = quantize_query(query, vectors.shape[1])
-    cands = layout.candidates(qhat, nprobe)
-    positions = poisson_positions(cands.length, q, rng)
-    return _select(vectors, ids, cands, positions, qhat, k)
+    k, qhat, rows = sampled_rows(layout, query, vectors.shape[1], k=k, q=q, rng=rng, nprobe=nprobe)
+    return _select(vectors, ids, rows, qhat, k)
 
 
 def subsampled_topk_batch(

@@ -13,6 +13,13 @@ Unreadable or undecodable items and encoder failures (non-finite or zero embeddi
 per item and never stop the build.  Exact duplicates met while streaming are skipped before
 decoding (set semantics, see :mod:`dprdm.index.records`).
 
+Fixed-size encoder calls (:func:`embed_fixed`): the encoder is always called with exactly
+``batch_size`` inputs, a short batch being padded with copies of its last input (whose rows are
+discarded).  Real encoders are not batch-invariant (``dprdm-mini`` on CPU: a different batch
+size changes the last bits, ~5e-7), but at a FIXED batch size an image's embedding does not
+depend on its batch-mates or its position (checked for ``dprdm-mini``), so every engine
+(:mod:`~dprdm.index.ray_build` batches differently) and every resume stores the same bytes.
+
 Memory: the images of one batch, one shard of vectors, and the (owner, digest) pairs seen so far.
 """
 
@@ -24,6 +31,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,7 @@ from dprdm.index.errors import IndexBuildError
 from dprdm.index.format import MANIFEST, atomic_write_json
 from dprdm.models.base import Encoder
 
-__all__ = ["BUILD_DIR", "prepare_output", "encode_shards", "save_npy_atomic"]
+__all__ = ["BUILD_DIR", "Shard", "committed_parts", "committed_shards", "prepare_output", "encode_shards", "embed_fixed", "unit_rows", "save_npy_atomic", "decode_image"]
 
 BUILD_DIR = ".build"
 
@@ -93,7 +101,7 @@ def prepare_output(out: Path, existing: str, fingerprint: dict[str, Any]) -> Pat
     return build_dir
 
 
-def _committed(build_dir: Path) -> list[dict[str, Any]]:
+def committed_shards(build_dir: Path) -> list[dict[str, Any]]:
     """Committed shards in order; a vectors file without its meta (or any .tmp) is discarded."""
     metas = []
     for meta_path in sorted(build_dir.glob("shard-*.meta.json")):
@@ -112,7 +120,31 @@ def _committed(build_dir: Path) -> list[dict[str, Any]]:
     return metas
 
 
-class _Shard:
+def committed_parts(build_dir: Path, prefix: str = "part") -> dict[int, dict[str, Any]]:
+    """Committed out-of-order checkpoints ``PREFIX-NNNNNN`` (distributed builds) by number.
+
+    A part is committed once its meta file exists (written after its vectors); any other
+    ``PREFIX-*`` file (vectors without meta, ``.tmp``) is an interrupted write and is removed.
+
+    Raises:
+        IndexBuildError: a committed part lost its vectors file.
+    """
+    parts: dict[int, dict[str, Any]] = {}
+    for meta_path in sorted(build_dir.glob(f"{prefix}-*.meta.json")):
+        meta = json.loads(meta_path.read_text())
+        if not (build_dir / meta["vectors"]).is_file():
+            raise IndexBuildError(f"checkpoint {str(meta_path)!r} has lost its vectors file; use --overwrite")
+        parts[int(meta["shard"])] = meta
+    known = {m["vectors"] for m in parts.values()} | {f"{prefix}-{n:06d}.meta.json" for n in parts}
+    for stray in build_dir.glob(f"{prefix}-*"):
+        if stray.name not in known:
+            stray.unlink()
+    return parts
+
+
+class Shard:
+    """One checkpoint shard being filled: per embedded row its key, digest and owner, plus errors."""
+
     def __init__(self, number: int, start: int) -> None:
         self.number, self.start = number, start
         self.keys: list[str] = []
@@ -122,8 +154,9 @@ class _Shard:
         self.errors: list[dict[str, str]] = []
         self.duplicates = 0
 
-    def commit(self, build_dir: Path, end: int, dim: int, owner_mode: bool) -> dict[str, Any]:
-        name = f"shard-{self.number:06d}"
+    def commit(self, build_dir: Path, end: int, dim: int, owner_mode: bool, *, prefix: str = "shard") -> dict[str, Any]:
+        """Write ``PREFIX-NNNNNN.vectors.npy`` then (the commit point) ``PREFIX-NNNNNN.meta.json``."""
+        name = f"{prefix}-{self.number:06d}"
         vecs = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
         save_npy_atomic(build_dir / f"{name}.vectors.npy", vecs)
         meta = {
@@ -135,12 +168,18 @@ class _Shard:
         return meta
 
 
-def _decode(data: bytes) -> Any:
+class _ImageBytes(io.BytesIO):
+    def __repr__(self) -> str:  # PIL quotes the file in its errors: keep reports free of memory addresses
+        return "<image bytes>"
+
+
+def decode_image(data: bytes) -> Any:
+    """The RGB PIL image of encoded bytes (raises whatever the decoder raises on bad bytes)."""
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(_ImageBytes(data)) as im:
             return im.convert("RGB")
 
 
@@ -164,19 +203,19 @@ def encode_shards(
     """
     from tqdm import tqdm
 
-    metas = _committed(build_dir)
+    metas = committed_shards(build_dir)
     start = metas[-1]["end"] if metas else 0
     seen: set[tuple[str, str]] = set()
     for meta in metas:
         owners = meta["owners"] or [""] * len(meta["digests"])
         seen.update(zip(owners, meta["digests"], strict=True))
     dim = encoder.dimension
-    shard = _Shard(len(metas), start)
+    shard = Shard(len(metas), start)
     batch: list[tuple[str, str, str, Any]] = []
 
     def flush() -> None:
         if batch:
-            _embed(encoder, batch, shard, dim)
+            _embed(encoder, batch, shard, dim, batch_size)
             batch.clear()
 
     pos = start
@@ -191,14 +230,14 @@ def encode_shards(
             if pos - shard.start >= shard_size:
                 flush()
                 metas.append(shard.commit(build_dir, pos, dim, owner_mode))
-                shard = _Shard(shard.number + 1, pos)
+                shard = Shard(shard.number + 1, pos)
         flush()
         if pos > shard.start:
             metas.append(shard.commit(build_dir, pos, dim, owner_mode))
     return metas
 
 
-def _take(item: CorpusItem, shard: _Shard, batch: list[tuple[str, str, str, Any]],
+def _take(item: CorpusItem, shard: Shard, batch: list[tuple[str, str, str, Any]],
           seen: set[tuple[str, str]], owner_mode: bool) -> None:
     if item.data is None:
         shard.errors.append({"key": item.key, "error": item.error or "no data"})
@@ -212,7 +251,7 @@ def _take(item: CorpusItem, shard: _Shard, batch: list[tuple[str, str, str, Any]
         shard.duplicates += 1
         return
     try:
-        image = _decode(item.data)
+        image = decode_image(item.data)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-item error, never a crash
         shard.errors.append({"key": item.key, "error": f"cannot decode image: {type(exc).__name__}: {exc}"[:300]})
         return
@@ -220,12 +259,42 @@ def _take(item: CorpusItem, shard: _Shard, batch: list[tuple[str, str, str, Any]
     batch.append((item.key, digest, owner, image))
 
 
-def _embed(encoder: Encoder, batch: list[tuple[str, str, str, Any]], shard: _Shard, dim: int) -> None:
-    vecs = np.asarray(encoder.encode_images([b[3] for b in batch]), dtype=np.float64)
-    if vecs.shape != (len(batch), dim):
-        raise IndexBuildError(f"encoder returned shape {vecs.shape} for {len(batch)} images of dimension {dim}")
+def embed_fixed(
+    encode: Callable[[list[Any]], Any], inputs: list[Any], batch_size: int, dim: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Embed ``inputs`` (at most ``batch_size``) in ONE encoder call of exactly ``batch_size`` inputs.
+
+    The batch is padded with copies of its last input (their rows are discarded); rows are then
+    normalized in float64 and rounded to float32.  Both build engines embed through here.
+
+    Returns:
+        ``(unit rows, ok)``: ``(n, dim)`` float32 (rows where ``ok`` is False are meaningless) and
+        the mask of finite, non-zero embeddings.
+
+    Raises:
+        IndexBuildError: the encoder returned another shape.
+    """
+    n = len(inputs)
+    if not 0 < n <= batch_size:
+        raise IndexBuildError(f"embed_fixed takes 1 to {batch_size} inputs; found {n}")
+    vecs = np.asarray(encode(list(inputs) + [inputs[-1]] * (batch_size - n)), dtype=np.float64)
+    if vecs.shape != (batch_size, dim):
+        raise IndexBuildError(f"encoder returned shape {vecs.shape} for {batch_size} images of dimension {dim}")
+    return unit_rows(vecs[:n])
+
+
+def unit_rows(vecs: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Rows of ``vecs`` (float64) divided by their L2 norm, rounded to float32, and the mask of
+    rows with a finite non-zero norm (other rows are zero).  The one normalization of every build path."""
     norms = np.linalg.norm(vecs, axis=1)
     ok = np.isfinite(norms) & (norms > 0)
+    unit = np.zeros(vecs.shape, np.float32)
+    unit[ok] = (vecs[ok] / norms[ok, None]).astype(np.float32)
+    return unit, ok
+
+
+def _embed(encoder: Encoder, batch: list[tuple[str, str, str, Any]], shard: Shard, dim: int, batch_size: int) -> None:
+    unit, ok = embed_fixed(encoder.encode_images, [b[3] for b in batch], batch_size, dim)
     for i, (key, digest, owner, _img) in enumerate(batch):
         if not ok[i]:
             shard.errors.append({"key": key, "error": "encoder produced a non-finite or zero embedding"})
@@ -234,4 +303,4 @@ def _embed(encoder: Encoder, batch: list[tuple[str, str, str, Any]], shard: _Sha
         shard.digests.append(digest)
         shard.owners.append(owner)
     if np.any(ok):
-        shard.vectors.append((vecs[ok] / norms[ok, None]).astype(np.float32))
+        shard.vectors.append(unit[ok])

@@ -1,11 +1,15 @@
 """The durable privacy ledger (SPEC §6): the protocol every store implements, its errors, and the
-stores: :class:`SqliteLedger` (the default, one file) and :class:`MemoryLedger` (no durability).
+stores: :class:`SqliteLedger` (the default, one file), ``dprdm.ledger.postgres.PostgresLedger``
+(PostgreSQL: several servers and hosts on one budget; needs the ``server`` extra, so it is
+imported only by :func:`open_ledger` for a ``postgresql://`` URL) and :class:`MemoryLedger` (no
+durability). :func:`open_ledger` opens a store from a URL or a path.
 
 Imports only :mod:`dprdm.privacy`: the server, the baselines and the benchmarks use the ledger
 without importing the server. The ledger composes and stores every :class:`Receipt`.
 
 Every store passes ONE behavioural suite, ``tests/test_ledger_conformance.py`` (a fixture over
-SQLite with and without group commit and the in-memory store); a new store joins that fixture.
+SQLite and PostgreSQL, each with and without group commit, and the in-memory store); a new store
+joins that fixture.
 """
 
 from .api import (
@@ -27,11 +31,15 @@ from .api import (
     UnknownDomain,
     UnknownSpend,
 )
+from .factory import open_ledger, parse_ledger_url, redact_url
 from .memory import MemoryLedger
 from .sqlite import SCHEMA_VERSION, SqliteLedger
 
 __all__ = [
     "Ledger",
+    "open_ledger",
+    "parse_ledger_url",
+    "redact_url",
     "SqliteLedger",
     "MemoryLedger",
     "SCHEMA_VERSION",

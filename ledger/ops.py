@@ -59,6 +59,7 @@ class CreateBudget:
         check_text("domain", domain)
         if not isinstance(budget, Budget):
             raise ValueError(f"budget must be a dprdm.privacy.Budget; found {type(budget).__name__}")
+        budget.to_dict()  # a PLD budget's plan (T_max, table) is computed here, not in the transaction
         quotas: dict[str, float] = {}
         for tenant, quota in (tenant_quotas or {}).items():
             check_text("tenant", tenant)

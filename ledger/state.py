@@ -68,6 +68,10 @@ class Rule:
     """A domain's admission rule: ``Budget.admits`` / ``Budget.spent_epsilon`` (O(#orders), with
     the grid constants precomputed in the privacy core), plus a cache of charge-curve facts.
 
+    A PLD budget (``budget.accountant == "pld"``) admits while the number of queries read off the
+    running curve stays <= T_max, and reports spent epsilons from its per-T table (both in
+    ``Budget``); its plan is the one stored with the budget, loaded here, never recomputed.
+
     Args:
         budget: the domain's budget.
     """
@@ -76,6 +80,8 @@ class Rule:
         self.budget = budget
         self.epsilon_budget = float(budget.epsilon)
         self._charges: dict[bytes, tuple[str, str, float]] = {}
+        if budget.accountant == "pld":
+            _ = budget.pld  # the stored plan (computed here only for a budget built without one)
 
     def epsilon(self, curve: npt.NDArray[np.float64]) -> float:
         """Informational epsilon of ``curve`` at the budget's delta (``Budget.spent_epsilon``)."""
@@ -89,6 +95,9 @@ class Rule:
         """``(Budget.admits(spent, charge), epsilon of spent + charge if computed on the way)``."""
         if self.budget.filter_order is not None:
             return bool(self.budget.admits(spent, charge)), None
+        if self.budget.accountant == "pld":  # T <= T_max, never the table's rounded-up epsilon
+            admitted = bool(self.budget.admits(spent, charge))
+            return admitted, self.epsilon(spent + charge) if admitted else None
         eps = self.epsilon(spent + charge)
         return eps <= self.epsilon_budget, eps
 

@@ -1,13 +1,21 @@
-"""The SQLite ledger's writer: every write runs here, in batches, one transaction each (SPEC §6).
+"""The ledger's batching writer: every write runs here, in batches, one transaction each (SPEC §6).
 
 :meth:`Writer.execute` evaluates a batch of operations (:mod:`dprdm.ledger.ops`) in order inside
-ONE ``BEGIN IMMEDIATE`` transaction and commits (one fsync) before any caller is answered. With
-group commit a committer thread drains whatever callers queued while the previous batch was
-committing; without, each caller runs a batch of one under a lock. Both modes share the code, so
-they share the semantics; admission inside a batch is sequential (each operation sees the ones
-before it). Several processes may share one file: ``BEGIN IMMEDIATE`` serialises them (busy
-timeout) and ``PRAGMA data_version`` tells a process when another one committed, so its
-in-memory running curves are reloaded.
+ONE transaction and commits before any caller is answered. With group commit a committer thread
+drains whatever callers queued while the previous batch was committing; without, each caller runs
+a batch of one under a lock. Both modes share the code, so they share the semantics; admission
+inside a batch is sequential (each operation sees the ones before it).
+
+The writer is store-independent: the SQL of the operations is shared (standard SQL with ``?``
+placeholders, run by SQLite and, through an adapter, by PostgreSQL), and each store supplies the
+few store-specific steps as hook methods: how a transaction begins and serialises against other
+processes (SQLite's ``BEGIN IMMEDIATE``; PostgreSQL's row lock on each privacy domain of the
+batch, ``SELECT ... FOR UPDATE``, sent with the prefetch), how it learns that another process
+committed (its cached running curves are then reloaded), commit, rollback, which errors mean "the
+store cannot commit" (:class:`LedgerUnavailable`) and which mean "run the batch again"
+(PostgreSQL's serialisation failures, deadlocks and concurrent inserts of one key, retried here
+a bounded number of times). :class:`~dprdm.ledger.sqlite.SqliteWriter` and
+:class:`~dprdm.ledger.postgres.PgWriter` implement them.
 
 Operations are dispatched on their type through :data:`HANDLERS`.
 """
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+import random
 import threading
 import time
 from collections import deque
@@ -43,7 +51,7 @@ from .state import (
     unknown_spend,
 )
 
-__all__ = ["Writer", "HANDLERS", "stored_receipt", "unavailable", "CommitObserver"]
+__all__ = ["Writer", "HANDLERS", "stored_receipt", "each_unavailable", "CommitObserver", "MAX_RETRIES"]
 
 log = logging.getLogger("dprdm.ledger")
 
@@ -55,46 +63,13 @@ CommitObserver = Callable[[LedgerUnavailable | None], None]
 could not commit (called on the committing thread, in commit order; it must be quick)."""
 
 
-# SQLite's primary result codes for a store that cannot commit (not a bug in the program):
-# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOLFS, NOTADB.
-_STORE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 22, 26})
-_STORE_TEXTS = (  # the same failures by message, for an error without a code (raised by Python code)
-    "database or disk is full",
-    "disk i/o error",
-    "readonly database",
-    "unable to open database file",
-    "database is locked",
-    "database table is locked",
-    "malformed",
-    "not a database",
-    "out of memory",
-)
+MAX_RETRIES = 8
+"""How many times a batch is run again after a transient conflict (PostgreSQL: serialisation
+failure, deadlock, a concurrent insert of the same key, a pooled connection found dead before
+anything was committed); after that its operations fail with :class:`LedgerUnavailable`."""
 
 
-def unavailable(exc: BaseException, path: str) -> LedgerUnavailable | None:
-    """The :class:`LedgerUnavailable` a SQLite error means, or None for anything else (a bug:
-    an SQL error, a constraint, misuse), which stays as it is.
-
-    The store cannot commit when SQLite says "database or disk is full", "disk I/O error",
-    "attempt to write a readonly database", "unable to open database file", "database is
-    locked" (busy timeout), or that the file is damaged; told by the result code, or by the
-    message when the error carries none.
-    """
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    text = str(exc)
-    if code is not None:
-        if code & 0xFF not in _STORE_CODES:
-            return None
-    elif not any(t in text.lower() for t in _STORE_TEXTS):
-        return None
-    out = LedgerUnavailable(path, text or type(exc).__name__)
-    out.__cause__ = exc
-    return out
-
-
-def _each(err: LedgerUnavailable, cause: BaseException) -> LedgerUnavailable:
+def each_unavailable(err: LedgerUnavailable, cause: BaseException) -> LedgerUnavailable:
     """A copy of ``err`` for one caller (each caller's thread raises its own exception object)."""
     out = LedgerUnavailable(err.path, err.cause, err.retry_after_seconds)
     out.__cause__ = cause
@@ -107,23 +82,31 @@ def stored_receipt(stored: str | Receipt) -> Receipt:
 
 
 class Writer:
-    """Runs write operations against one connection, batched; owns the running-state cache.
+    """Runs write operations in batches, one transaction each; owns the running-state cache.
+
+    Store-independent: a store subclasses it and implements the hooks :meth:`_begin`,
+    :meth:`_refresh`, :meth:`_commit`, :meth:`_rollback`, :meth:`_finish`, :meth:`_unavailable`,
+    :meth:`_close_store` (and :meth:`_retryable`, :data:`WRITE_CHECK_SQL`, :data:`ROW_LOCK` when
+    the defaults do not fit; it may wrap :meth:`_prefetch` and :meth:`_flush`, e.g. to send their
+    statements in one round trip). A subclass sets its own attributes BEFORE calling this constructor
+    (the committer thread may start a batch at once).
 
     A transaction the store cannot commit fails its operations with :class:`LedgerUnavailable`
     (naming the cause and ``path``); every outcome is reported to the :attr:`observers`.
 
     Args:
-        conn: the writer connection (WAL, ``synchronous=FULL``).
         group_commit: run a committer thread that batches concurrent callers.
         window_s: with group commit, how long to wait for more writes after the first one.
         max_batch: largest number of operations per transaction.
-        path: the database file (named in errors).
+        path: the store (named in errors): a file, or a URL without its password.
     """
 
-    def __init__(
-        self, conn: sqlite3.Connection, *, group_commit: bool, window_s: float, max_batch: int, path: str = ""
-    ) -> None:
-        self._conn = conn
+    WRITE_CHECK_SQL = ""
+    """The health probe's statement (:class:`CheckWritable`): rewrites ``meta.write_check``."""
+    ROW_LOCK = ""
+    """Appended to the prefetch of the spends a batch stores releases for (PostgreSQL: row locks)."""
+
+    def __init__(self, *, group_commit: bool, window_s: float, max_batch: int, path: str = "") -> None:
         self._path = path
         self.observers: list[CommitObserver] = []
         self._window = window_s
@@ -131,16 +114,53 @@ class Writer:
         self._cache: dict[str, DomainState] = {}
         self._curves: set[str] = set()  # curve ids known to be committed
         self._rules: dict[str, Rule] = {}
-        self._data_version = -1
-        self._lock = threading.Lock()  # the connection when group_commit=False, and close()
+        self._lock = threading.Lock()  # one transaction at a time when group_commit=False, and close()
         self._cv = threading.Condition()
         self._queue: deque[Pending] = deque()
         self.closed = False
-        self._stats = {"transactions": 0, "operations": 0}
+        self._stats = {"transactions": 0, "operations": 0, "retries": 0}
         self._committer: threading.Thread | None = None
         if group_commit:
             self._committer = threading.Thread(target=self._commit_loop, name="ledger-committer", daemon=True)
             self._committer.start()
+
+    # ------------------------------------------------------------------------ store-specific hooks
+
+    def _begin(self) -> Any:
+        """Begin a write transaction; return the connection the batch runs on (wrapped so that
+        ``execute``/``executemany`` take ``?`` placeholders)."""
+        raise NotImplementedError
+
+    def _refresh(self, tx: Tx, ops: list[WriteOp]) -> None:
+        """Inside the transaction, before anything is read: make sure no cached running state is
+        older than what another connection committed (drop stale entries of ``self._cache``)."""
+        raise NotImplementedError
+
+    def _commit(self, conn: Any) -> None:
+        """Commit (durably) the transaction on ``conn``."""
+        raise NotImplementedError
+
+    def _rollback(self, conn: Any) -> None:
+        """Roll back after a failed statement or commit; must not raise."""
+        raise NotImplementedError
+
+    def _finish(self, conn: Any) -> None:
+        """After the transaction, committed or not (e.g. give the connection back to a pool)."""
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailable | None:
+        """The :class:`LedgerUnavailable` a store error means (the store cannot commit), or None
+        for anything else (a bug), which is raised as it is."""
+        raise NotImplementedError
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """Whether the failed batch had no effect and may simply run again (default: never)."""
+        return False
+
+    def _close_store(self) -> None:
+        """Close the store's connections (called once, after the last batch)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ batching
 
     def rule(self, domain: str, budget_json: str) -> Rule:
         """The cached admission rule of ``domain`` (built from its stored budget on first use)."""
@@ -190,6 +210,10 @@ class Writer:
                 batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             try:
                 self.execute(batch)
+            except Exception as exc:  # a bug: fail this batch's callers, keep committing for the others
+                log.exception("ledger %s: a write batch failed unexpectedly", self._path)
+                for pending in batch:
+                    pending.result, pending.error = None, exc
             finally:
                 for pending in batch:
                     pending.done.release()
@@ -197,67 +221,74 @@ class Writer:
     def execute(self, batch: list[Pending]) -> None:
         """Run ``batch`` in order in one transaction; set each operation's result or error.
 
-        A ledger refusal fails only its operation; an unexpected error rolls the batch back and
-        runs each operation alone, so it fails only the operation that raised it.
+        A ledger refusal fails only its operation; a transient conflict (:meth:`_retryable`) runs
+        the whole batch again, at most :data:`MAX_RETRIES` times; an unexpected error rolls the
+        batch back and runs each operation alone, so it fails only the operation that raised it.
         """
-        conn = self._conn
-        tx = Tx(conn)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:  # e.g. busy timeout: no operation ran, retrying each would wait again
-            busy = unavailable(exc, self._path) or LedgerUnavailable(self._path, type(exc).__name__)
-            for pending in batch:
-                pending.result, pending.error = None, _each(busy, exc)
-            self._report(busy)
-            return
-        try:
-            try:
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != self._data_version:  # another connection committed: reload
-                    self._cache.clear()
-                    self._data_version = version
-                self._prefetch(tx, [p.op for p in batch])
-                for pending in batch:
-                    try:
-                        pending.result = HANDLERS[type(pending.op)](self, tx, pending.op)
-                    except LedgerError as exc:
-                        pending.error = exc
-                self._flush(tx)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-        except Exception as exc:
-            for pending in batch:
-                pending.result, pending.error = None, None
-            err = unavailable(exc, self._path)
+        for attempt in range(MAX_RETRIES + 1):
+            exc = self._attempt(batch)
+            if exc is None:
+                return
+            if attempt < MAX_RETRIES and self._retryable(exc):
+                self._stats["retries"] += 1
+                time.sleep(random.uniform(0.0, 0.001 * 2**attempt))  # jitter: conflicting writers diverge
+                continue
+            err = exc if isinstance(exc, LedgerUnavailable) else self._unavailable(exc)
+            if err is None and self._retryable(exc):  # conflicts past the bound: nothing was written
+                err = LedgerUnavailable(self._path, f"gave up after {MAX_RETRIES} retries: {exc}")
             if err is not None:  # the store cannot commit: every operation fails the same way
                 for pending in batch:
-                    pending.error = _each(err, exc)
-                self._report(err)
+                    pending.error = each_unavailable(err, err.__cause__ or exc)
+                self.report(err)
             elif len(batch) == 1:
                 batch[0].error = exc
             else:  # isolate the failing operation: run each alone
                 for pending in batch:
                     self.execute([pending])
             return
+
+    def _attempt(self, batch: list[Pending]) -> Exception | None:
+        """One try of :meth:`execute`: None once committed (results and refusals set), else the
+        error that rolled the transaction back (every result and error cleared)."""
+        try:
+            conn = self._begin()
+        except Exception as exc:  # e.g. busy timeout: no operation ran, running each alone would wait again
+            if self._retryable(exc) or isinstance(exc, LedgerUnavailable):
+                return exc
+            busy = self._unavailable(exc) or LedgerUnavailable(self._path, type(exc).__name__)
+            busy.__cause__ = exc
+            return busy
+        tx = Tx(conn)
+        try:
+            try:
+                ops = [p.op for p in batch]
+                self._refresh(tx, ops)
+                self._prefetch(tx, ops)
+                for pending in batch:
+                    try:
+                        pending.result, pending.error = HANDLERS[type(pending.op)](self, tx, pending.op), None
+                    except LedgerError as exc:
+                        pending.result, pending.error = None, exc
+                self._flush(tx)
+                self._commit(conn)
+            except BaseException:
+                self._rollback(conn)
+                raise
+            finally:
+                self._finish(conn)
+        except Exception as exc:
+            for pending in batch:
+                pending.result, pending.error = None, None
+            return exc
         self._cache.update(tx.domains)
         self._curves.update(tx.new_curves)
         self._stats["transactions"] += 1
         self._stats["operations"] += len(batch)
-        self._report(None)
+        self.report(None)
+        return None
 
-    def _rollback(self) -> None:
-        """Roll back after a failed statement or COMMIT. After SQLITE_FULL or SQLITE_IOERR SQLite
-        may already have rolled back (then ``in_transaction`` is False); a ROLLBACK that fails too
-        leaves nothing committed either (the WAL index header was never advanced)."""
-        if self._conn.in_transaction:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.warning("ledger %s: ROLLBACK after a failed transaction failed too", self._path)
-
-    def _report(self, error: LedgerUnavailable | None) -> None:
+    def report(self, error: LedgerUnavailable | None) -> None:
+        """Tell every observer one outcome (a commit's, or a store failure a read ran into)."""
         for observer in list(self.observers):
             try:
                 observer(error)
@@ -278,11 +309,11 @@ class Writer:
         ids = list({op.spend_id for op in ops if isinstance(op, StoreRelease)} - tx.by_id.keys())
         for chunk in chunks(ids):
             sql = f"SELECT {_SPEND_COLUMNS} FROM spends s WHERE s.spend_id IN (" + ", ".join("?" * len(chunk))
-            tx.by_id.update((r[0], SpendRow(*r)) for r in tx.conn.execute(sql + ")", chunk))
+            tx.by_id.update((r[0], SpendRow(*r)) for r in tx.conn.execute(sql + ")" + self.ROW_LOCK, chunk))
 
     def _flush(self, tx: Tx) -> None:
         if tx.new_curves:
-            tx.conn.executemany("INSERT OR IGNORE INTO curves VALUES (?, ?)", tx.new_curves.items())
+            tx.conn.executemany("INSERT INTO curves VALUES (?, ?) ON CONFLICT DO NOTHING", tx.new_curves.items())
         for chunk in chunks(tx.new_spends):
             tx.conn.execute(
                 "INSERT INTO spends (spend_id, domain, tenant, request_id, binding_hash, profile, charge_id, "
@@ -376,14 +407,12 @@ class Writer:
             tx.new_releases.append((op.spend_id, op.blob, op.shape))
 
     def _check_writable(self, tx: Tx, op: CheckWritable) -> None:
-        # 64 KiB of fresh bytes (16 WAL frames: more than one charge writes, so space that lets
-        # the probe commit lets a charge commit; unchanged bytes would write nothing at all).
-        tx.conn.execute("INSERT OR REPLACE INTO meta VALUES ('write_check', hex(randomblob(32768)))")
+        tx.conn.execute(self.WRITE_CHECK_SQL)
 
     # ------------------------------------------------------------------------------------- misc
 
     def stats(self) -> dict[str, int]:
-        """Write transactions committed and operations they carried (this process)."""
+        """Write transactions committed, operations they carried and batches run again (this process)."""
         return dict(self._stats)
 
     def close(self) -> None:
@@ -396,7 +425,7 @@ class Writer:
         if self._committer is not None:
             self._committer.join()
         with self._lock:
-            self._conn.close()
+            self._close_store()
 
 
 HANDLERS: dict[type, Callable[[Writer, Tx, Any], Any]] = {

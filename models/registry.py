@@ -13,7 +13,10 @@ A bundle is a small JSON file (``models/bundles/<name>.json`` in the package, or
       "min_pairing_cosine": 0.98                                                      (optional)
     }
 
-Relative paths are resolved against the bundle file's folder. Encoder specs (:func:`load_encoder`):
+Relative paths are resolved against the bundle file's folder; ``${NAME}`` in a path or an encoder spec
+is the environment variable ``NAME`` (the example bundles keep their weights under ``${DPRDM_MODELS}``;
+:func:`expand_vars`), expanded when a model loads, so listing bundles needs no variable set. Encoder
+specs (:func:`load_encoder`):
 ``dprdm-mini`` (the embedded default), ``dprdm-mini:/dir``, ``open_clip:ARCH@/file``,
 ``open_clip:local-dir:/dir``, ``open_clip:hf-hub:org/repo`` (local cache only). Generator types:
 ``rdm`` (folder), ``rdm-packed`` (JSON + safetensors), ``stable-unclip``, ``kandinsky-2.2``,
@@ -24,6 +27,11 @@ the pipeline's own image encoder on public probe images; the default when it has
 ``image_encoder`` (Kandinsky 2.2: the prior's ``image_encoder/`` folder, whose zero-image embedding
 is the negative; IP-Adapter: its ``image_encoder/``), ``negative_embedding`` (Kandinsky, a ``.npy``
 instead of ``image_encoder``) and ``noise_level`` (unCLIP). See :mod:`dprdm.models.conditioning`.
+
+Optional, validated by :func:`read_bundle`: ``recommended_profiles`` (a list of ``{epsilon, queries, k,
+q, sigma, lambda, dimension}``, optionally ``delta``: release profiles measured to keep a useful
+release at this dimension for a budget of ``epsilon`` over ``queries`` queries) and ``sources`` (a list
+of ``{repo, local_dir, include}``: where each publisher's files come from, see ``models/README.md``).
 
 Loading refuses a pair whose encoder identity differs from the one the bundle or generator declares,
 whose dimensions differ, or whose encoder disagrees with the pipeline's own image encoder on the probe
@@ -44,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Encoder, EncoderIdentity, Generator
+from .bundle_file import RecommendedProfile, Source, expand_vars, parse_profiles, parse_sources
 
 __all__ = [
     "BUNDLES_DIR",
@@ -51,6 +60,9 @@ __all__ = [
     "BundleMismatchError",
     "BundleSpec",
     "Bundle",
+    "RecommendedProfile",
+    "Source",
+    "expand_vars",
     "list_bundles",
     "read_bundle",
     "load_encoder",
@@ -86,6 +98,8 @@ class BundleSpec:
     description: str = ""
     encoder_identity: EncoderIdentity | None = None
     min_pairing_cosine: float = DEFAULT_MIN_PAIRING_COSINE
+    recommended_profiles: tuple[RecommendedProfile, ...] = ()
+    sources: tuple[Source, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,7 @@ def read_bundle(name_or_path: str | Path) -> BundleSpec:
     min_cos = raw.get("min_pairing_cosine", DEFAULT_MIN_PAIRING_COSINE)
     if not isinstance(min_cos, (int, float)) or isinstance(min_cos, bool) or not -1 <= min_cos <= 1:
         raise ValueError(f"bundle {path}: min_pairing_cosine must be a number in [-1, 1]; found {min_cos!r}")
+    dim = gen.get("conditioning_dimension")
     return BundleSpec(
         name=str(raw["name"]),
         path=path,
@@ -192,11 +207,13 @@ def read_bundle(name_or_path: str | Path) -> BundleSpec:
         description=str(raw.get("description", "")),
         encoder_identity=EncoderIdentity.from_dict(ident) if ident else None,
         min_pairing_cosine=float(min_cos),
+        recommended_profiles=parse_profiles(raw.get("recommended_profiles", []), f"bundle {path}", dim),
+        sources=parse_sources(raw.get("sources", []), f"bundle {path}"),
     )
 
 
 def _resolve(base: Path | None, value: str) -> Path:
-    p = Path(os.path.expanduser(value))
+    p = Path(os.path.expanduser(expand_vars(value)))
     return p if p.is_absolute() or base is None else base / p
 
 
@@ -213,11 +230,12 @@ def load_encoder(
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (fp32 on CPU, half on GPUs).
 
     Raises:
-        ValueError: naming an unknown scheme, device or dtype.
+        ValueError: naming an unknown scheme, device, dtype or unset ``${VARIABLE}``.
         FileNotFoundError: naming a missing weights/config file.
     """
     from ._torch import resolve_device
 
+    spec = expand_vars(spec)
     if spec == "dprdm-mini" or spec.startswith("dprdm-mini:"):
         from .mini_encoder import MiniEncoder
 

@@ -2,11 +2,19 @@
 
 Follows diffusers' own fast tests: ``block_out_channels=(4, 8)``-sized UNets, seeded construction.
 The torch-free fake encoder of the server and index tests is :class:`dprdm.models.fake.FakeEncoder`.
+
+:func:`mirror_bundle` builds a tiny from-config MIRROR of an example bundle (``models/bundles/``):
+the same pipeline class, conditioning path, encoder type and file layout, with random weights.
+
+Size (~690 lines, over the ~400 guideline): the mirrors are built from the tiny pipelines above and
+stay beside them, so one file holds every from-config model the tests use.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,13 @@ __all__ = [
     "write_tiny_open_clip",
     "tiny_clip_vision",
     "MirrorEncoder",
+    "PUBLISHED_IMAGE_ENCODERS",
+    "EXAMPLE_BUNDLES",
+    "MIRROR_SIZE",
+    "open_clip_vision_facts",
+    "tiny_mirror_open_clip_config",
+    "open_clip_vision_to_hf",
+    "mirror_bundle",
 ]
 
 
@@ -117,14 +132,21 @@ def tiny_rdm_generator(dim: int = 16, k: int = 3, guidance_scale: float = 2.0, l
     return RDMGenerator(unet, sched, cfg, vae=_tiny_vae() if latent else None, device=torch.device("cpu"))
 
 
-def tiny_unclip_pipeline(tmp: str | Path, dim: int = 32) -> Any:
-    """A random ``StableUnCLIPImg2ImgPipeline`` (32x32 images, image embeddings of ``dim``)."""
+def tiny_unclip_pipeline(
+    tmp: str | Path, dim: int = 32, *, image_encoder: Any = None, feature_extractor: Any = None
+) -> Any:
+    """A random ``StableUnCLIPImg2ImgPipeline`` (32x32 images, image embeddings of ``dim``).
+
+    ``image_encoder``/``feature_extractor``: the pipeline's own CLIP image encoder and processor
+    (default: :func:`tiny_clip_vision` of ``dim``).
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
     )
 
-    image_encoder, feature_extractor = tiny_clip_vision(dim)
+    if image_encoder is None:
+        image_encoder, feature_extractor = tiny_clip_vision(dim)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -370,3 +392,296 @@ class MirrorEncoder:
         from .fake import FakeEncoder
 
         return FakeEncoder(self.dimension).encode_texts(texts)
+
+
+# --- Tiny mirrors of the example bundles (issue 16 item 6) ------------------------------------------
+
+EXAMPLE_BUNDLES = ("sd21-unclip-h", "sd21-unclip-l", "kandinsky-2.2-bigg", "sd15-ip-adapter-h")
+"""The example bundles for real weights in ``models/bundles/`` (see ``models/README.md``)."""
+
+MIRROR_SIZE = 32
+"""Output size of a mirror whose example bundle fixes ``generator.size``."""
+
+_H14 = {
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1024,
+}
+PUBLISHED_IMAGE_ENCODERS: dict[str, dict[str, Any]] = {
+    "sd21-unclip-h": {"config": "stabilityai/stable-diffusion-2-1-unclip: image_encoder/config.json", **_H14},
+    "sd21-unclip-l": {
+        "config": "stabilityai/stable-diffusion-2-1-unclip-small: image_encoder/config.json",
+        "hidden_act": "quick_gelu",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+        "projection_dim": 768,
+    },
+    "kandinsky-2.2-bigg": {
+        "config": "kandinsky-community/kandinsky-2-2-prior: image_encoder/config.json",
+        "hidden_act": "gelu",
+        "hidden_size": 1664,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+        "projection_dim": 1280,
+    },
+    "sd15-ip-adapter-h": {"config": "h94/IP-Adapter: models/image_encoder/config.json", **_H14},
+}
+"""The CLIPVisionModelWithProjection config each example's pipeline ships as its own image encoder
+(the fields that fix the architecture), as published in the ``config.json`` named by ``config``.
+A mirror's pipeline image encoder uses its ``hidden_act``; the tests compare the rest with the
+open_clip architecture the example bundle names (:func:`open_clip_vision_facts`)."""
+
+_PLAIN_VIT_KEYS = {"image_size", "layers", "width", "head_width", "patch_size", "mlp_ratio"}
+
+
+def _plain_vit_config(arch: str) -> dict[str, Any]:
+    """open_clip's config of ``arch``, refused unless it is a plain ViT CLIP the mirror can copy."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    extra = set(cfg["vision_cfg"]) - _PLAIN_VIT_KEYS
+    if extra or set(cfg) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}:
+        raise ValueError(
+            f"open_clip architecture {arch!r} is not a plain ViT CLIP (extra keys {sorted(extra)})"
+        )
+    return dict(cfg)
+
+
+def open_clip_vision_facts(arch: str) -> dict[str, Any]:
+    """An open_clip architecture's image tower in ``CLIPVisionConfig`` terms (as :data:`PUBLISHED_IMAGE_ENCODERS`).
+
+    Raises:
+        ValueError: unknown architecture, or not a plain ViT CLIP.
+    """
+    cfg = _plain_vit_config(arch)
+    v = cfg["vision_cfg"]
+    return {
+        "hidden_act": "quick_gelu" if cfg.get("quick_gelu") else "gelu",
+        "hidden_size": v["width"],
+        "intermediate_size": int(v["width"] * v.get("mlp_ratio", 4.0)),
+        "num_hidden_layers": v["layers"],
+        "num_attention_heads": v["width"] // v.get("head_width", 64),
+        "patch_size": v["patch_size"],
+        "image_size": v["image_size"],
+        "projection_dim": cfg["embed_dim"],
+    }
+
+
+def tiny_mirror_open_clip_config(arch: str) -> dict[str, Any]:
+    """A tiny open_clip config mirroring ``arch``: its embedding dimension, activation (QuickGELU or
+    GELU) and MLP ratio, with a 2-layer 32-wide ViT on 32px images and a 1-layer text tower."""
+    cfg = _plain_vit_config(arch)
+    tiny: dict[str, Any] = {
+        "embed_dim": cfg["embed_dim"],
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+            "mlp_ratio": cfg["vision_cfg"].get("mlp_ratio", 4.0),
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    if cfg.get("quick_gelu"):
+        tiny["quick_gelu"] = True
+    return tiny
+
+
+def open_clip_vision_to_hf(model: Any, hidden_act: str) -> Any:
+    """The image tower of an open_clip ViT ``CLIP`` as a ``CLIPVisionModelWithProjection`` (weights
+    copied), the way the publishers converted ViT-H/14, ViT-L/14 and ViT-bigG/14 for their pipelines.
+
+    ``hidden_act``: the converted model's activation (``"gelu"`` or ``"quick_gelu"``).
+
+    Raises:
+        ValueError: the tower is not a plain ViT (class-token pooling, ``nn.MultiheadAttention``).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vis = model.visual
+    blocks = list(vis.transformer.resblocks)
+    if (
+        not isinstance(blocks[0].attn, torch.nn.MultiheadAttention)
+        or getattr(vis, "pool_type", "tok") != "tok"
+    ):
+        raise ValueError(
+            "open_clip_vision_to_hf needs a plain ViT (nn.MultiheadAttention, class-token pooling)"
+        )
+    width = vis.conv1.out_channels
+    size = vis.image_size[0] if isinstance(vis.image_size, tuple) else vis.image_size
+    hf = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=blocks[0].mlp.c_fc.out_features,
+            num_hidden_layers=len(blocks),
+            num_attention_heads=blocks[0].attn.num_heads,
+            image_size=size,
+            patch_size=vis.conv1.kernel_size[0],
+            projection_dim=vis.proj.shape[1],
+            hidden_act=hidden_act,
+            layer_norm_eps=1e-5,
+        )
+    )
+    src = vis.state_dict()
+    out = {
+        "vision_model.embeddings.class_embedding": src["class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": src["conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": src["positional_embedding"],
+        "vision_model.pre_layrnorm.weight": src["ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": src["ln_pre.bias"],
+        "vision_model.post_layernorm.weight": src["ln_post.weight"],
+        "vision_model.post_layernorm.bias": src["ln_post.bias"],
+        "visual_projection.weight": src["proj"].T,
+    }
+    for i in range(len(blocks)):
+        a, b = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+        for proj, w, bias in zip(
+            ("q", "k", "v"),
+            src[a + "attn.in_proj_weight"].chunk(3),
+            src[a + "attn.in_proj_bias"].chunk(3),
+            strict=True,
+        ):
+            out[f"{b}self_attn.{proj}_proj.weight"], out[f"{b}self_attn.{proj}_proj.bias"] = w, bias
+        for ours, theirs in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            out[f"{b}{theirs}.weight"], out[f"{b}{theirs}.bias"] = (
+                src[f"{a}{ours}.weight"],
+                src[f"{a}{ours}.bias"],
+            )
+    hf.load_state_dict({k: v.clone().contiguous() for k, v in out.items()}, strict=True)
+    return hf.eval()
+
+
+def _swap_root(value: Any, root: Path) -> Any:
+    """``value`` with ``${DPRDM_MODELS}`` replaced by ``root`` in every string (recursively)."""
+    if isinstance(value, str):
+        return value.replace("${DPRDM_MODELS}", str(root))
+    if isinstance(value, list):
+        return [_swap_root(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _swap_root(v, root) for k, v in value.items()}
+    return value
+
+
+def _mirror_unclip(gen: dict[str, Any], vision: Any, processor: Any, dim: int, scratch: Path) -> None:
+    pipe = tiny_unclip_pipeline(scratch, dim, image_encoder=vision, feature_extractor=processor)
+    pipe.save_pretrained(gen["path"])
+
+
+def _key(gen: dict[str, Any], key: str) -> str:
+    if key not in gen:
+        raise ValueError(f"a {gen.get('type')} example bundle needs generator.{key}; found {sorted(gen)}")
+    return str(gen[key])
+
+
+def _mirror_kandinsky(gen: dict[str, Any], vision: Any, processor: Any, dim: int, scratch: Path) -> None:
+    tiny_kandinsky_pipeline(dim).save_pretrained(gen["path"])
+    # the prior's layout: image_encoder/ beside image_processor/
+    encoder_dir = Path(_key(gen, "image_encoder"))
+    vision.save_pretrained(encoder_dir)
+    processor.save_pretrained(encoder_dir.parent / "image_processor")
+
+
+def _mirror_ip_adapter(gen: dict[str, Any], vision: Any, processor: Any, dim: int, scratch: Path) -> None:
+    pipe = tiny_sd_ip_adapter_pipeline(scratch)
+    pipe.save_pretrained(gen["path"])
+    write_ip_adapter_weights(pipe.unet, _key(gen, "ip_adapter"), image_embed_dim=dim)
+    vision.save_pretrained(_key(gen, "image_encoder"))  # h94's models/image_encoder/ has no processor config
+
+
+_MIRROR_BUILDERS = {
+    "stable-unclip": _mirror_unclip,
+    "kandinsky-2.2": _mirror_kandinsky,
+    "sd-ip-adapter": _mirror_ip_adapter,
+}
+
+
+def mirror_bundle(example: str, root: str | Path, *, mispair: bool = False) -> Path:
+    """Build a tiny from-config mirror of the example bundle ``example`` under ``root``; return its JSON.
+
+    The mirror is derived FROM the example's JSON: every file the example names under
+    ``${DPRDM_MODELS}`` is written at the same place under ``root`` (the publishers' layout), by the
+    same pipeline class, with the same conditioning keys. Its bundle file has exactly the example's
+    keys; the values that differ: ``${DPRDM_MODELS}`` -> ``root``, the open_clip architecture ``A`` ->
+    ``dprdm-mirror-A`` (:func:`tiny_mirror_open_clip_config`, registered with open_clip in this
+    process), ``name`` -> ``<example>-mirror``, and a fixed ``generator.size`` -> :data:`MIRROR_SIZE`.
+
+    The encoder is a random tiny open_clip model of the example's architecture family at the real
+    embedding dimension; the pipeline's own image encoder is its image tower converted to
+    ``CLIPVisionModelWithProjection`` (:func:`open_clip_vision_to_hf`, with the publisher's
+    activation), so the pair passes the pairing check, as the real pair should. ``mispair=True``
+    converts ANOTHER random tower instead (the check must refuse the pair). Several examples may
+    share one ``root`` (the ViT-H/14 files are shared, as under a real models folder), but a
+    mispaired mirror needs a root of its own.
+
+    Raises:
+        ValueError: an example whose encoder is not ``open_clip:ARCH@FILE`` or whose generator type
+            has no mirror, naming it.
+        FileNotFoundError: unknown example.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor
+
+    from .registry import BUNDLES_DIR
+
+    src = BUNDLES_DIR / f"{example}.json"
+    if not src.is_file() or example not in PUBLISHED_IMAGE_ENCODERS:
+        raise FileNotFoundError(f"no example bundle {example!r}; examples: {list(EXAMPLE_BUNDLES)}")
+    root = Path(root)
+    example_doc = json.loads(src.read_text())
+    doc = _swap_root(copy.deepcopy(example_doc), root)
+    spec = str(example_doc["encoder"])
+    arch, sep, ckpt = spec.removeprefix("open_clip:").partition("@")
+    if not spec.startswith("open_clip:") or not sep or arch.startswith(("local-dir:", "hf-hub:")):
+        raise ValueError(f"example {example!r}: encoder {spec!r} is not 'open_clip:ARCH@FILE'")
+    gen = doc["generator"]
+    if gen.get("type") not in _MIRROR_BUILDERS:
+        raise ValueError(f"example {example!r}: generator type {gen.get('type')!r} has no mirror")
+    tiny_arch, cfg = f"dprdm-mirror-{arch}", tiny_mirror_open_clip_config(arch)
+    configs = root / ".open_clip_configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / f"{tiny_arch}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(configs / f"{tiny_arch}.json")
+    seed = zlib.crc32(arch.encode())
+    torch.manual_seed(seed)
+    encoder = open_clip.CLIP(**cfg).eval()
+    checkpoint = Path(_swap_root(ckpt, root))
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(checkpoint))
+    if mispair:
+        torch.manual_seed(seed + 1)
+        encoder = open_clip.CLIP(**cfg).eval()
+    vision = open_clip_vision_to_hf(encoder, PUBLISHED_IMAGE_ENCODERS[example]["hidden_act"])
+    size = cfg["vision_cfg"]["image_size"]
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    _MIRROR_BUILDERS[gen["type"]](
+        gen, vision, processor, int(cfg["embed_dim"]), root / ".mirror-scratch" / example
+    )
+    doc["name"] = f"{example}-mirror"
+    doc["encoder"] = f"open_clip:{tiny_arch}@{checkpoint}"
+    if "size" in gen:
+        gen["size"] = MIRROR_SIZE
+    out = root / f"{example}-mirror{'-mispaired' if mispair else ''}.json"
+    out.write_text(json.dumps(doc, indent=2))
+    return out

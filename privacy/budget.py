@@ -10,6 +10,14 @@ A privacy domain's budget (epsilon, delta) is the guarantee. Two admission rules
   kinds are two mechanisms, and the minimum over orders of a sum of two different curves is not a
   valid single-profile bound for an adaptive interleaving of them: such a domain needs the filter. Admit a query iff ``min_a eps_a(R_spent + R_query) <= epsilon``
   (Balle et al. 2020, Thm 21, minimised over the shared grid).
+  That is the ``"rdp"`` accountant. With ``accountant = "pld"`` (issue 17) the same budget admits
+  "at most T_max queries", T_max from the mechanism's privacy loss distribution
+  (:mod:`dprdm.privacy.pld`: an upper bound, tighter than RDP; float noise and group size 1 only,
+  decided by :func:`~dprdm.privacy.pld.pld_dominating_pair`). T_max and a per-T epsilon table
+  (rounded up) are computed once, when the budget is built, and stored with it
+  (:meth:`Budget.to_dict`), so a ledger never recomputes them. The number of queries so far is
+  read off the running RDP curve (the sum of T identical charge curves, :meth:`Budget.pld_queries`),
+  so the admission stays O(#orders) and the ledger keeps one running curve for both accountants.
 * **Several profiles** (adaptively chosen mechanisms): a Rényi filter at an order ``a*`` fixed
   when the budget is created (V. Feldman, T. Zrnic, "Individual Privacy Accounting via a Rényi
   Filter", NeurIPS 2021, Thm 3.1): admit iff ``sum_i R_i(a*) <= B(a*)`` with
@@ -27,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,8 +46,10 @@ from .conversion import EpsilonConverter
 from .group import group2_rdp
 from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
+from .pld import PldPlan, pld_plan, pld_refusal, require_pair
 
 __all__ = [
+    "ACCOUNTANTS",
     "Budget",
     "filter_capacity",
     "choose_filter_order",
@@ -48,6 +58,11 @@ __all__ = [
     "mechanism_rdp",
     "mechanism_text",
 ]
+
+
+ACCOUNTANTS = ("rdp", "pld")
+"""How a single-profile budget converts its queries to (epsilon, delta): Rényi DP over the shared
+grid, or the privacy loss distribution (:mod:`dprdm.privacy.pld`)."""
 
 
 def default_delta(public_size: int) -> float:
@@ -135,6 +150,11 @@ class Budget:
             before noise kinds were part of a mechanism's identity, or created before any index of
             the domain was served): it then serves ONE mechanism of its profile, whichever the
             deployment serves, and a server must refuse to serve two (see :meth:`serves`).
+        accountant: ``"rdp"`` (min over orders; also every Rényi filter) or ``"pld"`` (single
+            rule only, a mechanism with a PLD pair: float noise, group size 1; see the module
+            docstring). Budgets stored before issue 17 have no accountant: they load as ``"rdp"``.
+        pld_record: the :class:`~dprdm.privacy.pld.PldPlan` stored with a PLD budget (None:
+            computed on first use by :attr:`pld`; not part of equality).
 
     Exactly one of ``profile`` and ``filter_order`` is set. Build with :meth:`single` or
     :meth:`renyi_filter`.
@@ -147,6 +167,8 @@ class Budget:
     hardened_dimension: int | None = None
     noise_recorded: bool = True
     group_size: int = 1
+    accountant: str = "rdp"
+    pld_record: PldPlan | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         eps = float(self.epsilon)
@@ -170,6 +192,29 @@ class Budget:
                 raise ValueError(f"filter_order must be on the shared order grid; found {self.filter_order!r}")
             if filter_capacity(eps, float(self.delta), a) <= 0:
                 raise ValueError(f"filter_order {a} gives no capacity at epsilon={eps}, delta={self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; found {self.accountant!r}")
+        if self.accountant == "pld":
+            self._check_pld()
+
+    def _check_pld(self) -> None:
+        """A PLD budget: single rule, recorded noise with a PLD pair, a stored plan that matches."""
+        if self.profile is None:
+            raise ValueError("accountant 'pld' needs a single-profile budget; a Rényi filter is accounted by RDP")
+        if not self.noise_recorded:
+            raise ValueError("accountant 'pld' needs the budget's noise kind recorded")
+        reason = pld_refusal(hardened_dimension=self.hardened_dimension, group_size=self.group_size)
+        if reason is not None:
+            raise ValueError(f"accountant 'pld' is refused for {self.describe_mechanism()}: {reason}")
+        pair = require_pair(self.profile, self.hardened_dimension, group_size=self.group_size)
+        rec = self.pld_record
+        if rec is not None and (
+            rec.pair != pair or rec.epsilon != float(self.epsilon) or rec.delta != float(self.delta)
+        ):
+            raise ValueError(
+                f"the stored PLD plan ({rec.pair.to_dict()}, epsilon {rec.epsilon}, delta {rec.delta}) does "
+                f"not match the budget ({pair.to_dict()}, epsilon {self.epsilon}, delta {self.delta})"
+            )
 
     @classmethod
     def single(
@@ -181,14 +226,20 @@ class Budget:
         hardened_dimension: int | None = None,
         noise_recorded: bool = True,
         group_size: int = 1,
+        accountant: str = "rdp",
     ) -> Budget:
-        """A budget that serves only the mechanism (``profile``, noise, group size) (min-over-orders
-        admission).
+        """A budget that serves only the mechanism (``profile``, noise, group size): min-over-orders
+        admission (``accountant = "rdp"``) or at most T_max queries (``"pld"``; T_max is computed on
+        first use of :attr:`pld`, e.g. by :meth:`to_dict`).
 
         Args:
             hardened_dimension: d for the exact discrete Gaussian at dimension d; None: float noise.
             noise_recorded: False when the noise kind is not known yet (see the class docstring).
             group_size: 2 on an index where one record can change two stored records.
+            accountant: ``"rdp"`` or ``"pld"``.
+
+        Raises:
+            ValueError: naming a bad value, or why the mechanism cannot be accounted by PLD.
         """
         return cls(
             epsilon=epsilon,
@@ -197,6 +248,7 @@ class Budget:
             hardened_dimension=hardened_dimension,
             noise_recorded=noise_recorded,
             group_size=group_size,
+            accountant=accountant,
         )
 
     @classmethod
@@ -260,19 +312,67 @@ class Budget:
         a = float(self.filter_order)
         return DEFAULT_ORDERS.index(a), filter_capacity(self.epsilon, self.delta, a)
 
+    @functools.cached_property
+    def pld(self) -> PldPlan:
+        """A PLD budget's plan: T_max and the per-T epsilon table (the stored one, else computed
+        once per process: seconds; :func:`dprdm.privacy.pld.pld_plan`).
+
+        Raises:
+            ValueError: the budget's accountant is not ``"pld"``.
+        """
+        if self.accountant != "pld" or self.profile is None:
+            raise ValueError(f"this budget is accounted by {self.accountant}, not pld")
+        if self.pld_record is not None:
+            return self.pld_record
+        return pld_plan(epsilon=self.epsilon, delta=self.delta, profile=self.profile,
+                        hardened_dimension=self.hardened_dimension, group_size=self.group_size)
+
+    @functools.cached_property
+    def _pld_curve(self) -> npt.NDArray[np.float64]:
+        """The one charge curve a PLD budget admits (float noise: cheap, bit-identical to the server's)."""
+        assert self.profile is not None
+        return mechanism_rdp(self.profile, orders=DEFAULT_ORDERS, hardened_dimension=self.hardened_dimension,
+                             group_size=self.group_size)
+
+    def pld_queries(self, spent: npt.ArrayLike) -> int:
+        """Queries charged to a PLD budget, read off its running curve ``spent`` = T x the charge
+        curve (summed in admission order): T = round(max over orders of spent / charge). Float
+        summation errors are ~T^2 1e-16 relative, far below 1/2 for any T <= MAX_PLD_QUERIES; a
+        curve migrated to a new order grid (each order takes a value at a larger stored order,
+        :func:`dprdm.privacy.orders.migrate_curve`) reads as >= T: the count errs high (safe)."""
+        curve = np.asarray(spent, dtype=np.float64)
+        unit = self._pld_curve
+        use = np.isfinite(unit) & (unit > 0.0)
+        if not use.any():
+            return 0
+        ratio = float(np.max(curve[use] / unit[use]))
+        if math.isnan(ratio) or ratio > 1e15:
+            return 2**62
+        return max(0, math.floor(ratio + 0.5))
+
     def admits(self, spent: npt.ArrayLike, charge: npt.ArrayLike) -> bool:
         """Whether adding ``charge`` to ``spent`` (curves over ``DEFAULT_ORDERS``) stays within budget.
 
-        O(#orders) with precomputed grid constants: the ledger calls it inside its transaction.
+        O(#orders) with precomputed grid constants: the ledger calls it inside its transaction. A
+        PLD budget admits only its mechanism's own charge curve (or a zero one) while the count
+        stays <= T_max; any other curve is refused (the catalog never sends one).
         """
         total = np.asarray(spent, dtype=np.float64) + np.asarray(charge, dtype=np.float64)
         if self._filter is not None:
             idx, cap = self._filter
             return bool(total[idx] <= cap)
+        if self.accountant == "pld":
+            c = np.asarray(charge, dtype=np.float64)
+            if c.any() and not np.array_equal(c, self._pld_curve):
+                return False
+            return self.pld_queries(total) <= self.pld.max_queries
         return self._converter.epsilon(total) <= self.epsilon
 
     def spent_epsilon(self, spent: npt.ArrayLike) -> float:
-        """Informational epsilon spent at the budget's delta (min over the grid)."""
+        """Informational epsilon spent at the budget's delta: min over the grid (RDP), or the PLD
+        table's upper bound after the number of queries ``spent`` holds."""
+        if self.accountant == "pld" and self.profile is not None:
+            return self.pld.epsilon_after(self.pld_queries(spent))
         return self._converter.epsilon(np.asarray(spent, dtype=np.float64))
 
     def describe_mechanism(self) -> str:
@@ -284,8 +384,28 @@ class Budget:
             return f"profile {self.profile.to_dict()} with one noise kind (not recorded){group}"
         return f"profile {mechanism_text(self.profile, self.hardened_dimension, self.group_size)}"
 
+    def describe_rule(self) -> str:
+        """One line naming the admission rule and its accountant (for startup logs)."""
+        if self.profile is None:
+            return f"Rényi filter at order {self.filter_order:g} (RDP)"
+        if self.accountant == "pld":
+            plan = self.pld
+            return (
+                f"single profile, PLD: at most {plan.max_queries} queries of {self.describe_mechanism()} "
+                f"(dp-accounting {plan.dp_accounting or '?'}, discretisation {plan.discretisation:g})"
+            )
+        return f"single profile, RDP (min over {len(DEFAULT_ORDERS)} orders) for {self.describe_mechanism()}"
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the PLD table (for messages)."""
+        out = self.to_dict()
+        if "pld" in out:
+            out["pld"] = {"max_queries": out["pld"]["max_queries"], "dp_accounting": out["pld"]["dp_accounting"]}
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (``hardened_dimension`` present iff a single budget's noise is recorded)."""
+        """Plain-JSON form (``hardened_dimension`` present iff a single budget's noise is recorded;
+        ``accountant`` and the PLD plan (:attr:`pld`) iff the accountant is ``"pld"``)."""
         out: dict[str, Any] = {
             "epsilon": float(self.epsilon),
             "delta": float(self.delta),
@@ -296,13 +416,22 @@ class Budget:
             out["hardened_dimension"] = self.hardened_dimension
         if self.group_size != 1:
             out["group_size"] = self.group_size
+        if self.accountant == "pld":  # absent means "rdp" (every budget stored before issue 17)
+            out["accountant"] = self.accountant
+            out["pld"] = self.pld.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
         """Inverse of :meth:`to_dict`; a single budget without ``hardened_dimension`` (written before
-        noise kinds were recorded) has ``noise_recorded = False``."""
+        noise kinds were recorded) has ``noise_recorded = False``; one without ``accountant``
+        (written before issue 17) is ``"rdp"``.
+
+        Raises:
+            ValueError: a malformed field, or a stored PLD plan that does not match the budget.
+        """
         prof = data.get("profile")
+        plan = data.get("pld")
         return cls(
             epsilon=data["epsilon"],
             delta=data["delta"],
@@ -311,6 +440,8 @@ class Budget:
             hardened_dimension=data.get("hardened_dimension"),
             noise_recorded=prof is None or "hardened_dimension" in data,
             group_size=int(data.get("group_size", 1)),
+            accountant=str(data.get("accountant", "rdp")),
+            pld_record=None if plan is None else PldPlan.from_dict(plan),
         )
 
 

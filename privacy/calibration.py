@@ -20,6 +20,13 @@ returned value still meets the target under the full curve the server charges. I
 conservative (a step judged infeasible whose best discrete order lies outside the subset); the
 hardened curve is the float one at a slightly widened sensitivity, whose best order is the same
 to within a grid step or two, so in practice it is not.
+
+``accountant = "pld"`` (float noise only, :mod:`dprdm.privacy.pld`): each feasibility test is the
+PLD epsilon on the coarse grid (:data:`~dprdm.privacy.pld.TABLE_DISCRETISATION`, an upper bound of
+the fine one, so the returned value meets the target under every PLD number the project reports).
+The PLD epsilon is non-decreasing in T and q and non-increasing in z as well (larger z or smaller
+q is a post-processing of the pair: the Gaussian kernel of ``pld``'s item 1, and dropping each
+kept record again with a coin), so the same bisections apply.
 """
 
 from __future__ import annotations
@@ -32,11 +39,20 @@ from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp, epsilon_per_order
 from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
+from .pld import TABLE_DISCRETISATION, epsilon_pld
 
-__all__ = ["epsilon_for", "calibrate_sigma", "calibrate_k", "calibrate_q", "max_queries"]
+__all__ = ["epsilon_for", "calibrate_sigma", "calibrate_k", "calibrate_q", "max_queries", "meets_target"]
 
 _MAX_K = 1_000_000
 _MAX_QUERIES = 10**15
+
+
+def _check_accountant(accountant: str, hardened_dimension: int | None) -> None:
+    if accountant not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be rdp or pld; found {accountant!r}")
+    if accountant == "pld" and hardened_dimension is not None:
+        raise ValueError(f"accountant 'pld' is refused for discrete noise (dimension {hardened_dimension}): "
+                         f"no PLD dominating pair of the lattice mechanism is proven (privacy.pld, item 4)")
 
 
 def _check_target(epsilon: float, delta: float, queries: int) -> None:
@@ -66,9 +82,20 @@ _CANDIDATES = 6
 """Orders at which a discrete-noise feasibility test evaluates the hardened curve."""
 
 
-def _meets(profile: Profile, *, queries: int, delta: float, epsilon: float, hardened_dimension: int | None) -> bool:
+def meets_target(
+    profile: Profile, *, queries: int, delta: float, epsilon: float, hardened_dimension: int | None,
+    accountant: str = "rdp",
+) -> bool:
     """Whether ``queries`` releases of ``profile`` cost at most ``epsilon`` (sound; see the module
-    docstring for the discrete-noise shortcut)."""
+    docstring for the discrete-noise shortcut and the PLD grid).
+
+    Callers that round a calibrated value must re-check the rounded one: the discrete-noise bound
+    (:mod:`dprdm.privacy.discrete_rdp`, item 5b) is not monotone in sigma or q (its certified linear
+    program can jump by a few per cent between nearby multipliers), so "a larger sigma still meets
+    the target" does not hold for it."""
+    if accountant == "pld":
+        return epsilon_pld(profile=profile, queries=queries, delta=delta, hardened_dimension=hardened_dimension,
+                           discretisation=TABLE_DISCRETISATION) <= epsilon
     if hardened_dimension is None or not profile.retrieves:
         return epsilon_for(profile, queries=queries, delta=delta, hardened_dimension=hardened_dimension) <= epsilon
     orders = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
@@ -82,18 +109,22 @@ def _meets(profile: Profile, *, queries: int, delta: float, epsilon: float, hard
 
 
 def calibrate_sigma(
-    *, epsilon: float, delta: float, queries: int, k: int, q: float, tol: float = 1e-6, hardened_dimension: int | None = None
+    *, epsilon: float, delta: float, queries: int, k: int, q: float, tol: float = 1e-6, hardened_dimension: int | None = None,
+    accountant: str = "rdp",
 ) -> float:
-    """Smallest sigma (to relative ``tol``) such that ``queries`` releases cost <= epsilon.
+    """Smallest sigma (to relative ``tol``) such that ``queries`` releases cost <= epsilon under
+    ``accountant`` (``"rdp"`` or ``"pld"``, float noise only).
 
     Raises:
         ValueError: naming a bad argument.
     """
     _check_target(epsilon, delta, queries)
+    _check_accountant(accountant, hardened_dimension)
 
     def ok(s: float) -> bool:
         prof = Profile(k=k, q=q, sigma=s, lam=1.0)
-        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
+        return meets_target(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension,
+                      accountant=accountant)
 
     hi = 1.0
     while not ok(hi):
@@ -110,19 +141,23 @@ def calibrate_sigma(
 
 
 def calibrate_k(
-    *, epsilon: float, delta: float, queries: int, sigma: float, q: float, hardened_dimension: int | None = None
+    *, epsilon: float, delta: float, queries: int, sigma: float, q: float, hardened_dimension: int | None = None,
+    accountant: str = "rdp",
 ) -> int:
-    """Smallest integer k such that ``queries`` releases cost <= epsilon (z = sigma k / 2).
+    """Smallest integer k such that ``queries`` releases cost <= epsilon (z = sigma k / 2) under
+    ``accountant``.
 
     Raises:
         ValueError: naming a bad argument, or if no k <= 1e6 suffices (e.g. sigma = 0).
     """
     _check_target(epsilon, delta, queries)
+    _check_accountant(accountant, hardened_dimension)
     Profile(k=1, q=q, sigma=sigma, lam=1.0)  # validates q and sigma
 
     def ok(k: int) -> bool:
         prof = Profile(k=k, q=q, sigma=sigma, lam=1.0)
-        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
+        return meets_target(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension,
+                      accountant=accountant)
 
     hi = 1
     while not ok(hi):
@@ -137,18 +172,22 @@ def calibrate_k(
 
 
 def calibrate_q(
-    *, epsilon: float, delta: float, queries: int, sigma: float, k: int, tol: float = 1e-9, hardened_dimension: int | None = None
+    *, epsilon: float, delta: float, queries: int, sigma: float, k: int, tol: float = 1e-9, hardened_dimension: int | None = None,
+    accountant: str = "rdp",
 ) -> float:
-    """Largest q in (0, 1] (to absolute ``tol``, rounded down) such that the cost is <= epsilon.
+    """Largest q in (0, 1] (to absolute ``tol``, rounded down) such that the cost is <= epsilon
+    under ``accountant``.
 
     Raises:
         ValueError: naming a bad argument, or if even q = tol exceeds the target.
     """
     _check_target(epsilon, delta, queries)
+    _check_accountant(accountant, hardened_dimension)
 
     def ok(q: float) -> bool:
         prof = Profile(k=k, q=q, sigma=sigma, lam=1.0)
-        return _meets(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension)
+        return meets_target(prof, queries=queries, delta=delta, epsilon=epsilon, hardened_dimension=hardened_dimension,
+                      accountant=accountant)
 
     if ok(1.0):
         return 1.0

@@ -38,6 +38,7 @@ class IndexAdapter:
 
     def __init__(self, index: Any) -> None:
         self._index = index
+        self._device: Any = None  # a dprdm.index.device.DeviceSearch once use_search_device placed the rows
         self.domain: str = str(index.corpus_id)
         self.version: str = str(index.index_version)
         self.dimension: int = int(index.dimension)
@@ -61,7 +62,23 @@ class IndexAdapter:
     ) -> npt.NDArray[np.float64]:
         """The top-k survivors' vectors as exactly k rows (clamped to norm <= 1), zero rows where
         fewer than k slots survived: the release's work never depends on how many are real."""
-        return np.asarray(self._index.search_subsampled(query, k=k, q=q, rng=rng, nprobe=nprobe).padded)
+        search = self._device.search_subsampled if self._device is not None else self._index.search_subsampled
+        return np.asarray(search(query, k=k, q=q, rng=rng, nprobe=nprobe).padded)
+
+    def use_search_device(self, search_device: str) -> str:
+        """Run the private search where ``search_device`` says (``[indexes.*] search_device``).
+
+        Returns:
+            A one-line description for the start-up log (public facts only).
+
+        Raises:
+            ValueError: unknown value, ``mps``, or a CUDA device that is missing or too small.
+            ModuleNotFoundError: a CUDA device without torch.
+        """
+        from dprdm.index.device import place_index
+
+        self._device, where = place_index(self._index, search_device)
+        return str(where)
 
 
 def load_index(path: str, *, checksum_cache: str | None = None) -> IndexAdapter:

@@ -61,12 +61,26 @@ before gRPC cancels what is left."""
 
 
 def open_ledger(config: ServerConfig) -> Ledger:
-    """The default durable ledger: SQLite in ``data_dir/ledger.sqlite3``."""
-    from dprdm.ledger import SqliteLedger  # the store module; imported late so fakes need no SQLite file
+    """The configured durable ledger (``dprdm.ledger.open_ledger``): ``[ledger] url`` (PostgreSQL
+    or a SQLite file), else the default, SQLite in ``data_dir/ledger.sqlite3``."""
+    from dprdm.ledger import open_ledger as open_store  # imported late so fakes need no store
 
+    if config.ledger.url is not None:
+        return open_store(config.ledger.url, group_commit=config.group_commit)
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    return SqliteLedger(data_dir / "ledger.sqlite3", group_commit=config.group_commit)
+    return open_store(data_dir / "ledger.sqlite3", group_commit=config.group_commit)
+
+
+def _ledger_place(config: ServerConfig) -> tuple[str, str, Path | None]:
+    """(TOML key, the ledger as named in messages, its SQLite file or None for PostgreSQL)."""
+    from dprdm.ledger import parse_ledger_url, redact_url
+
+    if config.ledger.url is None:
+        path = Path(config.data_dir) / "ledger.sqlite3"
+        return "server.data_dir", str(path), path
+    kind, where = parse_ledger_url(config.ledger.url)
+    return "ledger.url", redact_url(config.ledger.url), (Path(where) if kind == "sqlite" else None)
 
 
 def default_loaders(checksum_cache: str | None = None, *, background: bool = False) -> Loaders:
@@ -191,7 +205,7 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),  # workers share the port (supervisor)
         ],
     )
     dprdm_pb2_grpc.add_DprdmServicer_to_server(DprdmServicer(service, metrics), server)
@@ -215,7 +229,7 @@ async def start_server(
         if start_loading is not None:
             start_loading()
     ledger_path = getattr(ledger, "path", None)  # a shared ledger file is logged (one line)
-    record = None if ledger_path is None else register_server(Path(ledger_path), port)
+    record = register_server(ledger_path, port) if isinstance(ledger_path, Path) else None
     event(log, logging.INFO, f"serving {len(catalog.indexes)} index(es) on port {port}",
           **startup_fields(config, catalog, ledger, port, metrics_port))  # fmt: skip
     return RunningServer(
@@ -259,16 +273,19 @@ def check_server(config: ServerConfig, *, loaders: Loaders | None = None) -> lis
 
 
 def _ledger_copy(config: ServerConfig, tmp: Path) -> tuple[Ledger, str]:
-    """A throw-away copy of the ledger (read through SQLite's backup API), or an empty in-memory
-    ledger if there is none yet; and a line saying which."""
+    """A throw-away copy of the ledger (read through SQLite's backup API; PostgreSQL: its budgets
+    copied into an in-memory ledger, the database only read), or an empty in-memory ledger if
+    there is none yet; and a line saying which."""
     from dprdm.ledger import MemoryLedger, SqliteLedger
 
-    path = Path(config.data_dir) / "ledger.sqlite3"
+    key, name, path = _ledger_place(config)
+    if path is None:
+        return _postgres_copy(config, name)
     if not path.exists():
-        parent = next(p for p in path.parents if p.exists())
+        parent = next(p for p in path.resolve().parents if p.exists())
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             why = "not a directory" if not parent.is_dir() else "not writable"
-            raise StartupError(f"server.data_dir: cannot create the ledger {path}: {parent} is {why}")
+            raise StartupError(f"{key}: cannot create the ledger {path}: {parent} is {why}")
         return MemoryLedger(), f"ledger: {path} (new: the configured budgets will be created)"
     copy = tmp / "ledger.sqlite3"
     # Without a WAL file (no server has it open) the file is read as immutable, which creates no
@@ -284,26 +301,60 @@ def _ledger_copy(config: ServerConfig, tmp: Path) -> tuple[Ledger, str]:
             dst.close()
         ledger = SqliteLedger(copy, group_commit=False)
     except (OSError, sqlite3.Error) as exc:
-        raise StartupError(f"server.data_dir: cannot read the ledger {path}: {exc}") from None
+        raise StartupError(f"{key}: cannot read the ledger {path}: {exc}") from None
     except LedgerError as exc:
-        raise StartupError(f"server.data_dir: the ledger {path}: {exc}") from None
+        raise StartupError(f"{key}: the ledger {path}: {exc}") from None
     return ledger, f"ledger: {path} ({len(ledger.domains())} domain(s))"
 
 
+def _postgres_copy(config: ServerConfig, name: str) -> tuple[Ledger, str]:
+    """``serve --check`` on PostgreSQL: the schema checked and the budgets (with their quotas) read
+    into an in-memory ledger; nothing is written to the database (an empty one is not created)."""
+    from dprdm.ledger import MemoryLedger
+    from dprdm.ledger.factory import open_ledger as open_store
+
+    assert config.ledger.url is not None
+    copy = MemoryLedger()
+    try:
+        source = open_store(config.ledger.url, group_commit=False, create=False)
+    except LedgerError as exc:
+        if getattr(exc, "empty", False):  # no tables yet: `serve` would create them
+            return copy, f"ledger: {name} (new: the tables and the configured budgets will be created)"
+        raise StartupError(f"ledger.url: cannot open the ledger {name}: {exc}") from None
+    try:
+        for domain in source.domains():
+            quotas = {t: q for t, (q, _spent) in source.tenant_quotas(domain).items()}
+            copy.create_budget(domain, source.budget_state(domain).budget, tenant_quotas=quotas)
+    except LedgerError as exc:
+        raise StartupError(f"ledger.url: cannot read the ledger {name}: {exc}") from None
+    finally:
+        source.close()
+    return copy, f"ledger: {name} ({len(copy.domains())} domain(s))"
+
+
 def _open_ledger_or_say_why(config: ServerConfig) -> Ledger:
-    """:func:`open_ledger`, its OS or SQLite failure turned into one line naming the path.
+    """:func:`open_ledger`, its OS, SQLite or database failure turned into one line naming the
+    ledger (a PostgreSQL URL without its password).
 
     Raises:
-        StartupError: e.g. ``server.data_dir: cannot open the ledger /srv/x/ledger.sqlite3: ...``.
+        StartupError: e.g. ``server.data_dir: cannot open the ledger /srv/x/ledger.sqlite3: ...``
+            or ``ledger.url: cannot open the ledger postgresql://dprdm@db/dprdm: ...``.
     """
-    path = Path(config.data_dir) / "ledger.sqlite3"
+    from dprdm.ledger import LedgerUnavailable
+
+    key, name, path = _ledger_place(config)
     try:
         return open_ledger(config)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else path
-        raise StartupError(f"server.data_dir: cannot open the ledger {where}: {exc.strerror or exc}") from None
+        where = exc.filename if exc.filename is not None else name
+        raise StartupError(f"{key}: cannot open the ledger {where}: {exc.strerror or exc}") from None
     except sqlite3.Error as exc:
-        raise StartupError(f"server.data_dir: cannot open the ledger {path}: {_sqlite_reason(path, exc)}") from None
+        reason = _sqlite_reason(path, exc) if path is not None else str(exc)
+        raise StartupError(f"{key}: cannot open the ledger {name}: {reason}") from None
+    except LedgerUnavailable as exc:
+        raise StartupError(f"{key}: cannot open the ledger {name}: {exc.cause}") from None
+    except ValueError as exc:  # a URL the database driver refuses
+        raise StartupError(f"{key}: {exc}") from None
 
 
 def _sqlite_reason(path: Path, exc: sqlite3.Error) -> str:
@@ -325,7 +376,7 @@ async def _bind_and_start(config: ServerConfig, server: grpc.aio.Server, metrics
         StartupError: naming the address that cannot be bound (or the unreadable TLS file).
     """
     creds = _credentials(config)
-    reason = _bind_reason(config.listen)  # asked first: gRPC's own failure is a multi-line log
+    reason = _bind_reason(config.listen, reuse_port=config.workers > 1)  # gRPC's own failure is many lines
     if reason is None:
         try:
             port = server.add_secure_port(config.listen, creds) if creds else server.add_insecure_port(config.listen)
@@ -350,9 +401,10 @@ def _os_reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _bind_reason(listen: str) -> str | None:
+def _bind_reason(listen: str, *, reuse_port: bool = False) -> str | None:
     """Why ``listen`` cannot be bound (None: it can), from a probe bind with gRPC's socket options
-    (``SO_REUSEADDR``, no ``SO_REUSEPORT``): gRPC's own failure says it in many lines, not why."""
+    (``SO_REUSEADDR``; ``SO_REUSEPORT`` only for a worker of ``[server] workers > 1``, whose
+    siblings and supervisor hold the port): gRPC's own failure says it in many lines, not why."""
     host, _, port = listen.rpartition(":")
     if int(port) == 0:
         return None
@@ -362,6 +414,8 @@ def _bind_reason(listen: str) -> str | None:
         )[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(addr)
     except OSError as exc:
         return _os_reason(exc)

@@ -8,7 +8,15 @@ here, before the port opens:
   one (SPEC §3: a private index whose ledger is missing is not served);
 * an existing ledger budget agrees with the configuration (the ledger is authoritative);
 * the budget can charge every profile served on the domain, and its delta is < 1/N̄ for every
-  index of the domain.
+  index of the domain;
+* a single-profile budget's accountant (issue 17): ``pld`` by default where the mechanism has a
+  PLD dominating pair (float noise; :func:`dprdm.privacy.pld.pld_dominating_pair`), else ``rdp``;
+  an existing ledger budget keeps the accountant recorded at its creation; one line per domain
+  names the rule (:attr:`Catalog.rules`, logged at DEBUG here: an INFO line before the port is
+  bound would break the one-line start-up errors; the startup summary is the place to show it).
+  A PLD budget in the ledger never serves a second mechanism: the
+  server refuses to start, naming the budget (its spends are counted by PLD; continuing them under
+  a Rényi filter needs a conversion of the stored budget the ledger does not offer).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dprdm.privacy import (
     mechanism_rdp,
 )
 from dprdm.privacy.budget import mechanism_text
+from dprdm.privacy.pld import pld_dominating_pair, pld_refusal
 
 from .config import BudgetConfig, IndexConfig, ServerConfig
 from .curve_cache import CACHE_DIR as CURVE_CACHE_DIR
@@ -104,6 +113,9 @@ class Loaders:
 
     index: Callable[[str], RetrievalIndex]
     bundle: Callable[[str], Bundle]
+    shards: Callable[[IndexConfig], RetrievalIndex] | None = None
+    """Opens a shard set (``path`` holding ``shardset.json``, or ``shards`` configured); None: the real
+    one, :func:`dprdm.server.shard_client.open_shards`."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,9 @@ class Catalog:
 
     indexes: dict[str, ServedIndex]
     budgets: dict[str, Budget]
+    rules: dict[str, str] = field(default_factory=dict)
+    """Per domain with a budget, one line naming its admission rule and accountant (and why a
+    single budget is not on PLD), e.g. ``single profile, PLD: at most 1455 queries of ...``."""
 
     def domains(self) -> list[str]:
         """Privacy domains with a served index, sorted."""
@@ -178,10 +193,14 @@ class _Loaded:
         return self.index.domain
 
 
-def _epsilon_one(charge: npt.NDArray[np.float64], delta: float | None) -> float:
-    if delta is None or not np.any(charge):
+def _epsilon_one(charge: npt.NDArray[np.float64], budget: Budget | None) -> float:
+    """One query's epsilon at the budget's delta, by the budget's accountant (a PLD budget serves
+    only this mechanism: its table at T = 1)."""
+    if budget is None or not np.any(charge):
         return 0.0
-    return float(epsilon_from_rdp(charge, DEFAULT_ORDERS, delta).epsilon)
+    if budget.accountant == "pld":
+        return float(budget.spent_epsilon(charge))
+    return float(epsilon_from_rdp(charge, DEFAULT_ORDERS, budget.delta).epsilon)
 
 
 Mechanism = tuple[Profile, int | None, int]
@@ -215,7 +234,14 @@ def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], publi
                     f"{len(mechanisms)} ({served}): use rule = \"filter\""
                 )
             (profile, dim, group), = mechanisms
-            return Budget.single(cfg.epsilon, delta, profile, hardened_dimension=dim, group_size=group)
+            return Budget.single(cfg.epsilon, delta, profile, hardened_dimension=dim, group_size=group,
+                                 accountant=_accountant(cfg, profile, dim, group))
+        if cfg.accountant == "pld":
+            served = "; ".join(mechanism_text(*m) for m in mechanisms)
+            raise ValueError(
+                f"accountant = \"pld\" needs a single-profile budget; the domain serves {len(mechanisms)} "
+                f"mechanisms ({served}), accounted by a Rényi filter: use accountant = \"rdp\""
+            )
         return Budget.renyi_filter(
             cfg.epsilon,
             delta,
@@ -228,10 +254,50 @@ def budget_from_config(cfg: BudgetConfig, mechanisms: Sequence[Mechanism], publi
         raise StartupError(f"{key}: {exc}") from None
 
 
-def _same_budget(stored: Budget, wanted: Budget) -> bool:
+def _accountant(cfg: BudgetConfig, profile: Profile, dim: int | None, group: int) -> str:
+    """A single budget's accountant: the configured one (``pld`` refused, with the reason, for a
+    mechanism without a PLD pair), else ``pld`` where the mechanism has a pair, else ``rdp``."""
+    if cfg.accountant == "pld" and pld_dominating_pair(profile, dim, group_size=group) is None:
+        reason = pld_refusal(hardened_dimension=dim, group_size=group)
+        raise ValueError(
+            f"accountant = \"pld\" is refused for {mechanism_text(profile, dim, group)}: {reason}; "
+            f"use accountant = \"rdp\""
+        )
+    if cfg.accountant is not None:
+        return str(cfg.accountant)
+    return "pld" if pld_dominating_pair(profile, dim, group_size=group) is not None else "rdp"
+
+
+def _rule_line(budget: Budget, explicit: bool) -> str:
+    """The startup line naming a domain's rule, and why a single budget is not on PLD."""
+    line = budget.describe_rule()
+    if budget.profile is None or budget.accountant == "pld":
+        return line
+    reason = pld_refusal(hardened_dimension=budget.hardened_dimension, group_size=budget.group_size)
+    if reason is not None and budget.noise_recorded:
+        return f"{line}; not PLD: {reason}"
+    return f"{line}; {'as configured' if explicit else 'as recorded in the ledger'}"
+
+
+def _pld_refuses_second(domain: str, stored: Budget, mechanisms: list[Mechanism]) -> None:
+    """A PLD budget counts T-fold composition of ONE mechanism: refuse to serve any other."""
+    if stored.accountant != "pld" or stored.profile is None:
+        return
+    own = (stored.profile, stored.hardened_dimension, stored.group_size)
+    others = [m for m in mechanisms if m != own]
+    if others:
+        raise StartupError(
+            f"privacy domain {domain!r}: its ledger budget is accounted by PLD (at most "
+            f"{stored.pld.max_queries} queries of {mechanism_text(*own)}) and cannot serve another "
+            f"mechanism ({'; '.join(mechanism_text(*m) for m in others)}): serve only that mechanism on "
+            f"this domain (its spends are counted by PLD and are not moved to a Rényi filter)"
+        )
+
+
+def _same_budget(stored: Budget, wanted: Budget, accountant_set: bool = True) -> bool:
     """Whether the ledger's budget is the one the configuration describes (a stored single budget
     without a recorded noise kind matches on its profile; :func:`_domain_budget` then requires ONE
-    mechanism to be served)."""
+    mechanism to be served). The accountant must match only when the configuration names one."""
     same_noise = not stored.noise_recorded or (
         stored.hardened_dimension == wanted.hardened_dimension and stored.noise_recorded == wanted.noise_recorded
     )
@@ -242,10 +308,11 @@ def _same_budget(stored: Budget, wanted: Budget) -> bool:
         and stored.profile == wanted.profile
         and stored.filter_order == wanted.filter_order
         and same_noise
+        and (not accountant_set or stored.accountant == wanted.accountant)
     )
 
 
-def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[_Loaded]) -> Budget:
+def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: list[_Loaded]) -> tuple[Budget, str]:
     mechanisms: list[Mechanism] = list(
         dict.fromkeys(
             (p.profile, s.hardened, s.group) for s in served for p in s.config.profiles if p.profile.retrieves
@@ -266,11 +333,15 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
             ) from None
         ledger.create_budget(domain, wanted, tenant_quotas=dict(cfg.quotas) if cfg else None)
         budget = wanted
-    if wanted is not None and not _same_budget(budget, wanted):
+    _pld_refuses_second(domain, budget, mechanisms)
+    explicit = cfg is not None and cfg.accountant is not None
+    if wanted is not None and not _same_budget(budget, wanted, explicit):
         raise StartupError(
             f"budgets.{domain}: the ledger already holds a different budget for this domain "
-            f"({budget.to_dict()}); the ledger is authoritative: fix or remove the section"
+            f"({budget.summary()}); the ledger is authoritative: fix or remove the section"
         )
+    rule = _rule_line(budget, explicit)
+    _LOG.debug("privacy domain %r: %s", domain, rule)
     if budget.profile is not None and not budget.noise_recorded:
         if len(mechanisms) > 1:
             served_text = "; ".join(mechanism_text(*m) for m in mechanisms)
@@ -292,7 +363,7 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
                     )
         except ValueError as exc:
             raise StartupError(f"indexes.{s.name}: budget of domain {domain!r}: {exc}") from None
-    return budget
+    return budget, rule
 
 
 @functools.lru_cache(maxsize=256)
@@ -315,9 +386,20 @@ def _charge(
     return curve
 
 
+def _open_index(cfg: IndexConfig, loaders: Loaders) -> RetrievalIndex:
+    """The index of ``cfg``: a shard set (local or on shard servers) or an ordinary index."""
+    from dprdm.index.shardset import is_shard_set
+
+    if cfg.shards or is_shard_set(cfg.path):
+        from .shard_client import open_shards
+
+        return (loaders.shards or open_shards)(cfg)
+    return loaders.index(cfg.path)
+
+
 def _load(cfg: IndexConfig, loaders: Loaders) -> _Loaded:
     try:
-        index = loaders.index(cfg.path)
+        index = _open_index(cfg, loaders)
     except (OSError, ValueError) as exc:
         raise StartupError(f"indexes.{cfg.name}: cannot load index at {cfg.path!r}: {exc}") from None
     try:
@@ -350,7 +432,27 @@ def _load(cfg: IndexConfig, loaders: Loaders) -> _Loaded:
     group = int(getattr(index, "group_size", 1))
     if group not in (1, 2):
         raise StartupError(f"indexes.{cfg.name}: the index's group size must be 1 or 2; found {group!r}")
+    _place_search(cfg, index)
     return _Loaded(cfg, index, bundle, index.dimension if cfg.noise == "discrete" else None, group)
+
+
+def _place_search(cfg: IndexConfig, index: RetrievalIndex) -> None:
+    """Choose where the index's private search runs (``search_device``; ``dprdm.index.device``).
+
+    An index without a device backend (the in-memory test indexes) searches where it is: fine
+    for ``cpu`` and ``auto``, refused for an explicit ``cuda``.
+    """
+    use = getattr(index, "use_search_device", None)
+    if use is None:
+        if cfg.search_device not in ("cpu", "auto"):
+            raise StartupError(f"indexes.{cfg.name}.search_device: this index type has no device search; "
+                               f"found {cfg.search_device!r}")
+        return
+    try:
+        where = use(cfg.search_device)
+    except (ValueError, ModuleNotFoundError) as exc:
+        raise StartupError(f"indexes.{cfg.name}.search_device: {exc}") from None
+    _LOG.info("indexes.%s: private search on %s", cfg.name, where)
 
 
 def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Catalog:
@@ -364,22 +466,23 @@ def build_catalog(config: ServerConfig, ledger: Ledger, loaders: Loaders) -> Cat
         raise StartupError("indexes: no index is configured")
     served = [_load(c, loaders) for c in config.indexes]
     budgets: dict[str, Budget] = {}
+    rules: dict[str, str] = {}
     for domain in sorted({s.domain for s in served}):
         members = [s for s in served if s.domain == domain]
         if not any(s.config.private for s in members) and config.budget_for(domain) is None:
             continue
         if any(p.profile.retrieves for s in members for p in s.config.profiles):
-            budgets[domain] = _domain_budget(config, ledger, domain, members)
+            budgets[domain], rules[domain] = _domain_budget(config, ledger, domain, members)
     final: dict[str, ServedIndex] = {}
     data_dir = Path(config.data_dir)  # curves are cached beside the ledger (only once it exists)
     cache_dir = data_dir / CURVE_CACHE_DIR if data_dir.is_dir() else None
     for s in served:
-        delta = budgets[s.domain].delta if s.domain in budgets else None
+        budget = budgets.get(s.domain)
         profiles = {}
         for p in s.config.profiles:  # each served profile built once, with its final epsilon
             charge = _charge(p.profile, s.hardened, s.group, cache_dir)
             profiles[p.name] = ServedProfile(
-                p.name, p.profile, charge, _epsilon_one(charge, delta), p.nprobe, s.hardened
+                p.name, p.profile, charge, _epsilon_one(charge, budget), p.nprobe, s.hardened
             )
         final[s.name] = ServedIndex(config=s.config, index=s.index, bundle=s.bundle, profiles=profiles)
-    return Catalog(indexes=final, budgets=budgets)
+    return Catalog(indexes=final, budgets=budgets, rules=rules)

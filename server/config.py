@@ -13,7 +13,11 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     noise_pool_size = 2048           # discrete noise vectors kept ready per (sigma, dimension)
     noise_pool_threads = 1           # background refill threads (a drained pool answers UNAVAILABLE)
     shutdown_grace = 30.0            # SIGTERM/SIGINT: seconds admitted calls get to finish
+    workers = 1                      # server processes on one port (SO_REUSEPORT); dprdm serve --workers
     log_format = "text"              # or "json" (one object per line); dprdm serve --log-format
+
+    [ledger]                         # optional; absent: SQLite in data_dir (ledger.sqlite3)
+    # url = "postgresql://dprdm@db.internal:5432/dprdm"   # several servers/hosts, one budget
 
     [limits]
     max_prompt_chars = 1000
@@ -37,6 +41,9 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     bundle = "dprdm-mini"            # encoder/generator bundle (must match the index's encoder)
     # noise = "discrete"             # discrete (default if private: floating-point-safe) | float
     # allow_float_noise = true       # required for noise = "float" on a private index (logged)
+    # search_device = "auto"         # cpu | auto | cuda | cuda:N: where the private search runs
+    # shards = ["10.0.0.5:50061", "10.0.0.6:50061"]   # path is a shard set served by `dprdm serve-shard`
+    # shard_token_env = "DPRDM_SHARD_TOKEN"           # the shard servers' own token (never a tenant's)
 
     [indexes.faces.profiles.default]
     k = 18
@@ -49,6 +56,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     epsilon = 10.0
     delta = 1e-7                     # default 1/(10 N̄) of the largest served index
     rule = "auto"                    # auto | single | filter
+    # accountant = "pld"             # single rule: pld | rdp (default: pld for float noise, else rdp)
     quotas = { alice = 2.0 }
 
 A budget here is created in the ledger if the domain has none; an existing ledger budget is
@@ -79,6 +87,7 @@ __all__ = [
     "ProfileConfig",
     "IndexConfig",
     "BudgetConfig",
+    "LedgerConfig",
     "TokenConfig",
     "TlsConfig",
     "Limits",
@@ -89,9 +98,13 @@ __all__ = [
 ]
 
 NOISE_KINDS = ("discrete", "float")
+SEARCH_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+"""``[indexes.*] search_device`` values (``dprdm.index.device.SEARCH_DEVICES``)."""
 """``discrete``: the floating-point-safe exact discrete Gaussian on a lattice (default for private
 indexes; ``dprdm.privacy.discrete``); ``float``: numpy's float Gaussian (default for public ones)."""
 
+MAX_WORKERS = 128
+"""Most server processes ``[server] workers`` may ask for."""
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROLES = ("tenant", "admin")
 
@@ -138,6 +151,29 @@ class IndexConfig:
     Significance of the Least Significant Bits for Differential Privacy", CCS 2012), so a private
     index serves the exact discrete Gaussian unless the operator accepts that risk; the server
     logs a warning naming the index at every start."""
+    search_device: str = "auto"
+    """Where the private search runs: ``cpu`` (numpy), ``cuda`` / ``cuda:N`` (the stored rows live on
+    that GPU; gather, exact float64 scores and top-k run there, the same bits as on the CPU; an error
+    at start if the GPU, torch or the memory is missing), or ``auto`` (CUDA when torch sees a GPU and
+    the index fits in half its free memory, else cpu). The start-up log says which was chosen."""
+    shards: tuple[str, ...] | None = None
+    """``HOST:PORT`` of the shard servers (``dprdm serve-shard``) of a shard set, in shard order
+    (``shard-0000`` first): ``path`` is then the shard set directory, of which only ``shardset.json``
+    is read, and each server's shard is checked against it at start. Absent: a ``path`` holding a
+    shard set (``dprdm index split``) is searched in this process, its shards memory-mapped."""
+    shard_token_env: str | None = None
+    """With ``shards`` (required): the environment variable holding the shard servers' bearer token
+    (>= 16 characters; it must differ from every ``[[tokens]]`` token: tenants never reach a shard)."""
+    shard_tls_ca: str | None = None
+    """With ``shards``: PEM CA bundle that signed the shard servers' certificates (TLS to them);
+    absent: plaintext, for an operator-only network."""
+    shard_tls_cert: str | None = None
+    """With ``shard_tls_ca``: this server's client certificate (PEM) for mTLS to the shard servers."""
+    shard_tls_key: str | None = None
+    """The private key (PEM) of ``shard_tls_cert``."""
+    shard_timeout: float = 30.0
+    """With ``shards``: seconds a query waits for all its shard servers; a shard that fails or does not
+    answer in time fails the query with ``UNAVAILABLE`` (after the charge: the charge is kept)."""
 
     def profile(self, name: str) -> Profile | None:
         """The profile called ``name``, or None."""
@@ -159,9 +195,27 @@ class BudgetConfig:
     order: mixes profiles and noise kinds) or ``auto`` (single when the domain serves one mechanism)."""
     filter_order: float | None = None
     """The Rényi filter's order; absent: the best order for the served mechanisms."""
+    accountant: str | None = None
+    """How a single-profile budget counts: ``pld`` (at most T_max queries by the privacy loss
+    distribution, tighter; float noise only) or ``rdp`` (min over Rényi orders). Absent: ``pld``
+    where the mechanism allows it, else ``rdp`` (discrete noise: PLD is not proven for the lattice);
+    an existing ledger budget keeps the accountant recorded when it was created. A Rényi filter is
+    always ``rdp``."""
     quotas: tuple[tuple[str, float], ...] = ()
     """Per-tenant epsilon caps within the budget (``{ alice = 2.0 }``); a tenant over its cap is
     refused with ``TENANT_QUOTA_EXHAUSTED``."""
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """Where the privacy ledger lives (``dprdm.ledger.open_ledger``)."""
+
+    url: str | None = None
+    """``postgresql://user@host:port/db`` (PostgreSQL: any number of servers and hosts spend one
+    budget; the server creates and checks the tables at start; libpq parameters such as
+    ``?sslmode=require`` or ``?options=-csearch_path%3Ddprdm`` are passed on; give a password by
+    ``PGPASSWORD`` or ``~/.pgpass``, not in the file) or ``sqlite:///PATH`` (relative to this file;
+    ``sqlite:////ABSOLUTE``); absent: SQLite in ``data_dir`` (``ledger.sqlite3``)."""
 
 
 @dataclass(frozen=True)
@@ -257,7 +311,16 @@ class ServerConfig:
     id (a charged one still stores its release before the process exits: a replay returns it)."""
     log_format: str = "text"
     """``text`` or ``json`` (JSON lines): see :mod:`dprdm.server.logs`."""
+    workers: int = 1
+    """Server processes sharing ``listen`` (``--workers`` overrides). 1: one process, as always. N > 1:
+    a supervisor (:mod:`dprdm.server.supervisor`) runs N worker processes, each a full server
+    with its own gRPC server bound to the same port with ``SO_REUSEPORT`` (the kernel spreads
+    connections over them), the same indexes (memory-mapped: the page cache holds one copy) and
+    the same ledger; it restarts a worker that dies (with backoff) and forwards SIGTERM/SIGINT
+    (drain) and SIGHUP (token reload). With ``metrics_port`` P > 0 worker i (0-based) serves its
+    metrics on P + i; P = 0: each worker picks a free port (logged)."""
     limits: Limits = Limits()
+    ledger: LedgerConfig = LedgerConfig()
     tls: TlsConfig | None = None
     tokens: tuple[TokenConfig, ...] = ()
     indexes: tuple[IndexConfig, ...] = ()
@@ -353,6 +416,9 @@ def _index(name: str, t: _Table, base: Path) -> IndexConfig:
     if noise not in NOISE_KINDS:
         raise ConfigError(f"{t.key('noise')}: must be one of {', '.join(NOISE_KINDS)}; found {noise!r}")
     allow_float = t.get("allow_float_noise", bool, False)
+    search_device = t.get("search_device", str, "auto")
+    if not SEARCH_DEVICE_RE.match(search_device):
+        raise ConfigError(f"{t.key('search_device')}: must be cpu, auto, cuda or cuda:N; found {search_device!r}")
     if private and noise == "float" and not allow_float:
         raise ConfigError(
             f"{t.key('noise')}: float noise on a private index leaks through floating-point "
@@ -367,6 +433,8 @@ def _index(name: str, t: _Table, base: Path) -> IndexConfig:
         private=private,
         noise=noise,
         allow_float_noise=allow_float,
+        search_device=search_device,
+        **_shard_keys(t, base),
     )
     if noise == "discrete":
         for p in idx.profiles:
@@ -374,6 +442,48 @@ def _index(name: str, t: _Table, base: Path) -> IndexConfig:
                 raise ConfigError(f"{t.key('noise')}: profile {p.name!r} has sigma = 0; use noise = \"float\"")
     t.done()
     return idx
+
+
+def _shard_keys(t: _Table, base: Path) -> dict[str, Any]:
+    """The ``shards`` / ``shard_*`` keys of an index (remote shard servers of a shard set)."""
+    addresses = t.get("shards", list, [])
+    for i, a in enumerate(addresses):
+        host, sep, port = a.rpartition(":") if isinstance(a, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{t.key('shards')}[{i}]: must be HOST:PORT; found {a!r}")
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(f"{t.key('shards')}: an address is listed twice (each shard has its own server)")
+    keys: dict[str, Any] = {"shards": tuple(addresses) or None, "shard_token_env": t.get("shard_token_env", str),
+                            "shard_timeout": t.get("shard_timeout", float, 30.0)}
+    for k in ("shard_tls_ca", "shard_tls_cert", "shard_tls_key"):
+        keys[k] = _path(t.get(k, str), base)
+    given = [k for k in ("shard_token_env", "shard_tls_ca", "shard_tls_cert", "shard_tls_key") if keys[k]]
+    if not addresses and given:
+        raise ConfigError(f"{t.key(given[0])}: only with shards (the addresses of the shard servers)")
+    if addresses and keys["shard_token_env"] is None:
+        raise ConfigError(f"{t.key('shard_token_env')}: required with shards (the shard servers' own token)")
+    if (keys["shard_tls_cert"] is None) != (keys["shard_tls_key"] is None) or (
+            keys["shard_tls_cert"] and not keys["shard_tls_ca"]):
+        raise ConfigError(f"{t.key('shard_tls_cert')}: mTLS needs shard_tls_cert, shard_tls_key and shard_tls_ca")
+    if not 0.0 < keys["shard_timeout"] <= 600.0:
+        raise ConfigError(f"{t.key('shard_timeout')}: must be in (0, 600] seconds; found {keys['shard_timeout']!r}")
+    return keys
+
+
+def _check_shard_tokens(cfg: ServerConfig, env: Mapping[str, str]) -> None:
+    """Each index's shard token is set, long enough, and none of the ``[[tokens]]`` (tenants never
+    hold a token a shard server accepts)."""
+    digests = {tok.token_sha256 for tok in cfg.tokens}
+    for idx in cfg.indexes:
+        if idx.shard_token_env is None:
+            continue
+        key, raw = f"indexes.{idx.name}.shard_token_env", env.get(idx.shard_token_env)
+        if raw is None or len(raw) < 16:
+            raise ConfigError(f"{key}: environment variable {idx.shard_token_env} must hold a token of at "
+                              f"least 16 characters")
+        if hash_token(raw) in digests:
+            raise ConfigError(f"{key}: the shard token equals a [[tokens]] token; shard servers need their own "
+                              f"token (a tenant or admin token must never be accepted by a shard)")
 
 
 def _budget(domain: str, t: _Table) -> BudgetConfig:
@@ -386,6 +496,7 @@ def _budget(domain: str, t: _Table) -> BudgetConfig:
         delta=t.get("delta", float),
         rule=t.get("rule", str, "auto"),
         filter_order=t.get("filter_order", float),
+        accountant=t.get("accountant", str),
         quotas=quotas,
     )
     t.done()
@@ -395,10 +506,31 @@ def _budget(domain: str, t: _Table) -> BudgetConfig:
         raise ConfigError(f"{t.key('delta')}: must be in (0, 1); found {b.delta!r}")
     if b.rule not in ("auto", "single", "filter"):
         raise ConfigError(f"{t.key('rule')}: must be auto, single or filter; found {b.rule!r}")
+    if b.accountant is not None and b.accountant not in ("pld", "rdp"):
+        raise ConfigError(f"{t.key('accountant')}: must be pld or rdp; found {b.accountant!r}")
+    if b.accountant == "pld" and (b.rule == "filter" or b.filter_order is not None):
+        raise ConfigError(f"{t.key('accountant')}: \"pld\" needs a single-profile budget; a Rényi filter "
+                          f"(rule = \"filter\" or filter_order) is accounted by rdp")
     for tenant, eps in quotas:
         if not (eps > 0 and math.isfinite(eps)):
             raise ConfigError(f"{quotas_t.key(tenant)}: must be finite and > 0; found {eps!r}")
     return b
+
+
+def _ledger(t: _Table, base: Path) -> LedgerConfig:
+    from dprdm.ledger.factory import parse_ledger_url
+
+    url = t.get("url", str)
+    t.done()
+    if url is None:
+        return LedgerConfig()
+    try:
+        kind, where = parse_ledger_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{t.key('url')}: {exc}") from None
+    if kind == "sqlite":  # relative to the configuration file, like every path
+        url = "sqlite:///" + str(_path(where, base))
+    return LedgerConfig(url=url)
 
 
 def _token(i: int, t: _Table, env: Mapping[str, str]) -> TokenConfig:
@@ -472,6 +604,10 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"server.fixed_response_seconds: must be in (0, 600]; found {fixed!r}")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"server.log_format: must be 'text' or 'json'; found {cfg.log_format!r}")
+    if not (1 <= cfg.workers <= MAX_WORKERS):
+        raise ConfigError(f"server.workers: must be in [1, {MAX_WORKERS}]; found {cfg.workers!r}")
+    if cfg.workers > 1 and cfg.metrics_port and cfg.metrics_port + cfg.workers - 1 > 65535:
+        raise ConfigError(f"server.metrics_port: {cfg.metrics_port} + {cfg.workers - 1} workers passes 65535")
     if not (0.0 <= cfg.shutdown_grace <= 3600):
         raise ConfigError(f"server.shutdown_grace: must be in [0, 3600] seconds; found {cfg.shutdown_grace!r}")
     if not (0.0 <= cfg.min_deadline_seconds < 3600):
@@ -513,6 +649,7 @@ def parse_config(
     env = os.environ if env is None else env
     root = _Table(data, "")
     s, lim_t, tls_t = root.sub("server"), root.sub("limits"), root.sub("tls")
+    ledger = _ledger(root.sub("ledger"), base)
     tls = None
     if tls_t.data:
         tls = TlsConfig(
@@ -540,6 +677,7 @@ def parse_config(
             "noise_pool_threads",
             "shutdown_grace",
             "log_format",
+            "workers",
         )
     }
     tokens_raw = root.get("tokens", list, [])
@@ -550,6 +688,7 @@ def parse_config(
         metrics_port=s.get("metrics_port", int),
         fixed_response_seconds=s.get("fixed_response_seconds", float),
         limits=limits,
+        ledger=ledger,
         tls=tls,
         tokens=tuple(_token(i, _Table(t, f"tokens[{i}]"), env) for i, t in enumerate(tokens_raw)),
         indexes=tuple(_index(n, idx_t.sub(n), base) for n in idx_t.data),
@@ -557,6 +696,7 @@ def parse_config(
     )
     s.done()
     root.done()
+    _check_shard_tokens(cfg, env)
     return _validate(cfg)
 
 

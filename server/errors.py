@@ -25,6 +25,8 @@ __all__ = [
     "ChargedNotAnswered",
     "AnswerPending",
     "AnswerLost",
+    "ShardUnavailable",
+    "ChargedShardUnavailable",
     "StartupError",
 ]
 
@@ -183,6 +185,31 @@ class AnswerLost(ChargedNotAnswered):
             "never a fresh release",
             request_id=request_id,
             spend_id=spend_id,
+        )
+
+
+class ShardUnavailable(ServiceError):
+    """A shard server of a sharded index cannot answer (down, unreachable, timed out). Raised before
+    the charge when a shard's channel is known to be failing (nothing charged); the shard's address
+    is logged, never sent. ``retry_after_seconds`` is a public constant."""
+
+    def __init__(self, index: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(f"a shard server of index {index!r} is unavailable; nothing was charged, retry later")
+        self.index = index
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ChargedShardUnavailable(AnswerLost):
+    """Charged, then a shard server failed during the search: no release exists (UNAVAILABLE). As
+    for every failure after the reservation (SPEC §6) the charge is kept and a replay of
+    ``request_id`` is answered RELEASE_MISSING, never with a fresh draw."""
+
+    def __init__(self, *, request_id: str, spend_id: str, index: str) -> None:
+        super().__init__(request_id=request_id, spend_id=spend_id)
+        self.args = (
+            f"request_id {request_id!r} was charged, but a shard server of index {index!r} failed during the "
+            f"search (error id {self.error_id}); the charge is kept and a replay of request_id "
+            f"{request_id!r} returns RELEASE_MISSING, never a fresh release",
         )
 
 

@@ -20,8 +20,9 @@ A failure after the charge is never a bare INTERNAL: it raises
 :class:`~dprdm.server.errors.AnswerPending` when the release exists but the ledger cannot store
 it (the release is held in :class:`HeldReleases`; a replay with the request id stores and returns
 it once the ledger commits again), or :class:`~dprdm.server.errors.AnswerLost` when no release
-exists (a replay is answered ``ReleaseMissing``, never with a fresh draw). Both carry the request
-id. A release leaves the server only once it is stored (SPEC §6: store, then return), so every
+exists (a replay is answered ``ReleaseMissing``, never with a fresh draw; its subclass
+``ChargedShardUnavailable``, UNAVAILABLE, when a shard server of a sharded index failed). Both
+carry the request id. A release leaves the server only once it is stored (SPEC §6: store, then return), so every
 answer a client saw can be replayed.
 
 The receipt is the ledger's: ``reserve`` composes and stores it with the spend, replays and
@@ -62,10 +63,12 @@ from .errors import (
     AnswerLost,
     AnswerPending,
     Cancelled,
+    ChargedShardUnavailable,
     DeadlineTooShort,
     NoiseExhausted,
     NotFound,
     PermissionDenied,
+    ShardUnavailable,
 )
 
 __all__ = [
@@ -287,6 +290,7 @@ def answer_query(
 
     def charge() -> Reservation:
         guard.before_charge()
+        _check_available(plan, ledger)  # a sharded index whose shard server is known down: nothing charged
         return ledger.reserve(
             domain=domain,
             tenant=plan.tenant,
@@ -318,6 +322,9 @@ def answer_query(
         rng = rng_factory()
         check_dp_generator(rng, production=production)
         c = _release(plan, u, rng, z)
+    except ShardUnavailable as exc:  # charged, a shard server failed: UNAVAILABLE, replay ReleaseMissing
+        raise ChargedShardUnavailable(request_id=plan.args.request_id, spend_id=res.spend_id,
+                                      index=plan.served.name) from exc
     except Exception as exc:  # charged, no release: a replay is answered ReleaseMissing
         raise AnswerLost(request_id=plan.args.request_id, spend_id=res.spend_id) from exc
     _store(plan, ledger, held, res, c)
@@ -447,6 +454,16 @@ def _release(
         raise RuntimeError("a hardened profile needs its lattice noise vector; none was taken")
     _noisy, c = release_hardened(prof.profile, query=u, selected=selected, noise=noise)
     return c
+
+
+def _check_available(plan: QueryPlan, ledger: Ledger) -> None:
+    """Before the charge: an index with remote shards refuses (:class:`ShardUnavailable`, nothing
+    charged) while one of its shard servers is known to be down (a public fact, not private data).
+    A replay of a charged request id needs no shard: the ledger answers it."""
+    check = getattr(plan.served.index, "check_available", None)
+    if check is None or ledger.request_binding(tenant=plan.tenant, request_id=plan.args.request_id) is not None:
+        return
+    check()
 
 
 def _search(plan: QueryPlan, u: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float64]:

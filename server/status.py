@@ -45,7 +45,9 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (E.GeneratorFailed, grpc.StatusCode.FAILED_PRECONDITION, "GENERATOR_FAILED"),
     (E.Unsupported, grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED"),
     (E.AnswerPending, grpc.StatusCode.UNAVAILABLE, "CHARGED_REPLAY_TO_RECEIVE"),
+    (E.ChargedShardUnavailable, grpc.StatusCode.UNAVAILABLE, "CHARGED_SHARD_UNAVAILABLE"),
     (E.AnswerLost, grpc.StatusCode.INTERNAL, "CHARGED_ANSWER_LOST"),
+    (E.ShardUnavailable, grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE"),
     (L.LedgerUnavailable, grpc.StatusCode.UNAVAILABLE, "LEDGER_UNAVAILABLE"),
     (E.ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
     (L.BudgetExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "PRIVACY_BUDGET_EXHAUSTED"),
@@ -153,7 +155,7 @@ def _details(exc: BaseException, reason: str, method: str = "") -> list[Any]:
                 ]
             )
         )
-    elif isinstance(exc, (E.Overloaded, E.NoiseExhausted, E.GeneratorLoading)):
+    elif isinstance(exc, (E.Overloaded, E.NoiseExhausted, E.GeneratorLoading, E.ShardUnavailable)):
         secs = float(exc.retry_after_seconds)
         extra.append(
             error_details_pb2.RetryInfo(

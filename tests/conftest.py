@@ -5,6 +5,11 @@
 * ``server``: a :class:`~dprdm.server.testing.ServerThread` over ``make_config()`` and a
   ``MemoryLedger``, one per module; a module that needs another server defines its own ``server``.
 * ``channel``: an insecure gRPC channel to the module's ``server``.
+* ``pg_server``: one REAL PostgreSQL server for the session (:mod:`pgserver`; ``new_url()`` gives
+  each ledger a fresh schema); skipped with one line when none can start, failed under
+  ``DPRDM_REQUIRE_POSTGRES=1``.
+* ``ray_cluster``: one REAL local Ray (2 CPUs, no dashboard) for the session, started on first
+  use (~5 s); Ray is in the ``build`` extra, so a missing Ray fails the test, never skips it.
 """
 
 from __future__ import annotations
@@ -43,3 +48,43 @@ def channel(server: Any) -> Iterator[Any]:
     ch = grpc.insecure_channel(server.address)
     yield ch
     ch.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    """Every test skipped for want of PostgreSQL reports one location, so ``-ra`` folds them into
+    ONE summary line saying how to install it (instead of one line per test)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        import inspect
+
+        import pgserver
+
+        if pgserver.SKIP_PREFIX in str(report.longrepr[2]):
+            line = inspect.getsourcelines(pgserver.start_or_skip)[1]
+            report.longrepr = (pgserver.__file__, line, report.longrepr[2])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    from pgserver import start_or_skip
+
+    srv = start_or_skip()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    import os
+
+    import ray
+
+    # Ray's memory monitor kills workers (and retries them forever) when the MACHINE is near full,
+    # whoever uses the memory; on a shared test machine that hangs a test. The kernel's OOM killer stays.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -39,6 +39,7 @@ def _normalize(path: str) -> str:
 FULL = {
     "server": {"listen": "127.0.0.1:0", "data_dir": "d", "metrics_port": 1, "fixed_response_seconds": 1.0},
     "limits": {"max_images": 2},
+    "ledger": {"url": "postgresql://dprdm@db:5432/dprdm"},
     "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
     "tokens": [
         {"tenant": "a", "token": "a" * 16, "indexes": ["x"]},
@@ -67,7 +68,7 @@ def _keys_read(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
     def spy_sub(self: C._Table, name: str) -> C._Table:
         named = self.path in ("indexes", "budgets") or self.path.endswith(".profiles")  # operator's names
-        if not named and name not in ("server", "limits", "tls", "indexes", "budgets", "profiles"):
+        if not named and name not in ("server", "limits", "ledger", "tls", "indexes", "budgets", "profiles"):
             record(self, name)
         return sub(self, name)
 

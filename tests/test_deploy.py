@@ -65,7 +65,7 @@ def test_compose_builds_an_index_then_serves_it() -> None:
     assert "dprdm index build" in " ".join(build["command"]) and "/photos" in " ".join(build["command"])
     assert server["depends_on"]["index-build"]["condition"] == "service_completed_successfully"
     assert "index:/index:ro" in server["volumes"] and "data:/data" in server["volumes"]
-    assert set(doc["volumes"]) == {"index", "data"}
+    assert set(doc["volumes"]) == {"index", "data", "pgdata"}
     assert server["healthcheck"]["test"][0] == "CMD" and server["stop_signal"] == "SIGTERM"
     grace = ServerConfig().shutdown_grace if hasattr(ServerConfig(), "shutdown_grace") else 30.0
     assert float(server["stop_grace_period"].rstrip("s")) > grace
@@ -74,7 +74,23 @@ def test_compose_builds_an_index_then_serves_it() -> None:
     for mount in server["volumes"]:
         if mount.startswith("./"):
             assert (DEPLOY / mount.split(":")[0]).exists()
-    assert all(re.search(r"\$\{DPRDM_TOKEN_\w+:\?", v) for v in server["environment"].values())
+    assert all(re.search(r"\$\{DPRDM_(TOKEN_\w+|DB_PASSWORD):\?", v) for v in server["environment"].values())
+
+
+def test_compose_runs_the_ledger_database_and_the_server_uses_it() -> None:
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    db, server = doc["services"]["ledger-db"], doc["services"]["server"]
+    assert db["image"].startswith("postgres:") and "pgdata:/var/lib/postgresql/data" in db["volumes"]
+    assert db["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert server["depends_on"]["ledger-db"]["condition"] == "service_healthy"
+    password = "${DPRDM_DB_PASSWORD:?"
+    assert db["environment"]["POSTGRES_PASSWORD"].startswith(password)  # required, never a default
+    assert server["environment"]["PGPASSWORD"].startswith(password)  # the password is not in the file
+    cfg = parse_config(tomllib.loads((DEPLOY / "server.toml").read_text()), base_dir=DEPLOY,
+                       env={"DPRDM_TOKEN_ALICE": "a" * 32, "DPRDM_TOKEN_ADMIN": "b" * 32})  # fmt: skip
+    user, db_name = db["environment"]["POSTGRES_USER"], db["environment"]["POSTGRES_DB"]
+    assert cfg.ledger.url == f"postgresql://{user}@ledger-db:5432/{db_name}"
 
 
 def test_deploy_configuration_is_valid_and_matches_compose() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import pytest
@@ -108,49 +109,69 @@ def _ranked(x, ids, query):
     return [int(ids[i]) for i in np.lexsort((ids, -sc))]
 
 
-def test_top1_frequencies_match_exact_law_and_naive():
-    n, nbar, d, k, q, trials = 10, 14, 6, 3, 0.3, 12000
-    x0, ids0 = _store(n, d, seed=3)
-    x, ids, layout = _flat(x0, ids0, nbar)
-    query = random_unit_vectors(1, d, seed=9)[0]
-    ranked = _ranked(x0, ids0, query)
-    fast_rng, naive_rng = np.random.default_rng(11), np.random.default_rng(12)
-    fast, naive = Counter(), Counter()
-    fast_sets, naive_sets = Counter(), Counter()
+def assert_selection_law_matches_naive(search, x, ids, layout, query, *, k, q, trials, seeds) -> Counter:
+    """Two-sample chi-square of the selected id tuples: ``search`` vs the naive sampler (N̄ coins).
+
+    ``search(query, k=, q=, rng=)`` is any backend over ``(x, ids, layout)`` (the host search here,
+    the device search in ``test_index_search_device.py``); ``seeds`` seed its generator and the
+    naive one.  Tuples seen fewer than 20 times in both runs together are left out of the table.
+
+    Returns:
+        The backend's counts of each selected tuple.
+    """
+    ours, naive = Counter(), Counter()
+    r1, r2 = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
     for _ in range(trials):
-        r1 = subsampled_topk(x, ids, layout, query, k=k, q=q, rng=fast_rng)
-        r2 = naive_subsampled_topk(x, ids, layout, query, k=k, q=q, rng=naive_rng)
-        fast[int(r1.ids[0]) if r1.ids.size else -1] += 1
-        naive[int(r2.ids[0]) if r2.ids.size else -1] += 1
-        fast_sets[tuple(r1.ids)] += 1
-        naive_sets[tuple(r2.ids)] += 1
-    # exact law of the top-1: rank r wins with prob q (1-q)^(r-1); none survives with (1-q)^n
-    cats = [*ranked, -1]
-    exact = np.array([q * (1 - q) ** r for r in range(n)] + [(1 - q) ** n]) * trials
-    assert stats.chisquare([fast[c] for c in cats], exact).pvalue > P_MIN
-    # the whole selected tuple: two-sample chi-square against the naive method (N̄ coins)
-    keys = [t for t in set(fast_sets) | set(naive_sets) if fast_sets[t] + naive_sets[t] >= 20]
-    table = np.array([[fast_sets[t] for t in keys], [naive_sets[t] for t in keys]])
+        ours[tuple(search(query, k=k, q=q, rng=r1).ids)] += 1
+        naive[tuple(naive_subsampled_topk(x, ids, layout, query, k=k, q=q, rng=r2).ids)] += 1
+    keys = [t for t in set(ours) | set(naive) if ours[t] + naive[t] >= 20]
+    table = np.array([[ours[t] for t in keys], [naive[t] for t in keys]])
     assert stats.chi2_contingency(table).pvalue > P_MIN
-    assert all(c in set(cats) for c in fast)  # never a dummy or -1 id
+    return ours
 
 
-def test_ivf_selection_matches_naive():
-    d, k, q, trials = 6, 2, 0.4, 6000
+def flat_law_case():
+    """The flat case of the law tests: 10 records padded to N̄ = 14, d 6, k 3, q 0.3."""
+    x0, ids0 = _store(10, 6, seed=3)
+    return x0, ids0, *_flat(x0, ids0, 14), random_unit_vectors(1, 6, seed=9)[0]
+
+
+def ivf_law_case():
+    """The IVF case of the law tests: 16 records in 4 lists (capacities sizes + 2), nprobe 2."""
+    d = 6
     x0, _ = _store(16, d, seed=4)
     cents = np.eye(d)[:4]
     lists = np.argmax(x0.astype(np.float64) @ cents.T, axis=1)
     ids0 = np.arange(16, dtype=np.int64) * 5
     sizes = np.bincount(lists, minlength=4)
     x, ids, layout = _ivf(x0, ids0, lists, sizes + 2, cents, nprobe=2)
-    query = cents[0] * 0.6 + cents[1] * 0.8
-    c1, c2 = Counter(), Counter()
-    r1, r2 = np.random.default_rng(5), np.random.default_rng(6)
-    for _ in range(trials):
-        c1[tuple(subsampled_topk(x, ids, layout, query, k=k, q=q, rng=r1).ids)] += 1
-        c2[tuple(naive_subsampled_topk(x, ids, layout, query, k=k, q=q, rng=r2).ids)] += 1
-    keys = [t for t in set(c1) | set(c2) if c1[t] + c2[t] >= 20]
-    assert stats.chi2_contingency(np.array([[c1[t] for t in keys], [c2[t] for t in keys]])).pvalue > P_MIN
+    return ids0, lists, x, ids, layout, cents[0] * 0.6 + cents[1] * 0.8
+
+
+def test_top1_frequencies_match_exact_law_and_naive():
+    k, q, trials = 3, 0.3, 12000
+    x0, ids0, x, ids, layout, query = flat_law_case()
+    n = x0.shape[0]
+    ranked = _ranked(x0, ids0, query)
+    search = partial(subsampled_topk, x, ids, layout)
+    # the whole selected tuple: two-sample chi-square against the naive method (N̄ coins)
+    sets = assert_selection_law_matches_naive(search, x, ids, layout, query, k=k, q=q, trials=trials,
+                                              seeds=(11, 12))
+    fast = Counter()
+    for t, c in sets.items():
+        fast[t[0] if t else -1] += c
+    # exact law of the top-1: rank r wins with prob q (1-q)^(r-1); none survives with (1-q)^n
+    cats = [*ranked, -1]
+    exact = np.array([q * (1 - q) ** r for r in range(n)] + [(1 - q) ** n]) * trials
+    assert stats.chisquare([fast[c] for c in cats], exact).pvalue > P_MIN
+    assert all(c in set(cats) for c in fast)  # never a dummy or -1 id
+
+
+def test_ivf_selection_matches_naive():
+    k, q, trials = 2, 0.4, 6000
+    ids0, lists, x, ids, layout, query = ivf_law_case()
+    search = partial(subsampled_topk, x, ids, layout)
+    c1 = assert_selection_law_matches_naive(search, x, ids, layout, query, k=k, q=q, trials=trials, seeds=(5, 6))
     probed = set(layout.probe(query).tolist())
     allowed = {int(i) for i, li in zip(ids0, lists, strict=True) if li in probed}
     assert all(set(t) <= allowed for t in c1)

@@ -2,7 +2,8 @@
 class against every accountant.
 
 The ``make_ledger`` fixture is parametrized over every store: SQLite with group commit, SQLite
-with one transaction per call, and the in-memory store. A test here states the ledger contract
+with one transaction per call, the in-memory store, and PostgreSQL (a real server, ``pg_server``
+in ``conftest.py``; a fresh schema per ledger) with and without group commit. A test here states the ledger contract
 (``dprdm.ledger.api.Ledger``) and must pass unchanged for each; store-specific behaviour
 (durability, schema, several processes, ``verify``, batching) is tested in ``test_ledger.py`` and
 ``test_ledger_concurrency.py``. A new store joins by adding a case to ``make_ledger``.
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dprdm.ledger import MemoryLedger, SqliteLedger
+from dprdm.ledger import MemoryLedger, SqliteLedger, open_ledger
 from dprdm.ledger.api import (
     BudgetExhausted,
     BudgetState,
@@ -55,17 +56,21 @@ def expected_admissions(budget: Budget, charge: np.ndarray) -> int:
 M = expected_admissions(BUDGET, CHARGE)
 
 
-@pytest.fixture(params=["sqlite-group", "sqlite-single", "memory"])
+@pytest.fixture(params=["sqlite-group", "sqlite-single", "memory", "postgres-group", "postgres-single"])
 def make_ledger(request: pytest.FixtureRequest, tmp_path) -> Iterator[Callable[[], Ledger]]:
     """A factory of empty ledgers of one store kind (each closed after the test)."""
     made: list[Ledger] = []
+    pg = request.getfixturevalue("pg_server") if request.param.startswith("postgres") else None
+    group = request.param.endswith("-group")
 
     def make() -> Ledger:
         led: Ledger
         if request.param == "memory":
             led = MemoryLedger()
+        elif pg is not None:
+            led = open_ledger(pg.new_url(), group_commit=group)
         else:
-            led = SqliteLedger(tmp_path / f"ledger-{len(made)}.db", group_commit=request.param == "sqlite-group")
+            led = SqliteLedger(tmp_path / f"ledger-{len(made)}.db", group_commit=group)
         made.append(led)
         return led
 

@@ -86,6 +86,7 @@ def test_base_requirements_are_the_client_and_the_privacy_core(wheel: Path) -> N
     base = {canonicalize_name(r.name) for r in _wheel_requires(wheel)}
     assert base == {
         "numpy", "scipy", "randomgen", "grpcio", "grpcio-status", "protobuf", "googleapis-common-protos",
+        "dp-accounting",
     }
     # the GPU extra never pulls faiss-cpu (both install the `faiss` module); `all` has no GPU wheel
     gpu = {canonicalize_name(r.name) for r in _wheel_requires(wheel, ("gpu",))}
@@ -194,7 +195,7 @@ def test_base_install_privacy_commands(base_venv: Path) -> None:
     from dprdm.privacy.orders import DEFAULT_ORDERS
 
     proc = _run(base_venv, "dprdm", "privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18",
-                "--queries", "1000", "--delta", "1e-7", "--noise", "float", "--json")
+                "--queries", "1000", "--delta", "1e-7", "--noise", "float", "--accountant", "rdp", "--json")
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)["epsilon"]
     curve = 1000 * profile_rdp(Profile(k=18, q=0.01, sigma=0.2, lam=1.0), DEFAULT_ORDERS)

@@ -344,11 +344,11 @@ def test_cli_epsilon_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_calibrate_and_max_queries(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["privacy", "calibrate", "--epsilon", "1", "--delta", "1e-7", "--queries", "1000",
-                     "--sigma", "0.2", "--q", "0.01", "--json", "--noise", "float"]) == 0
+                     "--sigma", "0.2", "--q", "0.01", "--json", "--noise", "float", "--accountant", "rdp"]) == 0
     assert json.loads(capsys.readouterr().out)["k"] == 18
     assert cli_main(["privacy", "max-queries", "--epsilon", "1", "--delta", "1e-7", "--sigma", "0.2",
-                     "--q", "0.01", "--k", "18", "--noise", "float"]) == 0
-    assert capsys.readouterr().out.strip() == "max queries = 1006 (float noise)"
+                     "--q", "0.01", "--k", "18", "--noise", "float", "--accountant", "rdp"]) == 0
+    assert capsys.readouterr().out.strip() == "max queries = 1006 (float noise, RDP)"
 
 
 @pytest.mark.parametrize(

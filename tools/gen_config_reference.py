@@ -56,7 +56,9 @@ class Section:
 CONFIG = "dprdm.server.config"
 SECTIONS: tuple[Section, ...] = (
     Section("[server]", f"{CONFIG}:ServerConfig", "The server process.",
-            skip=("limits", "tls", "tokens", "indexes", "budgets")),
+            skip=("limits", "ledger", "tls", "tokens", "indexes", "budgets")),
+    Section("[ledger]", f"{CONFIG}:LedgerConfig",
+            "Optional; absent = the SQLite ledger in `data_dir`. A PostgreSQL URL lets several servers and hosts spend one budget."),
     Section("[limits]", f"{CONFIG}:Limits", "Request bounds; a request outside them is `INVALID_ARGUMENT` naming the field."),
     Section("[tls]", f"{CONFIG}:TlsConfig", "Optional; absent = plaintext. `client_ca` turns on mTLS."),
     Section(

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "proto"
 OUT_ROOT = PROTO_ROOT
 PACKAGE_PREFIX = "dprdm.proto."
-_IMPORT_RE = re.compile(r"^(from|import) dprdm\.v1\b", re.MULTILINE)
+_IMPORT_RE = re.compile(r"^(from|import) dprdm\.((?:shard\.)?v1)\b", re.MULTILINE)  # dprdm.v1, dprdm.shard.v1
 
 
 def proto_files() -> list[Path]:
@@ -30,8 +30,8 @@ def proto_files() -> list[Path]:
 
 
 def rewrite_imports(text: str) -> str:
-    """Rewrite ``from dprdm.v1 import x`` to the in-package absolute import."""
-    return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}v1", text)
+    """Rewrite ``from dprdm.v1 import x`` (and ``dprdm.shard.v1``) to the in-package absolute import."""
+    return _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}{m.group(2)}", text)
 
 
 def generate(out_root: Path = OUT_ROOT) -> list[Path]:
