@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -547,3 +548,39 @@ def test_worker_command_line(tmp_path: Path) -> None:
     assert pairs == {"--listen": "127.0.0.1:5123", "--workers": "3", "--worker-of": str(os.getpid()),
                      "--worker-index": "2", "--metrics-port": "9102", "--log-format": "json"}  # fmt: skip
     assert "--no-reuse" in flags and "--data-dir" not in flags
+
+
+def test_postgres_restarted_mid_load(tmp_path: Path, procs: list[Served], pg_server: Any) -> None:
+    """Issue 14: the trio drains a budget of exactly ``m`` on PostgreSQL while the database is
+    stopped (every connection cut) and started again mid-load. Clients retry UNAVAILABLE with the
+    same request id; afterwards exactly ``m`` spends exist, every receipt a client got is in the
+    audit trail as released, a charge whose release could not be stored is ``reserved`` (the client
+    saw RELEASE_MISSING), and no other error reached a client."""
+    m = 40
+    url = str(pg_server.new_url())
+    sup, other = _start_trio(tmp_path, procs, url, m, sleep=0.005)
+    seen, started = Seen(), threading.Event()
+    load = threading.Thread(target=_hammer, args=([sup.address, other.address], 4 * m, seen),
+                            kwargs={"started": started, "retry": True})  # fmt: skip
+    load.start()
+    started.wait(timeout=WAIT)
+    _until(lambda: len(seen.ok) >= m // 3, "part of the budget granted")
+    granted_at_stop = len(seen.ok)
+    pg_server.stop()
+    try:
+        _until(lambda: seen.retried > 0, "a client to see UNAVAILABLE while the database is down")
+    finally:
+        pg_server.start()
+    assert granted_at_stop < m  # the restart came mid-load
+    load.join(timeout=WAIT * 3)
+    assert not load.is_alive()
+    rows = _ledger_rows(url)
+    assert seen.failed == [], seen.failed[:3]
+    assert len(rows) == m  # nothing granted twice, nothing over the budget
+    assert len(seen.ok) + len(seen.missing) == m
+    assert len(seen.refused) == 3 * m and all(e.reason == "PRIVACY_BUDGET_EXHAUSTED" for e in seen.refused)
+    for rid, spend_id in seen.ok:
+        assert rows.get(rid) == (spend_id, "released"), rid
+    for rid in seen.missing:
+        assert rows[rid][1] == "reserved", rid
+    assert sup.stop() == 0 and other.stop() == 0
