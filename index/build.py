@@ -13,14 +13,16 @@ Stages, each in its own module:
    slot, :mod:`dprdm.index.storage`), operator-only reports and ``manifest.json``, written last.
 
 :func:`build_from_vectors` skips stages 1 and 2 for precomputed embeddings.  Memory: the images
-of one batch, one shard of vectors, and O(N) small per-item metadata (hashes, ids); vectors are
-written through memory maps.
+of one batch, one shard of vectors, and O(N) small fixed-size per-item metadata (see
+:func:`finalize_shards`); vectors are written through memory maps.
 
 Stages 2 and 3 are :func:`finalize_shards`, the one finalize of every build path: this local
 engine, the Ray Data engine (:mod:`~dprdm.index.ray_build`, same index byte for byte) and
-``--from-embeddings`` (:mod:`~dprdm.index.embeddings_input`).  It is not partitioned by record-id
-range: its driver-side metadata is O(N) (about 0.3 kB per item, in the shard metadata and the
-dedup tables), the limit for 10^8 items.
+``--from-embeddings`` (:mod:`~dprdm.index.embeddings_input`).  It is partitioned by record-id
+range (:func:`~dprdm.index.records.deduplicate_partitioned`): ~40 bytes of numpy arrays per
+item and O(partition) Python objects, whatever N; the shard metadata stays on disk.  (The
+streaming stage still keeps the set of (owner, digest) pairs seen, to skip duplicates before
+encoding them.)
 
 Size (~400 lines): the orchestrator only; shards and record ids live in ``shards`` and ``records``.
 """
@@ -52,7 +54,7 @@ from dprdm.index.format import (
     index_version_of,
     write_manifest,
 )
-from dprdm.index.records import deduplicate, write_records
+from dprdm.index.records import deduplicate_partitioned, write_records
 from dprdm.index.search import QUERY_GRID_BITS, STORE_GRID_BITS, quantize_store
 from dprdm.index.shards import encode_shards, prepare_output, save_npy_atomic
 from dprdm.index.storage import write_padded
@@ -87,6 +89,8 @@ class BuildConfig:
         existing: what to do if ``output`` exists: ``refuse``, ``resume`` or ``overwrite``.
         progress: show a progress bar (count, rate, ETA) on stderr.
         keep_checkpoints: keep ``OUTPUT/.build`` after success.
+        partition_rows: finalize: rows per record-id range partition (on average); any value gives
+            the same index byte for byte, smaller ones less memory per partition.
     """
 
     output: Path
@@ -105,6 +109,7 @@ class BuildConfig:
     existing: str = "refuse"
     progress: bool = True
     keep_checkpoints: bool = False
+    partition_rows: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not _CORPUS_ID.match(self.corpus_id):
@@ -125,6 +130,8 @@ class BuildConfig:
             raise IndexBuildError(f"--dtype must be float32 or float16; found {self.dtype!r}")
         if self.existing not in ("refuse", "resume", "overwrite"):
             raise IndexBuildError(f"existing must be refuse, resume or overwrite; found {self.existing!r}")
+        if isinstance(self.partition_rows, bool) or not isinstance(self.partition_rows, int) or self.partition_rows < 1:
+            raise IndexBuildError(f"partition_rows must be a positive integer; found {self.partition_rows!r}")
         if self.batch_size < 1 or self.shard_size < 1:
             raise IndexBuildError(f"batch and shard sizes must be >= 1; found {self.batch_size}, {self.shard_size}")
         if kind == "ivf":
@@ -231,7 +238,7 @@ def finalize_shards(
 ) -> dict[str, Any]:
     """Turn committed checkpoint shards into the index directory: THE finalize of every build path.
 
-    The 1-stable rules (:func:`~dprdm.index.records.deduplicate`: record ids, set semantics,
+    The 1-stable rules (:func:`~dprdm.index.records.deduplicate_partitioned`: record ids, set semantics,
     owner means), the public-size check, the IVF assignment to PUBLIC centroids, the padded data
     files and the sealed manifest.  Order-independent by construction: records are sorted by
     record id, and within the shards' concatenation (``metas`` in input order) only the FIRST
@@ -239,20 +246,25 @@ def finalize_shards(
     :func:`~dprdm.index.shards.embed_fixed`) its embedding, equal the first one's.
 
     Args:
-        metas: the committed shards in input order (``start``/``end`` contiguous from 0).
+        metas: the committed shards in input order (``start``/``end`` contiguous from 0); thin
+            (:func:`~dprdm.index.shards.thin_meta`: per-item lists read from disk) or full.
+
+    Memory: ~40 bytes of numpy arrays per embedded row (ids, order, destinations; ids.npy's
+    array), O(``config.partition_rows``) Python objects, one shard of vectors, the per-item error
+    records, and for owner records an (n, d) float64 sum (a memory map above 2**27 values).
         build_info: recorded under the manifest's ``build`` (operator-only).
         preprocessing: the manifest's ``preprocessing`` text (default: the image/owner rule).
 
     Returns:
         The sealed manifest.
     """
-    rec = deduplicate(metas, owner_mode)
+    rec = deduplicate_partitioned(build_dir, metas, owner_mode, partition_rows=config.partition_rows)
     _check_public_size(rec["ids"].size, config.public_size)
     staged = build_dir / "records.npy"
     write_records(build_dir, staged, metas, rec, config.dtype, identity.dimension, owner_mode)
     dedup = {
         "items_seen": metas[-1]["end"] if metas else 0,
-        "unreadable_or_skipped": sum(len(m["errors"]) for m in metas),
+        "unreadable_or_skipped": len(rec["errors"]),
         "exact_duplicates_dropped": sum(m["duplicates"] for m in metas) + rec["late_duplicates"],
         "images_embedded": rec["images"],
         "records": int(rec["ids"].size),
@@ -263,13 +275,15 @@ def finalize_shards(
         + "); no similarity-threshold collapsing"
     )
     report = {
-        "unreadable_or_skipped": [e for m in metas for e in m["errors"]],
+        "unreadable_or_skipped": rec["errors"],
         "exact_duplicates_dropped": dedup["exact_duplicates_dropped"],
     }
     build_info = {**build_info, "batch_size": config.batch_size, "shard_size": config.shard_size}
-    return _emit(config, identity, build_dir, staged, rec["ids"], train,
-                 record_unit="owner" if owner_mode else "image", dedup=dedup, preprocessing=preprocessing,
-                 build_info=build_info, report=report, sources=rec["sources"])
+    manifest = _emit(config, identity, build_dir, staged, rec["ids"], train,
+                     record_unit="owner" if owner_mode else "image", dedup=dedup, preprocessing=preprocessing,
+                     build_info=build_info, report=report, sources=rec["sources"])
+    rec["sources"].unlink(missing_ok=True)
+    return manifest
 
 
 def _check_public_size(n: int, public_size: int) -> None:
@@ -293,7 +307,7 @@ def _emit(
     preprocessing: str,
     build_info: dict[str, Any],
     report: dict[str, Any],
-    sources: dict[int, str],
+    sources: dict[int, str] | Path,
 ) -> dict[str, Any]:
     """Turn staged records (sorted by id, on the storage grid) into the final index directory."""
     out = config.output
@@ -436,15 +450,21 @@ def _finalize_ivf(
     return row_ids, extra
 
 
-def _write_operator_reports(out: Path, report: dict[str, Any], sources: dict[int, str],
+def _write_operator_reports(out: Path, report: dict[str, Any], sources: dict[int, str] | Path,
                             list_sizes: npt.NDArray[np.int64] | None) -> None:
+    """``reports/build_report.json`` and ``sources.tsv`` (from a dict, or a file of sorted lines)."""
     (out / "reports").mkdir(exist_ok=True)
     full: dict[str, Any] = {"note": "OPERATOR-ONLY: exact counts, file names and list sizes of the private corpus",
                             **report}
     if list_sizes is not None:
         full["ivf_list_sizes"] = [int(s) for s in list_sizes]
     atomic_write_json(out / "reports" / "build_report.json", full)
-    lines = [f"{rid}\t{src}" for rid, src in sorted(sources.items())]
     tmp = out / "sources.tsv.tmp"
-    tmp.write_text("record_id\tsource\n" + "\n".join(lines) + ("\n" if lines else ""))
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("record_id\tsource\n")
+        if isinstance(sources, Path):
+            with open(sources, encoding="utf-8") as lines:
+                shutil.copyfileobj(lines, fh)
+        else:
+            fh.writelines(f"{rid}\t{src}\n" for rid, src in sorted(sources.items()))
     os.replace(tmp, out / "sources.tsv")

@@ -93,22 +93,39 @@ def _npy_blocks(path: Path, dim: int) -> Iterator[tuple[int, Rows]]:
         raise IndexBuildError(f"{path}: array has shape {x.shape}; expected (N, {dim})")
     if x.dtype.kind != "f":
         raise IndexBuildError(f"{path}: array has dtype {x.dtype}; expected float16, float32 or float64")
-    lines = table.read_text().splitlines()
-    header = lines[0].split("\t") if lines else []
-    if "sha256" not in header or set(header) - {"sha256", "owner", "key"}:
-        raise IndexBuildError(f"{table}: header must name columns among sha256 (required), owner, key; found {header}")
-    rows = [line.split("\t") for line in lines[1:] if line]
-    if len(rows) != x.shape[0]:
-        raise IndexBuildError(f"{table}: {len(rows)} rows for {x.shape[0]} embeddings in {path.name}")
-    for lineno, r in enumerate(rows):
+    header, count = _tsv_header(table), 0
+    for lineno, r in enumerate(_tsv_rows(table)):  # pass 1 (streamed): check before any row is used
+        count += 1
         if len(r) != len(header):
             raise IndexBuildError(f"{table} row {lineno}: {len(r)} fields; expected {len(header)} ({header})")
+    if count != x.shape[0]:
+        raise IndexBuildError(f"{table}: {count} rows for {x.shape[0]} embeddings in {path.name}")
     col = {name: i for i, name in enumerate(header)}
+    rows = _tsv_rows(table)
     for s in range(0, x.shape[0], _BLOCK):
-        part = rows[s : s + _BLOCK]
+        part = [r for _, r in zip(range(_BLOCK), rows, strict=False)]
         owners: list[str | None] = [r[col["owner"]] or None for r in part] if "owner" in col else [None] * len(part)
         keys = [r[col["key"]] if "key" in col else f"{path.name}#{s + i}" for i, r in enumerate(part)]
         yield s, (np.asarray(x[s : s + _BLOCK], np.float64), [r[col["sha256"]] for r in part], owners, keys)
+
+
+def _tsv_header(table: Path) -> list[str]:
+    with open(table, encoding="utf-8") as fh:
+        first = fh.readline().rstrip("\r\n")
+    header = first.split("\t") if first else []
+    if "sha256" not in header or set(header) - {"sha256", "owner", "key"}:
+        raise IndexBuildError(f"{table}: header must name columns among sha256 (required), owner, key; found {header}")
+    return header
+
+
+def _tsv_rows(table: Path) -> Iterator[list[str]]:
+    """The data rows of a row table, streamed (empty lines skipped)."""
+    with open(table, encoding="utf-8") as fh:
+        fh.readline()
+        for line in fh:
+            line = line.rstrip("\r\n")
+            if line:
+                yield line.split("\t")
 
 
 def read_embedding_rows(path: str | os.PathLike[str], dim: int) -> Iterator[tuple[int, Rows]]:
@@ -168,16 +185,13 @@ def build_from_embeddings(
     metas = committed_shards(build_dir)
     done = metas[-1]["end"] if metas else 0
     shard = Shard(len(metas), done)
-    seen: set[tuple[str, str]] = set()
-    for m in metas:
-        seen.update(zip(m["owners"] or [""] * len(m["digests"]), m["digests"], strict=True))
     pos = 0
     for path in paths:
         for first, block in read_embedding_rows(path, identity.dimension):
             unit, ok = unit_rows(block[0])
             for i in range(block[0].shape[0]):
                 if pos >= done:
-                    _take(shard, path, first + i, block, i, (unit[i], bool(ok[i])), seen, owner_mode)
+                    _take(shard, path, first + i, block, i, (unit[i], bool(ok[i])), owner_mode)
                 pos += 1
                 if pos - shard.start >= config.shard_size:
                     metas.append(shard.commit(build_dir, pos, identity.dimension, owner_mode))
@@ -192,8 +206,10 @@ def build_from_embeddings(
 
 
 def _take(shard: Shard, path: Path, row: int, block: Rows, i: int, normalized: tuple[npt.NDArray[np.float32], bool],
-          seen: set[tuple[str, str]], owner_mode: bool) -> None:
-    """One row: validated, duplicate-skipped (as :func:`dprdm.index.shards._take`), normalized."""
+          owner_mode: bool) -> None:
+    """One row: validated and normalized.  Duplicates are kept here and removed by the finalize
+    (first occurrence kept, the rule :func:`dprdm.index.shards._take` applies while streaming), so
+    this stage holds no per-row state: memory O(block + shard) whatever N."""
     vecs, digests, owners, keys = block
     digest = digests[i].strip().lower()
     if not _HEX64.match(digest):
@@ -204,10 +220,6 @@ def _take(shard: Shard, path: Path, row: int, block: Rows, i: int, normalized: t
     if not normalized[1]:
         what = "not finite" if not np.all(np.isfinite(vecs[i])) else "zero"
         raise IndexBuildError(f"{path} row {row}: embedding is {what}")
-    if (owner, digest) in seen:
-        shard.duplicates += 1
-        return
-    seen.add((owner, digest))
     shard.keys.append(keys[i])
     shard.digests.append(digest)
     shard.owners.append(owner)

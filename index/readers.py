@@ -21,7 +21,7 @@ from dprdm.index import sources
 from dprdm.index.corpus import IMAGE_EXTENSIONS, CorpusItem, CorpusReader, read_file
 from dprdm.index.errors import IndexBuildError
 from dprdm.index.parquet_reader import ParquetReader
-from dprdm.index.webdataset_reader import WebDatasetReader, _tar_samples
+from dprdm.index.webdataset_reader import WebDatasetReader
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -222,7 +222,7 @@ def plan_units(reader: CorpusReader, size: int) -> list[tuple[Any, ...]]:
     if isinstance(reader, ParquetReader):
         units: list[tuple[Any, ...]] = []
         offset = 0
-        for i, rows in enumerate(reader._rows):
+        for i, rows in enumerate(reader.row_counts):
             units += [("parquet", i, offset, s, min(s + size, rows)) for s in range(0, rows, size)]
             offset += rows
         return units
@@ -234,27 +234,9 @@ def plan_units(reader: CorpusReader, size: int) -> list[tuple[Any, ...]]:
 def iter_unit(reader: CorpusReader, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
     """The items of one unit of :func:`plan_units`, in ``reader``'s order (bad files are error items)."""
     if isinstance(reader, ParquetReader):
-        return _parquet_unit(reader, unit)
+        _, file_index, offset, start, stop = unit
+        return reader.iter_rows(int(file_index), int(offset), int(start), int(stop))
     if isinstance(reader, WebDatasetReader):
-        shard = reader.shards[int(unit[1])]
-        return (reader._item(shard, key, members, error) for key, members, error in _tar_samples(shard))
+        return reader.shard_items(int(unit[1]))
     return reader.iter_unit(unit)
 
-
-def _parquet_unit(reader: ParquetReader, unit: tuple[Any, ...]) -> Iterator[CorpusItem]:
-    """Rows ``start:stop`` of one parquet file, reading only the row groups that hold them."""
-    import pyarrow.parquet as pq
-
-    _, file_index, offset, start, stop = unit
-    f = reader.files[int(file_index)]
-    cols = [c for c in (reader.image_column, reader.path_column, reader.owner_column, reader.key_column) if c]
-    pf = pq.ParquetFile(f)
-    first = 0
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        lo, hi = max(start, first), min(stop, first + n)
-        if lo < hi:
-            data = pf.read_row_group(g, columns=cols).slice(lo - first, hi - lo).to_pydict()
-            for i in range(hi - lo):
-                yield reader._item(f, offset + lo + i, {c: data[c][i] for c in cols})
-        first += n

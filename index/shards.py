@@ -43,9 +43,30 @@ from dprdm.index.errors import IndexBuildError
 from dprdm.index.format import MANIFEST, atomic_write_json
 from dprdm.models.base import Encoder
 
-__all__ = ["BUILD_DIR", "Shard", "committed_parts", "committed_shards", "prepare_output", "encode_shards", "embed_fixed", "unit_rows", "save_npy_atomic", "decode_image"]
+__all__ = ["BUILD_DIR", "Shard", "committed_parts", "committed_shards", "prepare_output", "encode_shards", "embed_fixed", "unit_rows", "save_npy_atomic", "decode_image", "thin_meta", "shard_items"]
 
 BUILD_DIR = ".build"
+_ITEM_LISTS = ("keys", "digests", "owners", "errors")
+
+
+def thin_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` without its per-item lists (keys, digests, owners, errors), plus ``rows`` (embedded rows).
+
+    What the build keeps in memory per shard (a few hundred bytes, whatever the shard size);
+    :func:`shard_items` reads the lists back from the meta file one shard at a time.
+    """
+    if "digests" not in meta:
+        return meta
+    return {**{k: v for k, v in meta.items() if k not in _ITEM_LISTS}, "rows": len(meta["digests"]),
+            "owner_mode": meta["owners"] is not None}
+
+
+def shard_items(build_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The full metadata of a committed shard (its per-item lists), read from its meta file if ``meta`` is thin."""
+    if "digests" in meta:
+        return meta
+    name = str(meta["vectors"]).removesuffix(".vectors.npy")
+    return dict(json.loads((build_dir / f"{name}.meta.json").read_text()))
 
 
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
@@ -102,14 +123,14 @@ def prepare_output(out: Path, existing: str, fingerprint: dict[str, Any]) -> Pat
 
 
 def committed_shards(build_dir: Path) -> list[dict[str, Any]]:
-    """Committed shards in order; a vectors file without its meta (or any .tmp) is discarded."""
+    """Committed shards in order (thin: :func:`thin_meta`); a vectors file without its meta (or any .tmp) is discarded."""
     metas = []
     for meta_path in sorted(build_dir.glob("shard-*.meta.json")):
         meta = json.loads(meta_path.read_text())
         vec_path = build_dir / meta["vectors"]
         if not vec_path.is_file():
             raise IndexBuildError(f"checkpoint {str(meta_path)!r} has lost its vectors file; use --overwrite")
-        metas.append(meta)
+        metas.append(thin_meta(meta))
     for i, meta in enumerate(metas):
         if meta["shard"] != i or meta["start"] != (metas[i - 1]["end"] if i else 0):
             raise IndexBuildError(f"checkpoints in {str(build_dir)!r} are not contiguous at shard {i}; use --overwrite")
@@ -134,7 +155,7 @@ def committed_parts(build_dir: Path, prefix: str = "part") -> dict[int, dict[str
         meta = json.loads(meta_path.read_text())
         if not (build_dir / meta["vectors"]).is_file():
             raise IndexBuildError(f"checkpoint {str(meta_path)!r} has lost its vectors file; use --overwrite")
-        parts[int(meta["shard"])] = meta
+        parts[int(meta["shard"])] = thin_meta(meta)
     known = {m["vectors"] for m in parts.values()} | {f"{prefix}-{n:06d}.meta.json" for n in parts}
     for stray in build_dir.glob(f"{prefix}-*"):
         if stray.name not in known:
@@ -155,7 +176,7 @@ class Shard:
         self.duplicates = 0
 
     def commit(self, build_dir: Path, end: int, dim: int, owner_mode: bool, *, prefix: str = "shard") -> dict[str, Any]:
-        """Write ``PREFIX-NNNNNN.vectors.npy`` then (the commit point) ``PREFIX-NNNNNN.meta.json``."""
+        """Write ``PREFIX-NNNNNN.vectors.npy`` then (the commit point) ``PREFIX-NNNNNN.meta.json``; returns the thin meta."""
         name = f"{prefix}-{self.number:06d}"
         vecs = np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
         save_npy_atomic(build_dir / f"{name}.vectors.npy", vecs)
@@ -165,7 +186,7 @@ class Shard:
             "errors": self.errors, "duplicates": self.duplicates,
         }
         atomic_write_json(build_dir / f"{name}.meta.json", meta)  # the commit point
-        return meta
+        return thin_meta(meta)
 
 
 class _ImageBytes(io.BytesIO):
@@ -196,7 +217,7 @@ def encode_shards(
     """Embed the items not yet checkpointed in ``build_dir``, committing a shard every ``shard_size``.
 
     Returns:
-        The metadata of every committed shard, old and new, in order.
+        The (thin, :func:`thin_meta`) metadata of every committed shard, old and new, in order.
 
     Raises:
         IndexBuildError: broken checkpoints, or an encoder returning the wrong shape.
@@ -207,8 +228,8 @@ def encode_shards(
     start = metas[-1]["end"] if metas else 0
     seen: set[tuple[str, str]] = set()
     for meta in metas:
-        owners = meta["owners"] or [""] * len(meta["digests"])
-        seen.update(zip(owners, meta["digests"], strict=True))
+        full = shard_items(build_dir, meta)
+        seen.update(zip(full["owners"] or [""] * len(full["digests"]), full["digests"], strict=True))
     dim = encoder.dimension
     shard = Shard(len(metas), start)
     batch: list[tuple[str, str, str, Any]] = []

@@ -16,11 +16,12 @@ from __future__ import annotations
 import posixpath
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dprdm.index.errors import IndexBuildError
 
-__all__ = ["Source", "is_url", "as_source", "read_bytes", "is_file", "is_dir", "list_files", "join", "describe"]
+__all__ = ["Source", "is_url", "as_source", "read_bytes", "open_binary", "is_file", "is_dir", "list_files", "join",
+           "basename", "describe"]
 
 Source = Path | str
 """A local path, or a URL string with a scheme (``s3://b/k``, ``file:///x``)."""
@@ -71,6 +72,19 @@ def read_bytes(src: Source) -> tuple[bytes | None, str | None]:
         return None, f"unreadable file: {getattr(exc, 'strerror', None) or exc}"
 
 
+def open_binary(src: Source) -> IO[bytes]:
+    """``src`` opened for binary reading (seekable; the caller closes it).
+
+    Raises:
+        OSError: it cannot be opened (as :func:`open` raises).
+        IndexBuildError: a URL whose filesystem driver is not installed.
+    """
+    if isinstance(src, Path):
+        return open(src, "rb")
+    fs, path = _fs(src)
+    return fs.open(path, "rb")  # type: ignore[no-any-return]
+
+
 def _exists(src: Source, kind: str) -> bool:
     if isinstance(src, Path):
         return src.is_file() if kind == "file" else src.is_dir()
@@ -119,6 +133,11 @@ def join(base_file: Source, relative: str) -> Source:
         scheme = base_file.split("://", 1)[0]
         return f"{scheme}://{relative}"
     return posixpath.join(posixpath.dirname(base_file), relative)
+
+
+def basename(src: Source) -> str:
+    """The last component of ``src`` (a file name, for keys such as ``FILE#ROW``)."""
+    return src.name if isinstance(src, Path) else posixpath.basename(src.rstrip("/"))
 
 
 def describe(src: Source) -> str:

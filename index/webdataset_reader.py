@@ -1,7 +1,8 @@
 """Webdataset corpora: tar shards whose members are grouped into samples by key.
 
 A reader of the :mod:`~dprdm.index.corpus` protocol; shards are streamed in order and a corrupt or
-truncated shard ends with one error item instead of stopping the build.
+truncated shard ends with one error item instead of stopping the build.  Shards are local paths or
+``fsspec`` URLs (:mod:`~dprdm.index.sources`: ``s3://``, ``gs://``, ``file://``, ``memory://``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
+from dprdm.index import sources
 from dprdm.index.corpus import IMAGE_EXTENSIONS, CorpusItem, CorpusReader
 from dprdm.index.errors import IndexBuildError
 
@@ -29,14 +30,14 @@ class WebDatasetReader(CorpusReader):
     kind = "webdataset"
 
     def __init__(self, shards: Sequence[str | os.PathLike[str]], *, owner_field: str | None = None) -> None:
-        self.shards = [Path(s) for s in shards]
+        self.shards = [sources.as_source(s if isinstance(s, str) else os.fspath(s)) for s in shards]
         for s in self.shards:
-            if not s.is_file():
+            if not sources.is_file(s):
                 raise IndexBuildError(f"webdataset shard {str(s)!r} does not exist")
         self.owner_field = owner_field
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shards": [str(s.resolve()) for s in self.shards], "owner": self.owner_field}
+        return {"kind": self.kind, "shards": [sources.describe(s) for s in self.shards], "owner": self.owner_field}
 
     @property
     def has_owners(self) -> bool:
@@ -44,14 +45,19 @@ class WebDatasetReader(CorpusReader):
 
     def iter_from(self, start: int) -> Iterator[CorpusItem]:
         idx = 0
-        for shard in self.shards:
-            for key, members, error in _tar_samples(shard):
+        for i in range(len(self.shards)):
+            for item in self.shard_items(i):
                 if idx >= start:
-                    yield self._item(shard, key, members, error)
+                    yield item
                 idx += 1
 
-    def _item(self, shard: Path, key: str, members: dict[str, bytes], error: str | None) -> CorpusItem:
-        full_key = f"{shard.name}/{key}"
+    def shard_items(self, index: int) -> Iterator[CorpusItem]:
+        """The items of shard number ``index``, in order (a read unit of a distributed build)."""
+        shard = self.shards[index]
+        return (self._item(shard, key, members, error) for key, members, error in _tar_samples(shard))
+
+    def _item(self, shard: sources.Source, key: str, members: dict[str, bytes], error: str | None) -> CorpusItem:
+        full_key = f"{sources.basename(shard)}/{key}"
         if error is not None:
             return CorpusItem(key=full_key, owner=None, data=None, error=error)
         owner: str | None = None
@@ -72,7 +78,7 @@ class WebDatasetReader(CorpusReader):
         return CorpusItem(key=full_key, owner=owner, data=image)
 
 
-def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+def _tar_samples(shard: sources.Source) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """Stream (key, {extension: bytes}, error) from a tar shard; a corrupt tail ends with an error.
 
     ``tarfile`` stops silently at a truncated header, so for uncompressed shards the
@@ -82,7 +88,7 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | Non
     members: dict[str, bytes] = {}
     end = 0
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
+        with sources.open_binary(shard) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -110,8 +116,8 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | Non
         yield f"<corrupt tail after {current!r}>", {}, "corrupt shard: truncated (no end-of-archive marker)"
 
 
-def _has_end_marker(shard: Path, offset: int) -> bool:
-    with open(shard, "rb") as fh:
+def _has_end_marker(shard: sources.Source, offset: int) -> bool:
+    with sources.open_binary(shard) as fh:
         fh.seek(offset)
         tail = fh.read(1024)
     return len(tail) == 1024 and not any(tail)

@@ -349,8 +349,12 @@ class PostgresLedger(SqlLedger):
         except psycopg.Error as exc:
             raise self._unreachable(exc) from None
         self._timeout = float(connect_timeout_s)
+        # prepare_threshold None: no server-side prepared statements. psycopg prepares a query after
+        # 5 runs; a statement prepared in a pipeline whose transaction then failed (a retried
+        # serialisation failure or deadlock) was seen to be missing on the next run ("prepared
+        # statement _pg3_4 does not exist"), failing a reservation that should have been retried.
         kwargs = {"autocommit": True, "connect_timeout": max(2, int(connect_timeout_s)),
-                  "fallback_application_name": "dprdm-ledger"}  # fmt: skip
+                  "fallback_application_name": "dprdm-ledger", "prepare_threshold": None}  # fmt: skip
         try:
             with psycopg.connect(url, **kwargs) as conn:  # type: ignore[arg-type]
                 self.exists = init_pg_schema(conn, self.url, create=create)

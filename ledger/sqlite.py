@@ -10,7 +10,9 @@ from per-thread read-only connections and tells which SQLite errors mean "cannot
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 from contextlib import nullcontext
@@ -24,7 +26,7 @@ from .sqlstore import SqlLedger
 from .state import Tx
 from .writer import Writer
 
-__all__ = ["SCHEMA_VERSION", "SqliteLedger", "SqliteWriter", "unavailable"]
+__all__ = ["SCHEMA_VERSION", "SqliteLedger", "SqliteWriter", "WriterLock", "unavailable"]
 
 log = logging.getLogger("dprdm.ledger")
 
@@ -67,14 +69,108 @@ def unavailable(exc: BaseException, path: str) -> LedgerUnavailable | None:
     return out
 
 
+class WriterLock:
+    """An exclusive ``flock`` on a side file, ``<ledger>-writer.lock``, that the writers of every
+    process using the ledger take around ``BEGIN IMMEDIATE ... COMMIT`` (issue 14).
+
+    Why: SQLite's busy handler waits for another process's write lock by SLEEPING (1, 2, 5, ...
+    100 ms steps), so with two server processes a commit could wait up to ~1 s after the lock was
+    free. A blocking ``flock`` waiter is woken by the kernel when the holder releases. The flock
+    only orders the writers: SQLite's own lock still decides (``BEGIN IMMEDIATE`` runs inside it
+    with the busy timeout), so a process that does not take it (an older server, the ``sqlite3``
+    shell) stays correct and merely waits the old way. The lock is dropped by the kernel when a
+    process dies, even by ``kill -9``.
+
+    The wait is bounded like SQLite's (``timeout_s``): an uncontended lock is taken at once; a
+    contended one by a helper thread blocking in ``flock``, which gives the lock straight back if
+    the writer stopped waiting (a stopped holder then makes the writer fail with the busy timeout
+    as before, not hang). One writer thread uses it at a time (the ledger's committer).
+
+    Args:
+        path: the lock file (created, mode 0600, beside the database; never removed).
+
+    Raises:
+        OSError: the file cannot be opened (see :meth:`open`, which returns None instead).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._cond = threading.Condition()
+        self._held = self._wanted = self._waiting = False
+
+    @classmethod
+    def open(cls, db: Path) -> WriterLock | None:
+        """The lock beside ``db``, or None if it cannot be created (e.g. a read-only directory:
+        the writers then rely on SQLite's busy handler alone; logged)."""
+        path = db.with_name(db.name + "-writer.lock")
+        try:
+            return cls(path)
+        except OSError as exc:
+            log.info("ledger %s: no writer lock file %s (%s); SQLite's busy handler alone orders writers",
+                     db, path, exc.strerror or exc)  # fmt: skip
+            return None
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Take the lock, waiting at most ``timeout_s`` seconds; False on timeout (not held)."""
+        with self._cond:
+            if not self._waiting:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._waiting = True
+                    threading.Thread(target=self._wait, name="ledger-writer-lock", daemon=True).start()
+                else:
+                    self._held = True
+                    return True
+            self._wanted = True
+            if not self._cond.wait_for(lambda: self._held, timeout_s):
+                self._wanted = False  # the helper gives the lock back when it gets it
+                return False
+            return True
+
+    def _wait(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks until the holder releases (or dies)
+        except OSError:  # closed meanwhile (the ledger is closing): nothing is held
+            with self._cond:
+                self._waiting = False
+            return
+        with self._cond:
+            self._waiting = False
+            if self._wanted:
+                self._held = True
+                self._cond.notify_all()
+            elif self._fd >= 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        """Drop the lock (no-op if not held)."""
+        with self._cond:
+            if self._held:
+                self._held = self._wanted = False
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the file (drops the lock)."""
+        with self._cond:
+            self._held = self._wanted = False
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 class SqliteWriter(Writer):
     """The writer's SQLite hooks: one connection, ``BEGIN IMMEDIATE`` (which serialises every
-    process on the file, busy timeout), and ``PRAGMA data_version``, which tells this process when
-    another one committed, so its cached running curves are reloaded.
+    process on the file, busy timeout) inside the :class:`WriterLock` of the file when it has one,
+    and ``PRAGMA data_version``, which tells this process when another one committed, so its
+    cached running curves are reloaded.
 
     Args:
         conn: the writer connection (WAL, ``synchronous=FULL``).
         group_commit, window_s, max_batch, path: as :class:`~dprdm.ledger.writer.Writer`.
+        lock: the cross-process writer lock (None: SQLite's busy handler alone).
+        lock_timeout_s: how long to wait for ``lock`` (the busy timeout).
     """
 
     # 64 KiB of fresh bytes (16 WAL frames: more than one charge writes, so space that lets the
@@ -82,15 +178,34 @@ class SqliteWriter(Writer):
     WRITE_CHECK_SQL = "INSERT OR REPLACE INTO meta VALUES ('write_check', hex(randomblob(32768)))"
 
     def __init__(
-        self, conn: sqlite3.Connection, *, group_commit: bool, window_s: float, max_batch: int, path: str = ""
+        self,
+        conn: sqlite3.Connection,
+        *,
+        group_commit: bool,
+        window_s: float,
+        max_batch: int,
+        path: str = "",
+        lock: WriterLock | None = None,
+        lock_timeout_s: float = 30.0,
     ) -> None:
         self._conn = conn
         self._data_version = -1
+        self._file_lock, self._lock_timeout = lock, lock_timeout_s
         super().__init__(group_commit=group_commit, window_s=window_s, max_batch=max_batch, path=path)
 
     def _begin(self) -> sqlite3.Connection:
-        self._conn.execute("BEGIN IMMEDIATE")
+        if self._file_lock is not None and not self._file_lock.acquire(self._lock_timeout):
+            raise LedgerUnavailable(self._path, f"database is locked (writer lock {self._file_lock.path})")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._finish(self._conn)
+            raise
         return self._conn
+
+    def _finish(self, conn: Any) -> None:
+        if self._file_lock is not None:
+            self._file_lock.release()
 
     def _refresh(self, tx: Tx, ops: list[WriteOp]) -> None:
         version = tx.conn.execute("PRAGMA data_version").fetchone()[0]
@@ -116,6 +231,8 @@ class SqliteWriter(Writer):
 
     def _close_store(self) -> None:
         self._conn.close()
+        if self._file_lock is not None:
+            self._file_lock.close()
 
 
 class SqliteLedger(SqlLedger):
@@ -176,6 +293,8 @@ class SqliteLedger(SqlLedger):
             window_s=float(batch_window_s),
             max_batch=int(max_batch),
             path=str(self.path),
+            lock=WriterLock.open(self.path),
+            lock_timeout_s=self._timeout,
         )
         if check_on_open:
             try:

@@ -9,6 +9,11 @@ lock when a process dies, even by ``kill -9``), removes the stale ones, and logs
 ``ledger <path> is shared with another server (pid ..., port ...)``.
 
 ``flock`` locks belong to an open file, so two servers in one process (tests) see each other too.
+
+The workers of one ``dprdm serve --workers N`` share the ledger by design, so they do not warn
+about each other: the supervisor puts its pid in :data:`SUPERVISOR_ENV` of each worker it starts,
+a worker records it (only if it is really its parent's pid, so a variable inherited by some other
+process means nothing), and siblings (same host, same supervisor) are left out of the warning.
 """
 
 from __future__ import annotations
@@ -22,9 +27,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerRecord", "register_server"]
+__all__ = ["ServerRecord", "register_server", "SUPERVISOR_ENV", "supervisor_pid"]
 
 log = logging.getLogger("dprdm.server")
+
+SUPERVISOR_ENV = "DPRDM_SUPERVISOR_PID"
+"""Set by :mod:`dprdm.server.supervisor` for its workers: the supervisor's pid."""
+
+
+def supervisor_pid() -> int | None:
+    """The pid of the supervisor that started this process (:data:`SUPERVISOR_ENV`), or None if
+    it is unset, malformed, or not this process's parent."""
+    try:
+        pid = int(os.environ.get(SUPERVISOR_ENV, ""))
+    except ValueError:
+        return None
+    return pid if pid == os.getppid() else None
 
 
 class ServerRecord:
@@ -79,6 +97,12 @@ def _alive(doc: dict[str, Any]) -> bool:
     return True
 
 
+def _sibling(doc: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether a peer's record is another worker of this server's own supervisor."""
+    mine = record.get("supervisor")
+    return mine is not None and doc.get("supervisor") == mine and doc.get("host") == record["host"]
+
+
 def _read(entry: Path) -> dict[str, Any]:
     try:
         doc = json.loads(entry.read_text(encoding="utf-8"))
@@ -93,7 +117,10 @@ def register_server(ledger_path: Path, port: int) -> ServerRecord | None:
     the directory cannot be written (logged; sharing then goes unreported, nothing else changes).
     """
     folder = Path(f"{ledger_path}.servers")
-    record = {"pid": os.getpid(), "port": port, "host": socket.gethostname()}
+    record: dict[str, Any] = {"pid": os.getpid(), "port": port, "host": socket.gethostname()}
+    supervisor = supervisor_pid()
+    if supervisor is not None:
+        record["supervisor"] = supervisor
     tmp = folder / f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     fd = -1
     try:
@@ -111,7 +138,7 @@ def register_server(ledger_path: Path, port: int) -> ServerRecord | None:
                     ledger_path, folder, exc.strerror or exc)  # fmt: skip
         return None
     out = ServerRecord(final, fd)
-    peers = out.peers()
+    peers = [p for p in out.peers() if not _sibling(p, record)]
     if peers:
         who = "; ".join(f"pid {p.get('pid', '?')}, port {p.get('port', '?')}" for p in peers)
         host = {str(p.get("host")) for p in peers} - {record["host"]}

@@ -39,6 +39,9 @@ Metrics: one endpoint per worker (Prometheus scrapes each; counters are per proc
 ``metrics_port`` P > 0 worker i serves on P + i; with P = 0 each picks a free port (in its
 start-up log line). The supervisor itself serves no gRPC and no metrics.
 
+Each worker gets the supervisor's pid in ``DPRDM_SUPERVISOR_PID`` (:mod:`dprdm.server.ledger_peers`:
+workers of one supervisor do not log "ledger shared with another server" about each other).
+
 Workers watch the supervisor (:func:`watch_parent`): if it dies (even by SIGKILL), they drain
 and exit instead of holding the port as orphans. Their log lines carry ``worker=<i>``
 (:func:`tag_worker_logs`).
@@ -63,6 +66,7 @@ from typing import IO, Any
 from .app import CUT_SECONDS
 from .config import ServerConfig
 from .errors import StartupError
+from .ledger_peers import SUPERVISOR_ENV
 
 __all__ = [
     "Backoff",
@@ -287,7 +291,10 @@ class Supervisor:
         )
         slot.ready = threading.Event()
         slot.ready_at, slot.restart_at, slot.port = None, None, None
-        slot.proc = subprocess.Popen(list(self._command(place)), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}  # siblings do not warn of each other
+        slot.proc = subprocess.Popen(
+            list(self._command(place)), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+        )
         slot.started = time.monotonic()
         threading.Thread(
             target=self._read_stdout, args=(slot, slot.proc), name=f"dprdm-worker-{slot.index}-stdout", daemon=True

@@ -305,3 +305,144 @@ def test_place_records_neighbour_property():
         a, b = stored(np.arange(n + 1)), stored(keep)
         assert len(a - b) <= 2 and len(b - a) <= 1 and len(a ^ b) <= 2
         assert all(len({i for i in a if lists[np.searchsorted(ids, i)] == li}) <= caps[li] for li in range(nlist))
+
+
+# -- partitioned finalize --------------------------------------------------------------------------
+
+
+def _random_metas(rng, owner_mode, shards=5):
+    """Shard metas with duplicates inside and across shards (and, with owners, shared images)."""
+    pool = [hashlib.sha256(bytes([i])).hexdigest() for i in range(12)]
+    metas, start = [], 0
+    for s in range(shards):
+        k = int(rng.integers(0, 9))
+        digests = [pool[int(i)] for i in rng.integers(0, len(pool), size=k)]
+        owners = [f"owner-{int(i)}" for i in rng.integers(0, 4, size=k)] if owner_mode else None
+        metas.append({"shard": s, "start": start, "end": start + k + 1, "vectors": f"shard-{s:06d}.vectors.npy",
+                      "keys": [f"k{start + i}\tx" for i in range(k)], "digests": digests, "owners": owners,
+                      "errors": [{"key": f"bad{s}", "error": "e"}], "duplicates": 0})
+        start += k + 1
+    return metas
+
+
+@pytest.mark.parametrize("owner_mode", [False, True])
+def test_partitioned_dedup_equals_the_in_memory_reference(tmp_path, owner_mode):
+    from dprdm.index.records import deduplicate, deduplicate_partitioned
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        metas = _random_metas(rng, owner_mode)
+        ref = deduplicate(metas, owner_mode)
+        for rows in (1, 2, 5, 1 << 20):
+            got = deduplicate_partitioned(tmp_path, metas, owner_mode, partition_rows=rows)
+            assert got["ids"].tolist() == ref["ids"].tolist(), (trial, rows)
+            assert got["dest"].tolist() == ref["dest"].tolist(), (trial, rows)
+            assert (got["images"], got["late_duplicates"]) == (ref["images"], ref["late_duplicates"])
+            lines = got["sources"].read_text(encoding="utf-8")
+            assert lines == "".join(f"{r}\t{s}\n" for r, s in sorted(ref["sources"].items()))
+            assert got["errors"] == [e for m in metas for e in m["errors"]]
+    with pytest.raises(IndexBuildError, match="partition_rows must be >= 1; found 0"):
+        deduplicate_partitioned(tmp_path, metas, owner_mode, partition_rows=0)
+
+
+def test_partitioned_dedup_detects_record_id_collisions(tmp_path):
+    from dprdm.index.records import deduplicate_partitioned
+
+    a = "ab" * 32
+    b = "ab" * 8 + "cd" * 24  # same first 63 bits, another image
+    meta = {"shard": 0, "start": 0, "end": 2, "vectors": "v", "keys": ["a", "b"], "digests": [a, b],
+            "owners": None, "errors": [], "duplicates": 0}
+    for rows in (1, 1 << 20):
+        with pytest.raises(IndexBuildError, match="record id collision"):
+            deduplicate_partitioned(tmp_path, [meta], False, partition_rows=rows)
+
+
+def _index_files(path):
+    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    manifest = json.loads(files.pop("manifest.json"))
+    for volatile in ("created_utc", "manifest_sha256"):
+        manifest.pop(volatile)
+    return files, manifest
+
+
+def test_tiny_finalize_partitions_give_the_same_index_byte_for_byte(tmp_path, corpus):
+    root, _ = corpus
+    default = build_index(FolderReader(root), FakeEncoder(D), _cfg(tmp_path / "a", batch_size=4, shard_size=5))
+    tiny = build_index(FolderReader(root), FakeEncoder(D),
+                       _cfg(tmp_path / "b", batch_size=4, shard_size=5, partition_rows=1))
+    assert _index_files(default.path) == _index_files(tiny.path)
+    assert default.manifest["dedup"]["exact_duplicates_dropped"] == 1 and default.manifest["count"] == 24
+    with pytest.raises(IndexBuildError, match="partition_rows must be a positive integer; found 0"):
+        _cfg(tmp_path / "c", partition_rows=0)
+
+
+def test_tiny_finalize_partitions_owner_build(tmp_path):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    for i in range(6):
+        (img / f"{i}.png").write_bytes(_png(i))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"imgs/{i % 6}.png\towner{i % 3}\n" for i in range(17)))  # with duplicates
+    a = build_index(ListReader(listing), FakeEncoder(D), _cfg(tmp_path / "a", shard_size=4))
+    b = build_index(ListReader(listing), FakeEncoder(D), _cfg(tmp_path / "b", shard_size=4, partition_rows=1))
+    assert _index_files(a.path) == _index_files(b.path) and a.manifest["count"] == 3
+    assert a.manifest["dedup"]["exact_duplicates_dropped"] == 11
+
+
+# -- parquet and webdataset inputs behind fsspec URLs -------------------------------------------------
+
+
+def _same_index(a, b):
+    for name in ("vectors.npy", "ids.npy", "sources.tsv"):
+        assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
+
+
+def _wds_shard(path, n, seed=0):
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for ext, data in (("png", _png(seed + i)), ("owner", f"o{i % 2}".encode())):
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_parquet_and_webdataset_inputs_through_fsspec_urls(tmp_path):
+    """memory:// and file:// parquet/webdataset inputs give the same items and index as local paths."""
+    import fsspec
+
+    from dprdm.index.readers import iter_unit, plan_units
+
+    fs = fsspec.filesystem("memory")
+    rows = [_png(i) for i in range(5)]
+    pq.write_table(pa.table({"img": [{"bytes": b} for b in rows] + [{"bytes": None}],
+                             "who": ["u1", "u1", "u2", "u3", "u3", "u4"]}), tmp_path / "a.parquet", row_group_size=2)
+    for i, b in enumerate(rows):
+        (tmp_path / f"p{i}.png").write_bytes(b)
+        fs.pipe(f"/t15c/p{i}.png", b)
+    pq.write_table(pa.table({"path": [f"p{i}.png" for i in range(5)] + ["missing.png"]}), tmp_path / "b.parquet")
+    good = _wds_shard(tmp_path / "s-000.tar", 4)
+    (tmp_path / "s-001.tar").write_bytes(good[: len(good) // 2])  # truncated: one error item at its end
+    for name in ("a.parquet", "b.parquet", "s-000.tar", "s-001.tar"):
+        fs.pipe(f"/t15c/{name}", (tmp_path / name).read_bytes())
+    try:
+        for kw, names in (({"image_column": "img", "owner_column": "who"}, ["a.parquet"]),
+                          ({"path_column": "path"}, ["b.parquet"]),
+                          ({"owner_column": "owner"}, ["s-000.tar", "s-001.tar"])):
+            local = open_reader([str(tmp_path / n) for n in names], **kw)
+            want = [(it.key, it.owner, it.data, it.error) for it in local.iter_from(0)]
+            assert any(w[3] for w in want) and any(w[2] for w in want)
+            ref = build_index(local, FakeEncoder(D), _cfg(tmp_path / f"local-{names[0]}"))
+            for prefix in ("memory://t15c/", f"file://{tmp_path}/"):
+                reader = open_reader([prefix + n for n in names], **kw)
+                assert [(it.key, it.owner, it.data, it.error) for it in reader.iter_from(0)] == want
+                units = [it for u in plan_units(reader, 2) for it in iter_unit(reader, u)]
+                assert [(it.key, it.owner, it.data, it.error) for it in units] == want
+                assert reader.describe()["kind"] in ("parquet", "webdataset")
+                _same_index(ref, build_index(reader, FakeEncoder(D), _cfg(tmp_path / f"u{len(prefix)}-{names[0]}")))
+        with pytest.raises(IndexBuildError, match="parquet input 'memory://t15c/none.parquet' does not exist"):
+            ParquetReader(["memory://t15c/none.parquet"], image_column="img")
+        with pytest.raises(IndexBuildError, match="webdataset shard 'memory://t15c/none.tar' does not exist"):
+            WebDatasetReader(["memory://t15c/none.tar"])
+    finally:
+        fs.rm("/t15c", recursive=True)

@@ -27,7 +27,7 @@ from dprdm.ledger.api import (
     UnknownDomain,
 )
 from dprdm.ledger.ops import Pending, Reserve, StoreRelease
-from dprdm.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
+from dprdm.ledger.sqlite import SCHEMA_VERSION, SqliteLedger, WriterLock
 from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile
 
 PROFILE = Profile(k=18, q=0.01, sigma=0.2, lam=0.5)
@@ -272,3 +272,47 @@ def test_busy_store_fails_the_batch_quickly_and_recovers(tmp_path):
         other.close()
         assert reserve(led, "a").state.spends == 1
         led.verify()
+
+
+def test_writer_lock_orders_writers_and_never_hangs(tmp_path):
+    """The side ``flock`` of issue 14: a contended acquire is woken when the holder releases, a
+    timed-out one gives the lock back when it later gets it, and a ledger whose writer cannot get
+    it fails with the busy timeout (nothing charged), then recovers. Two open files in one process
+    conflict like two processes (flock locks belong to the open file)."""
+    path = tmp_path / "l.db"
+    with SqliteLedger(path, group_commit=False, busy_timeout_s=0.05) as led:
+        led.create_budget("c", BUDGET)
+        lock_path = tmp_path / "l.db-writer.lock"
+        assert led._writer._file_lock is not None and led._writer._file_lock.path == lock_path
+        holder, other = WriterLock(lock_path), WriterLock(lock_path)
+        try:
+            assert holder.acquire(0.0)
+            batch = _batch(["a"])
+            led._writer.execute(batch)  # the ledger's writer waits 0.05 s for the lock, then gives up
+            assert type(batch[0].error) is LedgerUnavailable and "database is locked" in str(batch[0].error)
+            assert not other.acquire(0.01)  # timed out; its helper thread still waits in flock
+            got = threading.Event()
+            waiter = threading.Thread(target=lambda: other.acquire(60) and got.set())
+            waiter.start()
+            holder.release()  # wakes the helper: the waiting acquire gets the lock
+            waiter.join(60)
+            assert got.is_set() and not holder.acquire(0.01)
+            other.release()
+            assert holder.acquire(60)  # nobody kept it after the release
+            holder.release()
+        finally:
+            holder.close()
+            other.close()
+        assert reserve(led, "a").state.spends == 1  # the writer takes the free lock again
+        led.verify()
+
+
+def test_writer_lock_is_optional(tmp_path):
+    """A directory where the lock file cannot be created: the ledger still works on SQLite's
+    own locking (the flock only orders writers; it is never what makes admission exact)."""
+    assert WriterLock.open(tmp_path / "missing-dir" / "l.db") is None
+    with SqliteLedger(tmp_path / "l.db", group_commit=False) as led:
+        led._writer._file_lock.close()
+        led._writer._file_lock = None
+        led.create_budget("c", BUDGET)
+        assert reserve(led, "a").state.spends == 1

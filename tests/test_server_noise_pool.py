@@ -80,6 +80,50 @@ def test_take_nowait_never_samples_and_batches_are_published_whole() -> None:
         pool.close()
 
 
+class BatchCountingSampler:
+    """Records the size of every batch it is asked for (issue 14: the pool refilled 1-3 at a time)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self._inner = FastExactSampler(np.random.default_rng(3))
+
+    def sample(self, sigma: float, dimension: int, exponent: int) -> np.ndarray:
+        raise AssertionError("the pool must use sample_batch when the sampler has it")
+
+    def sample_batch(self, sigma: float, dimension: int, count: int, exponent: int) -> np.ndarray:
+        self.batches.append(count)
+        return self._inner.sample_batch(sigma, dimension, count, exponent)
+
+
+def test_refills_wait_for_a_whole_batch_of_room() -> None:
+    """Capacity 16 -> batch 8: taking 7 vectors samples nothing (no wake-up, no small batch); the
+    8th opens a batch of room and exactly one batch of 8 refills it; blocking takes likewise."""
+    sampler = BatchCountingSampler()
+    pool = NoisePool(sampler, capacity=16)
+    try:
+        assert pool.batch == 8
+        pool.prepare(0.05, 8, fill=True)
+        assert pool.ready(0.05, 8) == 16 and sampler.batches == [8, 8]
+        for _ in range(7):
+            assert pool.take_nowait(0.05, 8) is not None
+        assert pool.ready(0.05, 8) == 9 and sampler.batches == [8, 8]  # 7 of room < a batch: no refill
+        assert pool.take_nowait(0.05, 8) is not None
+        assert pool.wait_ready(0.05, 8, count=16, timeout=30)
+        for _ in range(40):
+            pool.take(0.05, 8, timeout=30)
+        assert pool.wait_ready(0.05, 8, count=16, timeout=30)
+        assert sampler.batches == [8] * 8 and pool.ready(0.05, 8) == 16  # 16 + 48 sampled = 16 + 48 taken
+    finally:
+        pool.close()
+    tiny = NoisePool(BatchCountingSampler(), capacity=1)
+    try:
+        assert tiny.batch == 1
+        tiny.prepare(0.05, 4, fill=True)
+        assert tiny.take(0.05, 4, timeout=30) is not None and tiny.take(0.05, 4, timeout=30) is not None
+    finally:
+        tiny.close()
+
+
 def test_pool_validates_its_sizes_and_the_sampler_range() -> None:
     with pytest.raises(ValueError, match="capacity must be >= 1; found 0"):
         NoisePool(FastExactSampler(np.random.default_rng(0)), capacity=0)

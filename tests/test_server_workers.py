@@ -16,6 +16,7 @@ conditions with generous bounds.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -40,6 +41,7 @@ from dprdm.ledger import open_ledger
 from dprdm.privacy import Profile, epsilon_for
 from dprdm.proto.v1 import admin_pb2_grpc, dprdm_pb2_grpc
 from dprdm.server.config import ServerConfig
+from dprdm.server.ledger_peers import SUPERVISOR_ENV, register_server, supervisor_pid
 from dprdm.server.supervisor import Backoff, WorkerPlace, reserve_port, worker_metrics_port
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN
 
@@ -287,6 +289,10 @@ def _start_trio(tmp_path: Path, procs: list[Served], url: str, m: int, sleep: fl
 def test_exactly_m_granted_across_workers_and_servers(tmp_path: Path, procs: list[Served], ledger_url: str) -> None:
     m = 24
     sup, other = _start_trio(tmp_path, procs, ledger_url, m)
+    if ledger_url.startswith("sqlite"):  # sharing is reported, but not between workers of one supervisor
+        assert "is shared with" not in sup.log()
+        assert re.search(r"is shared with 2 other servers \(pid \d+, port \d+; pid \d+, port \d+\)$",
+                         other.log(), re.M)  # fmt: skip
     ports = sup.metrics_ports()
     assert sorted(ports) == [0, 1]
     before = {w: _requests(p) for w, p in ports.items()}
@@ -461,6 +467,28 @@ def test_a_held_port_is_not_shared_by_a_second_supervisor() -> None:
     again, port2 = reserve_port(f"127.0.0.1:{port}")  # free again once released
     again.close()
     assert port2 == port
+
+
+def test_sibling_workers_do_not_report_sharing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """The supervisor's pid (``DPRDM_SUPERVISOR_PID``, trusted only when it is the parent's pid)
+    is in each worker's record; siblings are left out of the warning, any other server is not."""
+    caplog.set_level(logging.WARNING, logger="dprdm.server")
+    ledger = tmp_path / "ledger.sqlite3"
+    parent = os.getppid()
+    monkeypatch.setenv(SUPERVISOR_ENV, str(parent))
+    assert supervisor_pid() == parent
+    records = [register_server(ledger, 1000), register_server(ledger, 1000)]  # two workers of one supervisor
+    assert [r.getMessage() for r in caplog.records] == []
+    monkeypatch.setenv(SUPERVISOR_ENV, str(parent + 1))  # not the parent: ignored, a stranger
+    assert supervisor_pid() is None
+    records.append(register_server(ledger, 2000))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ledger {ledger} is shared with 2 other servers (pid {os.getpid()}, port 1000; pid {os.getpid()}, port 1000)"
+    ]
+    for rec in records:
+        assert rec is not None
+        rec.close()
 
 
 def test_backoff_and_metrics_ports() -> None:
