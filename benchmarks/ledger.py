@@ -8,6 +8,9 @@ Measures, in one run on one local-disk temp directory:
   16 and 64 concurrent writer threads, with and without group commit: reservations per second,
   p50/p99 latency of one call, mean operations per transaction;
 * the CPU cost of one admission decision (``Budget.admits`` vs the ledger's precomputed rule);
+* with ``--across-processes``: the same group-commit ledger with 1, 4, 16 and 64 writers spread
+  over 3 OS processes (one ``SqliteLedger`` per process on one file; the runner of
+  :mod:`dprdm.benchmarks.ledger_pg`), i.e. the issue-14 target "at 64 writers across processes";
 * with ``--postgres``: the PostgreSQL ledger's single-domain reservations per second at 1, 4, 16
   and 64 writers over 3 processes, paired with raw PostgreSQL single-row transactions on the same
   server (:mod:`dprdm.benchmarks.ledger_pg`); ``auto`` starts a throw-away server
@@ -19,6 +22,7 @@ Usage::
 
     python benchmarks/ledger.py [--out benchmarks/results/] [--seconds 3] [--threads 1,4,16,64]
                                 [--postgres auto|off|postgresql://...] [--skip-sqlite]
+                                [--across-processes]
 """
 
 from __future__ import annotations
@@ -141,6 +145,38 @@ def ledger_run(directory: Path, *, threads: int, group_commit: bool, seconds: fl
     }
 
 
+def sqlite_across_processes(directory: Path, *, writers: tuple[int, ...], seconds: float) -> list[dict[str, Any]]:
+    """The group-commit SQLite ledger with writer threads spread over 3 OS processes (issue 14).
+
+    Each process opens its own ``SqliteLedger`` (group commit) on one fresh file per writer count;
+    their committers serialise on the file's writer lock and ``BEGIN IMMEDIATE``.
+
+    Args:
+        directory: where to create the database files.
+        writers: total writer threads per run.
+        seconds: measurement time per run.
+
+    Returns:
+        One dict per writer count: writers, processes, per_s, p50_ms, p99_ms, ops_per_transaction.
+    """
+    import multiprocessing as mp
+
+    from dprdm.benchmarks.ledger_pg import _run
+
+    ctx = mp.get_context("spawn")
+    out = []
+    for n in writers:
+        path = Path(tempfile.mkstemp(suffix=".db", prefix=f"ledger-across-{n}-", dir=directory)[1])
+        path.unlink()  # a fresh ledger file per run
+        with SqliteLedger(path) as led:
+            led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))  # never exhausted: the write path
+        run = _run(ctx, "ledger", str(path), n, seconds)
+        with SqliteLedger(path) as led:
+            led.verify()
+        out.append({k: v for k, v in run.items() if k != "kind"})
+    return out
+
+
 def paired_single_tx(directory: Path, rounds: int, seconds: float) -> dict[str, float]:
     """Ledger vs raw SQLite, one writer, alternating short rounds (the shared disk's speed drifts
     within seconds, so only a paired comparison is meaningful).
@@ -198,11 +234,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--postgres", default="off",
                         help="auto (a throw-away local server), off, or a postgresql:// URL of an existing database")
     parser.add_argument("--skip-sqlite", action="store_true", help="only the PostgreSQL runs")
+    parser.add_argument("--across-processes", action="store_true",
+                        help="also run the group-commit SQLite ledger with the writers spread over 3 processes")
     args = parser.parse_args(argv)
     thread_counts = [int(x) for x in args.threads.split(",")]
     directory = Path(tempfile.mkdtemp(prefix="dprdm-ledger-bench-", dir=args.tmp))
     raw_before = raw_after = paired = {}
     runs: list[dict[str, Any]] = []
+    across: list[dict[str, Any]] = []
     try:
         if not args.skip_sqlite:
             raw_before = raw_sqlite(directory, args.seconds, "raw-before")
@@ -213,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
             raw_after = raw_sqlite(directory, args.seconds, "raw-after")  # the disk is shared: bracket the runs
             paired = paired_single_tx(directory, rounds=5, seconds=min(1.0, args.seconds))
+            if args.across_processes:
+                across = sqlite_across_processes(directory, writers=tuple(thread_counts), seconds=args.seconds)
         postgres = _postgres(args.postgres, args.seconds, tuple(thread_counts))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -229,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paired_single_writer": paired,
         "admission": admission_cost(),
         "ledger": runs,
+        "ledger_across_processes": across,
         "targets": TARGETS,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -303,6 +345,11 @@ def _print_table(result: dict[str, Any]) -> None:
         ratio = r["reservations_per_s"] / raw["single_tx_per_s"]
         mode = "group" if r["group_commit"] else "single"
         print(f"{mode:<8}{r['threads']:>8}{r['reservations_per_s']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{r['ops_per_transaction']:>8.1f}{ratio:>16.2f}x")  # fmt: skip
+    for r in result.get("ledger_across_processes", []):
+        ratio = r["per_s"] / raw["single_tx_per_s"]
+        mode = f"group/{r['processes']}p"
+        print(f"{mode:<8}{r['writers']:>8}{r['per_s']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
               f"{r['ops_per_transaction']:>8.1f}{ratio:>16.2f}x")  # fmt: skip
 
 
