@@ -312,10 +312,11 @@ def test_exactly_m_granted_across_workers_and_servers(tmp_path: Path, procs: lis
     assert sup.stop() == 0 and other.stop() == 0
 
 
-def _kill_workers_mid_load(tmp_path: Path, procs: list[Served], ledger_url: str, m: int, kills: int) -> None:
+def _kill_workers_mid_load(tmp_path: Path, procs: list[Served], ledger_url: str, m: int, kills: int,
+                           sleep: float = 0.005) -> None:
     """Drain a budget of exactly ``m`` queries over the trio while SIGKILLing ``kills`` workers of
     the supervisor, one at a time (each restarted before the next kill), then check the ledger."""
-    sup, other = _start_trio(tmp_path, procs, ledger_url, m, sleep=0.005)
+    sup, other = _start_trio(tmp_path, procs, ledger_url, m, sleep=sleep)
     seen, started = Seen(), threading.Event()
     load = threading.Thread(target=_hammer, args=([sup.address, other.address], 4 * m, seen),
                             kwargs={"started": started, "retry": True})  # fmt: skip
@@ -324,11 +325,14 @@ def _kill_workers_mid_load(tmp_path: Path, procs: list[Served], ledger_url: str,
     victims = []
     for j in range(kills):
         _until(lambda: len(seen.ok) >= m * (j + 1) // (kills + 2), "part of the budget granted")  # noqa: B023
-        victims.append(min(sup.children()))
         granted_at_kill = len(seen.ok)
+        if victims and granted_at_kill >= m * 9 // 10:
+            break  # the load outran the restarts (a CI run saw all 200 granted before the 5th kill)
+        victims.append(min(sup.children()))
         os.kill(victims[-1], signal.SIGKILL)
         assert granted_at_kill < m  # the kill came mid-load
-        _until(lambda: sup.starts() == 3 + j, "the supervisor to restart the killed worker")  # noqa: B023
+        _until(lambda: sup.starts() == 2 + len(victims), "the supervisor to restart the killed worker")
+    assert len(victims) >= min(kills, 2)  # several workers were killed mid-load
     load.join(timeout=WAIT * 3)
     assert not load.is_alive()
     assert len(sup.children()) == 2 and not set(victims) & sup.children()
@@ -357,7 +361,9 @@ def test_kill_9_of_a_worker_mid_load(tmp_path: Path, procs: list[Served], ledger
 
 @pytest.mark.slow
 def test_kill_9_of_workers_many_times(tmp_path: Path, procs: list[Served], ledger_url: str) -> None:
-    _kill_workers_mid_load(tmp_path, procs, ledger_url, m=200, kills=5)
+    # each search sleeps 1 s, so 16 clients get at most ~16 grants/s and five ~2.5 s restarts fit
+    # inside the 200-query budget (at 5 ms a CI run granted all 200 before the 5th kill)
+    _kill_workers_mid_load(tmp_path, procs, ledger_url, m=200, kills=5, sleep=1.0)
 
 
 def test_sigterm_drains_every_worker(tmp_path: Path, procs: list[Served]) -> None:
