@@ -47,14 +47,27 @@ Why every number here is an UPPER bound on the epsilon (or delta) of the mechani
    the coarse, 10x cheaper grid and still never fall below the fine value (tests check it).
    Residual: the FFT convolutions' floating-point error (~1e-15 in probability), far below the
    upward rounding of every stored epsilon (:func:`ceil_digits`).
-4. **Lattice rounding (discrete noise): NOT claimed.** Private indexes release the exact discrete
-   Gaussian on the lattice 2^-20 Z^d with the sensitivity widened by the rounding
-   (``discrete_rdp``). No proof is known to us that the subsampled multi-dimensional discrete
-   Gaussian is dominated in hockey-stick divergence (all orders) by the continuous pair at the
-   widened sensitivity (the convex-order argument fails for the discrete Gaussian: a chord
-   between lattice points lies above the Gaussian's curve), so :func:`pld_dominating_pair`
-   returns None for discrete noise and such budgets stay on RDP. Likewise group size 2 (one
-   record changing two stored records on capacity-limited IVF lists) has no pair here.
+4. **Lattice rounding (discrete noise).** Private indexes release the rounded mean plus the exact
+   discrete Gaussian N_Z(0, s^2) per coordinate on the lattice 2^k Z^d (s = sigma / 2^k, the shift
+   between neighbours a lattice vector of norm <= Delta_w / 2^k, Delta_w = 2/k + 2^k sqrt(d):
+   ``discrete_rdp`` item 1). :mod:`dprdm.privacy.lattice_gdp` proves that with the noise's tails
+   replaced beyond A s by geometric ones (the "cut" law X'), the d-dimensional pair is mu-GDP with
+   mu = (1 + eta) Delta_w / sigma (1 + eta = ``LatticeGdp.inflation``, ~1 + A/s). By Blackwell's
+   theorem (DRS22, Thm 2.10) a mu-GDP pair (A, B) is the image of (N(0, 1), N(mu, 1)) under one
+   kernel K, so, given the coins S of the other records, the pair of item 1
+   ((1 - q) A + q B, A) = K((1 - q) N(0, 1) + q N(mu, 1), N(0, 1)) is a post-processing of the
+   subsampled Gaussian pair at multiplier 1/mu = sigma / ((1 + eta) Delta_w); averaging over S and
+   items 2-3 follow unchanged. So the cut server is bounded by the same dp-accounting PLD at that
+   multiplier. The real server differs from the cut one, over T queries of d coordinates, with
+   probability <= T d ``tail_tv`` (``lattice_gdp`` (vii)), so it is
+   (eps, delta_cut(eps) + (1 + e^eps) T d tail_tv)-DP: :data:`TAIL_SHARE` of every delta is
+   reserved for that term (the PLD is asked for delta (1 - TAIL_SHARE)) and each result checks
+   the term fits in the reserve (+inf epsilon otherwise, which no budget reaches). The cut A is
+   the smallest one whose term fits for every epsilon <= :data:`_EPS_CAP`, delta >=
+   :data:`_DELTA_FLOOR` and T <= :data:`MAX_PLD_QUERIES` (A ~ 20 at d 512). At the reference
+   profile (s = 52,428.8) eta ~ 3.8e-4: 1,455 float queries become 1,454 discrete ones. Noise
+   scales s < 1 lattice step (sigma < 2^-20) have no pair (the theorem needs s >= 1). Group size
+   2 (one record changing two stored records on capacity-limited IVF lists) has no pair here.
 
 :func:`pld_dominating_pair` is the ONE place that decides which mechanisms have a pair; a proven
 bound for the lattice can be plugged in there.
@@ -76,12 +89,15 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+from .lattice import DEFAULT_LATTICE_EXPONENT, widened_sensitivity
+from .lattice_gdp import MIN_SCALE, choose_cut, lattice_gdp
 from .mechanism import Profile
 
 __all__ = [
     "DISCRETISATION",
     "TABLE_DISCRETISATION",
     "MAX_PLD_QUERIES",
+    "TAIL_SHARE",
     "GaussianPair",
     "PldPlan",
     "ceil_digits",
@@ -104,6 +120,11 @@ bracket, calibration and the receipts' table."""
 MAX_PLD_QUERIES = 1_000_000
 """T_max is capped here (a composition to 10^6 queries is already ~seconds); a larger budget
 admits this many (conservative)."""
+TAIL_SHARE = 1e-6
+"""Share of every delta reserved for the lattice cut's total variation (module docstring, item 4)."""
+_EPS_CAP = 100.0
+_DELTA_FLOOR = 1e-30
+"""The cut is chosen so that its term fits in the reserve for every epsilon <= 100 and delta >= 1e-30."""
 _TABLE_RATIO = 1.05
 """Receipts' table: every T up to 8, then grid points at most 5 % apart, T_max included."""
 _DIGITS = 9
@@ -130,11 +151,13 @@ def ceil_digits(value: float, digits: int = _DIGITS) -> float:
 @dataclass(frozen=True)
 class GaussianPair:
     """The dominating pair of one query: P = (1 - q) N(0, z^2) + q N(1, z^2) and Q = N(0, z^2)
-    (remove direction), (Q, P) (add); sensitivity 1, ``noise_multiplier`` z = sigma k / 2
-    (module docstring, item 1)."""
+    (remove direction), (Q, P) (add); sensitivity 1, ``noise_multiplier`` z = sigma k / 2 for float
+    noise (module docstring, item 1), sigma / ((1 + eta) Delta_w) for the lattice (item 4), whose
+    ``tail_tv`` bounds the total variation of one query's noise from the cut law (0 for float)."""
 
     q: float
     noise_multiplier: float
+    tail_tv: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0.0 < float(self.q) <= 1.0):
@@ -142,22 +165,56 @@ class GaussianPair:
         z = float(self.noise_multiplier)
         if not (z >= 0.0) or math.isinf(z):
             raise ValueError(f"noise_multiplier must be finite and >= 0; found {self.noise_multiplier!r}")
+        tv = float(self.tail_tv)
+        if not (0.0 <= tv < 1.0):
+            raise ValueError(f"tail_tv must be in [0, 1); found {self.tail_tv!r}")
 
     def to_dict(self) -> dict[str, float]:
-        """Plain-JSON form."""
-        return {"q": float(self.q), "noise_multiplier": float(self.noise_multiplier)}
+        """Plain-JSON form (``tail_tv`` only when non-zero: float pairs keep their old form)."""
+        out = {"q": float(self.q), "noise_multiplier": float(self.noise_multiplier)}
+        if self.tail_tv:
+            out["tail_tv"] = float(self.tail_tv)
+        return out
 
 
-def pld_refusal(*, hardened_dimension: int | None, group_size: int = 1) -> str | None:
-    """Why a mechanism has no PLD dominating pair here (None: it has one). One phrase, for errors."""
-    if hardened_dimension is not None:
-        return (
-            f"PLD is not proven for discrete lattice noise (dimension {hardened_dimension}): no dominating "
-            f"pair of the subsampled discrete Gaussian is known (privacy.pld, item 4)"
-        )
+def _lattice_scale(profile: Profile) -> float:
+    """s = sigma / 2^k: the discrete Gaussian's parameter in lattice steps."""
+    return math.ldexp(float(profile.sigma), -DEFAULT_LATTICE_EXPONENT)
+
+
+def pld_refusal(
+    *, hardened_dimension: int | None, group_size: int = 1, profile: Profile | None = None
+) -> str | None:
+    """Why a mechanism has no PLD dominating pair here (None: it has one). One phrase, for errors.
+
+    ``profile`` lets the lattice's scale condition be checked (without it, discrete noise is assumed
+    to meet it)."""
     if group_size != 1:
         return f"PLD is not implemented for group size {group_size} (one record changing two stored records)"
+    if hardened_dimension is not None and profile is not None and profile.sigma > 0.0:
+        s = _lattice_scale(profile)
+        if s < MIN_SCALE:
+            return (
+                f"PLD for discrete lattice noise needs sigma >= {math.ldexp(MIN_SCALE, DEFAULT_LATTICE_EXPONENT):.3g} "
+                f"(one lattice step); found sigma {profile.sigma!r} (privacy.lattice_gdp)"
+            )
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _lattice_pair(q: float, sigma: float, sensitivity: float, dimension: int) -> GaussianPair:
+    """Item 4: the subsampled Gaussian pair at multiplier sigma / ((1 + eta) Delta_w), rounded down."""
+    allowance = (
+        math.log(TAIL_SHARE * _DELTA_FLOOR)
+        - (_EPS_CAP + math.log1p(math.exp(-_EPS_CAP)))
+        - math.log(MAX_PLD_QUERIES)
+        - math.log(dimension)
+    )
+    cut = choose_cut(allowance)
+    gdp = lattice_gdp(math.ldexp(sigma, -DEFAULT_LATTICE_EXPONENT), cut)
+    z = sigma / (gdp.inflation * widened_sensitivity(sensitivity, dimension, DEFAULT_LATTICE_EXPONENT))
+    z = math.nextafter(math.nextafter(z, 0.0), 0.0)  # two ulps down: the division and the product
+    return GaussianPair(q=q, noise_multiplier=z, tail_tv=min(0.5, dimension * gdp.tail_tv))
 
 
 def pld_dominating_pair(
@@ -167,7 +224,8 @@ def pld_dominating_pair(
 
     Args:
         profile: the retrieval profile (must retrieve: lambda > 0).
-        hardened_dimension: None for float noise; d for the exact discrete Gaussian (-> None).
+        hardened_dimension: None for float noise (item 1); d for the exact discrete Gaussian on the
+            lattice at dimension d (item 4: None when sigma is below one lattice step).
         group_size: 1, or 2 on capacity-limited IVF lists (-> None).
 
     Raises:
@@ -175,16 +233,22 @@ def pld_dominating_pair(
     """
     if not profile.retrieves:
         raise ValueError(f"profile {profile.to_dict()} never retrieves (lambda = 0): nothing to account")
-    if pld_refusal(hardened_dimension=hardened_dimension, group_size=group_size) is not None:
+    if pld_refusal(hardened_dimension=hardened_dimension, group_size=group_size, profile=profile) is not None:
         return None
-    return GaussianPair(q=profile.q, noise_multiplier=profile.noise_multiplier)
+    if hardened_dimension is None or profile.sigma == 0.0:
+        return GaussianPair(q=profile.q, noise_multiplier=profile.noise_multiplier)
+    d = int(hardened_dimension)
+    if d < 1:
+        raise ValueError(f"hardened_dimension must be an integer >= 1; found {hardened_dimension!r}")
+    return _lattice_pair(float(profile.q), float(profile.sigma), float(profile.sensitivity), d)
 
 
 def require_pair(profile: Profile, hardened_dimension: int | None, *, group_size: int = 1) -> GaussianPair:
     """:func:`pld_dominating_pair`, raising ``ValueError`` with the reason when there is none."""
     pair = pld_dominating_pair(profile, hardened_dimension, group_size=group_size)
     if pair is None:
-        raise ValueError(str(pld_refusal(hardened_dimension=hardened_dimension, group_size=group_size)))
+        raise ValueError(str(pld_refusal(hardened_dimension=hardened_dimension, group_size=group_size,
+                                         profile=profile)))
     return pair
 
 
@@ -219,22 +283,38 @@ def _composed(q: float, z: float, queries: int, discretisation: float) -> Any:
     return identity.compose(_base(q, z, discretisation).self_compose(queries))
 
 
+def _log_tail_term(epsilon: float, queries: int, tail_tv: float) -> float:
+    """log((1 + e^eps) T tail_tv): the cut's share of delta (item 4); -inf without a tail."""
+    if tail_tv == 0.0 or queries == 0:
+        return -math.inf
+    log_one_plus = epsilon + math.log1p(math.exp(-epsilon)) if epsilon > 0 else math.log1p(math.exp(epsilon))
+    return log_one_plus + math.log(queries) + math.log(tail_tv)
+
+
 @functools.lru_cache(maxsize=4096)
-def _epsilon(q: float, z: float, queries: int, delta: float, discretisation: float) -> float:
+def _epsilon(q: float, z: float, queries: int, delta: float, discretisation: float, tail_tv: float = 0.0) -> float:
     if queries == 0:
         return 0.0
     if z == 0.0:
         return math.inf
-    return float(_composed(q, z, queries, discretisation).get_epsilon_for_delta(delta))
+    target = delta * (1.0 - TAIL_SHARE) if tail_tv else delta
+    eps = float(_composed(q, z, queries, discretisation).get_epsilon_for_delta(target))
+    if tail_tv and _log_tail_term(eps, queries, tail_tv) > math.log(delta * TAIL_SHARE):
+        return math.inf  # the cut's term does not fit in the reserve (never for eps <= 100, delta >= 1e-30)
+    return eps
 
 
 @functools.lru_cache(maxsize=1024)
-def _delta(q: float, z: float, queries: int, epsilon: float, discretisation: float) -> float:
+def _delta(q: float, z: float, queries: int, epsilon: float, discretisation: float, tail_tv: float = 0.0) -> float:
     if queries == 0:
         return 0.0
     if z == 0.0:
         return 1.0
-    return min(1.0, float(_composed(q, z, queries, discretisation).get_delta_for_epsilon(epsilon)))
+    value = float(_composed(q, z, queries, discretisation).get_delta_for_epsilon(epsilon))
+    term = _log_tail_term(epsilon, queries, tail_tv)
+    if term > -math.inf:
+        value += math.exp(min(term, 0.0))
+    return min(1.0, value)
 
 
 def _check(epsilon: float | None, delta: float | None, queries: int | None) -> None:
@@ -265,7 +345,7 @@ def epsilon_pld(
     if not profile.retrieves:
         return 0.0
     pair = require_pair(profile, hardened_dimension, group_size=group_size)
-    return _epsilon(pair.q, pair.noise_multiplier, queries, float(delta), discretisation)
+    return _epsilon(pair.q, pair.noise_multiplier, queries, float(delta), discretisation, pair.tail_tv)
 
 
 def delta_pld(
@@ -287,7 +367,7 @@ def delta_pld(
     if not profile.retrieves:
         return 0.0
     pair = require_pair(profile, hardened_dimension, group_size=group_size)
-    return _delta(pair.q, pair.noise_multiplier, queries, float(epsilon), DISCRETISATION)
+    return _delta(pair.q, pair.noise_multiplier, queries, float(epsilon), DISCRETISATION, pair.tail_tv)
 
 
 def _largest(ok: Any, lo: int, hi: int) -> int:
@@ -299,14 +379,14 @@ def _largest(ok: Any, lo: int, hi: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _max_queries(q: float, z: float, epsilon: float, delta: float) -> int:
+def _max_queries(q: float, z: float, epsilon: float, delta: float, tail_tv: float = 0.0) -> int:
     """Largest T <= MAX_PLD_QUERIES whose fine-grid epsilon is <= ``epsilon`` (0 if none)."""
 
     def fine(t: int) -> bool:
-        return _epsilon(q, z, t, delta, DISCRETISATION) <= epsilon
+        return _epsilon(q, z, t, delta, DISCRETISATION, tail_tv) <= epsilon
 
     def coarse(t: int) -> bool:
-        return _epsilon(q, z, t, delta, TABLE_DISCRETISATION) <= epsilon
+        return _epsilon(q, z, t, delta, TABLE_DISCRETISATION, tail_tv) <= epsilon
 
     if not fine(1):
         return 0
@@ -355,7 +435,7 @@ def max_queries_pld(
     pair = require_pair(profile, hardened_dimension, group_size=group_size)
     if pair.noise_multiplier == 0.0:
         return 0
-    return _max_queries(pair.q, pair.noise_multiplier, float(epsilon), float(delta))
+    return _max_queries(pair.q, pair.noise_multiplier, float(epsilon), float(delta), pair.tail_tv)
 
 
 # --------------------------------------------------------------------------------------- the plan
@@ -448,15 +528,15 @@ def _table_points(t_max: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(q: float, z: float, epsilon: float, delta: float) -> PldPlan:
-    pair = GaussianPair(q=q, noise_multiplier=z)
-    t_max = 0 if z == 0.0 else _max_queries(q, z, epsilon, delta)
+def _plan(q: float, z: float, epsilon: float, delta: float, tail_tv: float = 0.0) -> PldPlan:
+    pair = GaussianPair(q=q, noise_multiplier=z, tail_tv=tail_tv)
+    t_max = 0 if z == 0.0 else _max_queries(q, z, epsilon, delta, tail_tv)
     table: list[tuple[int, float]] = []
     running = 0.0
     for t in _table_points(t_max):
-        value = _epsilon(q, z, t, delta, TABLE_DISCRETISATION)
+        value = _epsilon(q, z, t, delta, TABLE_DISCRETISATION, tail_tv)
         if t == t_max:  # certified on the fine grid (<= epsilon); the coarse one bounds it too
-            value = min(value, _epsilon(q, z, t, delta, DISCRETISATION))
+            value = min(value, _epsilon(q, z, t, delta, DISCRETISATION, tail_tv))
         running = max(running, ceil_digits(value))
         table.append((t, running))
     return PldPlan(pair=pair, epsilon=epsilon, delta=delta, max_queries=t_max, table=tuple(table),
@@ -478,4 +558,4 @@ def pld_plan(
     """
     _check(epsilon, delta, None)
     pair = require_pair(profile, hardened_dimension, group_size=group_size)
-    return _plan(pair.q, pair.noise_multiplier, float(epsilon), float(delta))
+    return _plan(pair.q, pair.noise_multiplier, float(epsilon), float(delta), pair.tail_tv)
