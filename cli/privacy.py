@@ -60,11 +60,14 @@ def _hardened(args: argparse.Namespace) -> int | None:
 
 def _accountant(args: argparse.Namespace) -> str:
     """``--accountant``, or what the server uses for a single-profile budget of this mechanism."""
-    reason = pld_refusal(hardened_dimension=_hardened(args))
+    profile = None
+    if getattr(args, "sigma", None) is not None and getattr(args, "k", None) is not None and getattr(args, "q", None) is not None:
+        profile = _profile(args)
+    reason = pld_refusal(hardened_dimension=_hardened(args), profile=profile)
     if args.accountant is None:
         return "rdp" if reason is not None else "pld"
     if args.accountant == "pld" and reason is not None:
-        raise CliError(f"--accountant pld: {reason}; use --noise float or --accountant rdp")
+        raise CliError(f"--accountant pld: {reason}; use --accountant rdp")
     return str(args.accountant)
 
 
@@ -96,7 +99,8 @@ def _cmd_epsilon(args: argparse.Namespace) -> int:
     accountant = _accountant(args)
     try:
         if accountant == "pld":
-            eps, order = epsilon_pld(profile=profile, queries=args.queries, delta=args.delta), None
+            eps, order = epsilon_pld(profile=profile, queries=args.queries, delta=args.delta,
+                                     hardened_dimension=_hardened(args)), None
         else:
             curve = retrieval_rdp(profile, orders=DEFAULT_ORDERS, hardened_dimension=_hardened(args)) * args.queries
             res = epsilon_from_rdp(curve, DEFAULT_ORDERS, args.delta)

@@ -12,8 +12,8 @@ A privacy domain's budget (epsilon, delta) is the guarantee. Two admission rules
   (Balle et al. 2020, Thm 21, minimised over the shared grid).
   That is the ``"rdp"`` accountant. With ``accountant = "pld"`` (issue 17) the same budget admits
   "at most T_max queries", T_max from the mechanism's privacy loss distribution
-  (:mod:`dprdm.privacy.pld`: an upper bound, tighter than RDP; float noise and group size 1 only,
-  decided by :func:`~dprdm.privacy.pld.pld_dominating_pair`). T_max and a per-T epsilon table
+  (:mod:`dprdm.privacy.pld`: an upper bound, tighter than RDP; float or discrete lattice noise,
+  group size 1, decided by :func:`~dprdm.privacy.pld.pld_dominating_pair`). T_max and a per-T epsilon table
   (rounded up) are computed once, when the budget is built, and stored with it
   (:meth:`Budget.to_dict`), so a ledger never recomputes them. The number of queries so far is
   read off the running RDP curve (the sum of T identical charge curves, :meth:`Budget.pld_queries`),
@@ -203,7 +203,8 @@ class Budget:
             raise ValueError("accountant 'pld' needs a single-profile budget; a Rényi filter is accounted by RDP")
         if not self.noise_recorded:
             raise ValueError("accountant 'pld' needs the budget's noise kind recorded")
-        reason = pld_refusal(hardened_dimension=self.hardened_dimension, group_size=self.group_size)
+        reason = pld_refusal(hardened_dimension=self.hardened_dimension, group_size=self.group_size,
+                             profile=self.profile)
         if reason is not None:
             raise ValueError(f"accountant 'pld' is refused for {self.describe_mechanism()}: {reason}")
         pair = require_pair(self.profile, self.hardened_dimension, group_size=self.group_size)

@@ -21,12 +21,15 @@ conservative (a step judged infeasible whose best discrete order lies outside th
 hardened curve is the float one at a slightly widened sensitivity, whose best order is the same
 to within a grid step or two, so in practice it is not.
 
-``accountant = "pld"`` (float noise only, :mod:`dprdm.privacy.pld`): each feasibility test is the
+``accountant = "pld"`` (float or discrete noise, :mod:`dprdm.privacy.pld`): each feasibility test is the
 PLD epsilon on the coarse grid (:data:`~dprdm.privacy.pld.TABLE_DISCRETISATION`, an upper bound of
 the fine one, so the returned value meets the target under every PLD number the project reports).
 The PLD epsilon is non-decreasing in T and q and non-increasing in z as well (larger z or smaller
 q is a post-processing of the pair: the Gaussian kernel of ``pld``'s item 1, and dropping each
-kept record again with a coin), so the same bisections apply.
+kept record again with a coin), so the same bisections apply. For discrete noise the pair's
+multiplier sigma / ((1 + eta(sigma)) Delta_w(k)) increases with sigma (eta decreases:
+:mod:`dprdm.privacy.lattice_gdp` (v)) and with k; a sigma below one lattice step has no pair and
+is judged infeasible.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp, epsilon_per_order
 from .mechanism import Profile
 from .orders import DEFAULT_ORDERS
-from .pld import TABLE_DISCRETISATION, epsilon_pld
+from .pld import TABLE_DISCRETISATION, epsilon_pld, pld_dominating_pair
 
 __all__ = ["epsilon_for", "calibrate_sigma", "calibrate_k", "calibrate_q", "max_queries", "meets_target"]
 
@@ -50,9 +53,6 @@ _MAX_QUERIES = 10**15
 def _check_accountant(accountant: str, hardened_dimension: int | None) -> None:
     if accountant not in ("rdp", "pld"):
         raise ValueError(f"accountant must be rdp or pld; found {accountant!r}")
-    if accountant == "pld" and hardened_dimension is not None:
-        raise ValueError(f"accountant 'pld' is refused for discrete noise (dimension {hardened_dimension}): "
-                         f"no PLD dominating pair of the lattice mechanism is proven (privacy.pld, item 4)")
 
 
 def _check_target(epsilon: float, delta: float, queries: int) -> None:
@@ -94,6 +94,8 @@ def meets_target(
     program can jump by a few per cent between nearby multipliers), so "a larger sigma still meets
     the target" does not hold for it."""
     if accountant == "pld":
+        if profile.retrieves and pld_dominating_pair(profile, hardened_dimension) is None:
+            return False  # sigma below one lattice step: no pair (privacy.pld, item 4)
         return epsilon_pld(profile=profile, queries=queries, delta=delta, hardened_dimension=hardened_dimension,
                            discretisation=TABLE_DISCRETISATION) <= epsilon
     if hardened_dimension is None or not profile.retrieves:
@@ -113,7 +115,7 @@ def calibrate_sigma(
     accountant: str = "rdp",
 ) -> float:
     """Smallest sigma (to relative ``tol``) such that ``queries`` releases cost <= epsilon under
-    ``accountant`` (``"rdp"`` or ``"pld"``, float noise only).
+    ``accountant`` (``"rdp"`` or ``"pld"``).
 
     Raises:
         ValueError: naming a bad argument.

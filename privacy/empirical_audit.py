@@ -19,9 +19,21 @@ Worst-case neighbours for retrieval: the query u is public; the canary is u itse
 every other record is -u (score -1), so whenever the canary is sampled it is selected and it
 displaces an antipodal record: the mean moves by exactly 2u/k, the sensitivity bound.
 
+Noise (``noise=``): ``"float"`` audits :func:`dprdm.privacy.mechanism.release` (float Gaussian
+noise from the audit's generator) against the float RDP curve; ``"discrete"`` audits the release
+private indexes serve, :func:`dprdm.privacy.discrete.release_hardened` (the mean rounded to the
+lattice 2^-20 Z^d plus EXACT discrete Gaussian noise, CKS20, drawn by
+:class:`~dprdm.privacy.fast_discrete.FastExactSampler` from the same injected generator, each
+vector used once, in order), against the server's discrete curve
+(:func:`dprdm.privacy.accountant.retrieval_rdp` at ``hardened_dimension`` = the audit's dimension,
+i.e. :func:`dprdm.privacy.discrete_rdp.hardened_rdp`). The statistic is the release projected on
+the canary direction, so the dimension only changes the lattice widening 2^-20 sqrt(d) of the claim
+and the cost of the noise.
+
 Deliberately broken variants (must audit ABOVE their claim, showing the audit has power):
 ``sigma_halved`` (noise sigma/2, claim for sigma), ``sensitivity_1_over_k`` (claim computed with
-multiplier sigma*k, i.e. as if the sensitivity were 1/k), ``shared_coins`` (a batch of B queries
+multiplier sigma*k, i.e. as if the sensitivity were 1/k: the curve of the profile with noise
+2 sigma), ``shared_coins`` (a batch of B queries
 shares one subsample, claim = B independent queries; statistic summed over the batch),
 ``divide_by_found`` (sum divided by the number of survivors found instead of k, noise still
 calibrated to the sensitivity 2/k).
@@ -38,13 +50,17 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from .accountant import retrieval_rdp
 from .conversion import epsilon_from_rdp
-from .mechanism import Profile, profile_rdp, release
+from .discrete import release_hardened
+from .fast_discrete import FastExactSampler
+from .lattice import DEFAULT_LATTICE_EXPONENT
+from .mechanism import Profile, release
 from .orders import DEFAULT_ORDERS
-from .rdp import rdp_subsampled_gaussian
 
 __all__ = [
     "VARIANTS",
+    "NOISES",
     "AuditResult",
     "clopper_pearson_upper",
     "epsilon_lower_bound",
@@ -54,6 +70,8 @@ __all__ = [
 ]
 
 VARIANTS = ("correct", "sigma_halved", "sensitivity_1_over_k", "shared_coins", "divide_by_found")
+NOISES = ("float", "discrete")
+"""``float``: Gaussian noise in float64; ``discrete``: the hardened lattice release (module docstring)."""
 
 # search(vectors, ids, query, k, q, rng) -> selected rows (m, d); the real subsampled k-NN.
 SearchFn = Callable[[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64], int, float, np.random.Generator], npt.NDArray[np.float64]]
@@ -112,12 +130,22 @@ def epsilon_lower_bound(
     return _eps_from_rates(a_hi, b_hi, delta), best_t
 
 
-def claimed_epsilon(profile: Profile, variant: str, delta: float, batch: int = 1) -> float:
-    """The epsilon the (possibly broken) implementation claims for one release (or one batch)."""
-    if variant == "sensitivity_1_over_k":
-        curve = rdp_subsampled_gaussian(q=profile.q, noise_multiplier=profile.sigma * profile.k, orders=DEFAULT_ORDERS)
-    else:
-        curve = profile_rdp(profile, DEFAULT_ORDERS)
+def claimed_epsilon(
+    profile: Profile, variant: str, delta: float, batch: int = 1, hardened_dimension: int | None = None
+) -> float:
+    """The epsilon the (possibly broken) implementation claims for one release (or one batch).
+
+    Args:
+        profile: retrieval profile.
+        variant: one of :data:`VARIANTS`.
+        delta: the delta of the claim.
+        batch: queries per batch (``shared_coins`` claims ``batch`` independent releases).
+        hardened_dimension: None for float noise; d for the discrete release at dimension d (the
+            server's curve, :func:`dprdm.privacy.accountant.retrieval_rdp`).
+    """
+    # sensitivity_1_over_k: multiplier sigma * k = (2 sigma) * k / 2, i.e. the profile with noise 2 sigma.
+    claim = Profile(k=profile.k, q=profile.q, sigma=2.0 * profile.sigma, lam=profile.lam) if variant == "sensitivity_1_over_k" else profile
+    curve = retrieval_rdp(claim, orders=DEFAULT_ORDERS, hardened_dimension=hardened_dimension)
     repeats = batch if variant == "shared_coins" else 1
     return epsilon_from_rdp(curve * repeats, DEFAULT_ORDERS, delta).epsilon
 
@@ -142,10 +170,45 @@ class AuditResult:
     claimed_epsilon: float
     audited_lower_bound: float
     ratio: float
+    noise: str
+    dimension: int
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         return asdict(self)
+
+
+# release(profile, query, selected) -> the mixed release c (noise drawn inside, from the audit's rng).
+_Release = Callable[[Profile, npt.NDArray[np.float64], npt.NDArray[np.float64]], npt.NDArray[np.float64]]
+
+
+class _LatticeNoise:
+    """Exact discrete Gaussian vectors on 2^-20 Z^d, sampled in blocks (the vectorised sampler is
+    fast per block, slow per vector) and handed out once each, in sampling order (noise is
+    data-independent, so drawing it ahead changes nothing; the server's NoisePool does the same)."""
+
+    def __init__(self, rng: np.random.Generator, dimension: int, block: int) -> None:
+        self._sampler = FastExactSampler(rng)
+        self._dimension, self._block = dimension, block
+        self._ready: dict[float, list[npt.NDArray[np.float64]]] = {}
+
+    def draw(self, sigma: float) -> npt.NDArray[np.float64]:
+        """The next unused noise vector at ``sigma`` (zeros when sigma = 0: no noise, as in ``release``)."""
+        if sigma == 0.0:
+            return np.zeros(self._dimension)
+        ready = self._ready.setdefault(sigma, [])
+        if not ready:
+            rows = self._sampler.sample_batch(sigma, self._dimension, self._block, DEFAULT_LATTICE_EXPONENT)
+            ready.extend(rows[::-1])  # popped from the end: sampling order
+        return ready.pop()
+
+
+def _releaser(noise: str, dimension: int, rng: np.random.Generator, block: int) -> _Release:
+    """The release step the audit runs: float (``mechanism.release``) or hardened (``release_hardened``)."""
+    if noise == "float":
+        return lambda p, u, selected: release(p, query=u, selected=selected, rng=rng)
+    pool = _LatticeNoise(rng, dimension, block)
+    return lambda p, u, selected: release_hardened(p, query=u, selected=selected, noise=pool.draw(p.sigma))[1]
 
 
 def _one_run(
@@ -157,6 +220,7 @@ def _one_run(
     u: npt.NDArray[np.float64],
     rng: np.random.Generator,
     batch: int,
+    noisy: _Release,
 ) -> float:
     """Statistic of one release (or one batch for ``shared_coins``): <release, u>."""
     noise_profile = Profile(k=profile.k, q=profile.q, sigma=profile.sigma / 2, lam=profile.lam) if variant == "sigma_halved" else profile
@@ -164,15 +228,15 @@ def _one_run(
         # Every query of the batch reuses the SAME coins: with the same (public) query the search
         # then selects the same rows, so it runs once and each query draws only its own noise.
         selected = search(corpus, ids, u, profile.k, profile.q, rng)
-        return float(sum(release(noise_profile, query=u, selected=selected, rng=rng) @ u for _ in range(batch)))
+        return float(sum(noisy(noise_profile, u, selected) @ u for _ in range(batch)))
     selected = search(corpus, ids, u, profile.k, profile.q, rng)
     if variant == "divide_by_found" and selected.shape[0] > 0:
         # The bug: the sum is divided by the number found (sensitivity up to 2), while the noise
-        # is still calibrated to 2/k. ``release`` of no rows gives the noise and the mixing alone.
+        # is still calibrated to 2/k. A release of no rows gives the noise and the mixing alone.
         empty = np.zeros((0, u.size))
         mean = np.asarray(selected, np.float64).sum(axis=0) / selected.shape[0]
-        return float((release(profile, query=u, selected=empty, rng=rng) + profile.lam * mean) @ u)
-    return float(release(noise_profile, query=u, selected=selected, rng=rng) @ u)
+        return float((noisy(profile, u, empty) + profile.lam * mean) @ u)
+    return float(noisy(noise_profile, u, selected) @ u)
 
 
 def audit_retrieval(
@@ -187,6 +251,7 @@ def audit_retrieval(
     batch: int = 4,
     rng: np.random.Generator,
     confidence: float = 0.95,
+    noise: str = "float",
 ) -> AuditResult:
     """Audit one profile/variant with the real search and release code.
 
@@ -199,24 +264,31 @@ def audit_retrieval(
         n_others: size of D (default k, so the canary always displaces someone when sampled).
         dimension: embedding dimension of the synthetic corpus.
         batch: batch size for ``shared_coins``.
-        rng: randomness for the runs (an audit is not a production release).
+        rng: randomness for the runs (an audit is not a production release): the subsampling
+            coins and the noise (for ``discrete``, the bits of the exact sampler).
         confidence: confidence level of the lower bound.
+        noise: one of :data:`NOISES`: ``float`` or ``discrete`` (the hardened lattice release,
+            claimed with the server's discrete curve at ``dimension``).
 
     Raises:
-        ValueError: unknown variant or lambda = 0.
+        ValueError: unknown variant or noise, lambda = 0, or (discrete) sigma below the exact
+            sampler's range (the sampler's message names sigma).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown audit variant {variant!r}; choose from {VARIANTS}")
+    if noise not in NOISES:
+        raise ValueError(f"unknown audit noise {noise!r}; choose from {NOISES}")
     if not profile.retrieves:
         raise ValueError("lambda = 0 releases no private data; nothing to audit")
     u, others = worst_case_corpus(n_others or profile.k, dimension)
     with_canary = np.vstack([u, others])  # rows sorted by record id; the canary has id 0
     ids_without = np.arange(1, others.shape[0] + 1, dtype=np.int64)
     ids_with = np.arange(0, others.shape[0] + 1, dtype=np.int64)
-    s0 = [_one_run(search, profile, variant, others, ids_without, u, rng, batch) for _ in range(trials)]
-    s1 = [_one_run(search, profile, variant, with_canary, ids_with, u, rng, batch) for _ in range(trials)]
+    noisy = _releaser(noise, dimension, rng, block=min(4096, max(1, trials * (batch if variant == "shared_coins" else 1))))
+    s0 = [_one_run(search, profile, variant, others, ids_without, u, rng, batch, noisy) for _ in range(trials)]
+    s1 = [_one_run(search, profile, variant, with_canary, ids_with, u, rng, batch, noisy) for _ in range(trials)]
     audited, _ = epsilon_lower_bound(s0, s1, delta, confidence)
-    claimed = claimed_epsilon(profile, variant, delta, batch)
+    claimed = claimed_epsilon(profile, variant, delta, batch, hardened_dimension=dimension if noise == "discrete" else None)
     return AuditResult(
         variant=variant,
         profile=profile.to_dict(),
@@ -225,4 +297,6 @@ def audit_retrieval(
         claimed_epsilon=claimed,
         audited_lower_bound=audited,
         ratio=audited / claimed if claimed > 0 else math.inf,
+        noise=noise,
+        dimension=dimension,
     )

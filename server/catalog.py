@@ -10,7 +10,7 @@ here, before the port opens:
 * the budget can charge every profile served on the domain, and its delta is < 1/N̄ for every
   index of the domain;
 * a single-profile budget's accountant (issue 17): ``pld`` by default where the mechanism has a
-  PLD dominating pair (float noise; :func:`dprdm.privacy.pld.pld_dominating_pair`), else ``rdp``;
+  PLD dominating pair (float or discrete noise; :func:`dprdm.privacy.pld.pld_dominating_pair`), else ``rdp``;
   an existing ledger budget keeps the accountant recorded at its creation; one line per domain
   names the rule (:attr:`Catalog.rules`, logged at DEBUG here: an INFO line before the port is
   bound would break the one-line start-up errors; the startup summary is the place to show it).
@@ -258,7 +258,7 @@ def _accountant(cfg: BudgetConfig, profile: Profile, dim: int | None, group: int
     """A single budget's accountant: the configured one (``pld`` refused, with the reason, for a
     mechanism without a PLD pair), else ``pld`` where the mechanism has a pair, else ``rdp``."""
     if cfg.accountant == "pld" and pld_dominating_pair(profile, dim, group_size=group) is None:
-        reason = pld_refusal(hardened_dimension=dim, group_size=group)
+        reason = pld_refusal(hardened_dimension=dim, group_size=group, profile=profile)
         raise ValueError(
             f"accountant = \"pld\" is refused for {mechanism_text(profile, dim, group)}: {reason}; "
             f"use accountant = \"rdp\""
@@ -273,7 +273,8 @@ def _rule_line(budget: Budget, explicit: bool) -> str:
     line = budget.describe_rule()
     if budget.profile is None or budget.accountant == "pld":
         return line
-    reason = pld_refusal(hardened_dimension=budget.hardened_dimension, group_size=budget.group_size)
+    reason = pld_refusal(hardened_dimension=budget.hardened_dimension, group_size=budget.group_size,
+                         profile=budget.profile)
     if reason is not None and budget.noise_recorded:
         return f"{line}; not PLD: {reason}"
     return f"{line}; {'as configured' if explicit else 'as recorded in the ledger'}"

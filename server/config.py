@@ -56,7 +56,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     epsilon = 10.0
     delta = 1e-7                     # default 1/(10 N̄) of the largest served index
     rule = "auto"                    # auto | single | filter
-    # accountant = "pld"             # single rule: pld | rdp (default: pld for float noise, else rdp)
+    # accountant = "pld"             # single rule: pld | rdp (default: pld; multi-profile: rdp)
     quotas = { alice = 2.0 }
 
 A budget here is created in the ledger if the domain has none; an existing ledger budget is
@@ -197,8 +197,8 @@ class BudgetConfig:
     """The Rényi filter's order; absent: the best order for the served mechanisms."""
     accountant: str | None = None
     """How a single-profile budget counts: ``pld`` (at most T_max queries by the privacy loss
-    distribution, tighter; float noise only) or ``rdp`` (min over Rényi orders). Absent: ``pld``
-    where the mechanism allows it, else ``rdp`` (discrete noise: PLD is not proven for the lattice);
+    distribution, tighter; float and discrete lattice noise) or ``rdp`` (min over Rényi orders).
+    Absent: ``pld`` where the mechanism has a pair (not: group size 2, sigma below one lattice step);
     an existing ledger budget keeps the accountant recorded when it was created. A Rényi filter is
     always ``rdp``."""
     quotas: tuple[tuple[str, float], ...] = ()

@@ -108,12 +108,16 @@ def test_delta_is_the_inverse_and_monotone() -> None:
 
 def test_one_function_decides_the_dominating_pair() -> None:
     assert pld_dominating_pair(SMALL, None) == GaussianPair(q=0.5, noise_multiplier=2.0)
-    assert pld_dominating_pair(SMALL, 16) is None  # discrete lattice noise: not proven
+    lattice = pld_dominating_pair(SMALL, 16)  # discrete lattice noise: item 4 (privacy.lattice_gdp)
+    assert lattice is not None and lattice.q == 0.5 and 0.0 < lattice.tail_tv < 1e-80
+    assert 2.0 * 0.999 < lattice.noise_multiplier < 2.0  # widened sensitivity and the GDP inflation
     assert pld_dominating_pair(SMALL, None, group_size=2) is None
-    with pytest.raises(ValueError, match="discrete lattice noise"):
-        require_pair(SMALL, 512)
-    with pytest.raises(ValueError, match="discrete lattice noise"):
-        epsilon_pld(profile=SMALL, queries=3, delta=1e-5, hardened_dimension=16)
+    tiny = Profile(k=5, q=0.5, sigma=2.0**-21, lam=0.5)  # half a lattice step
+    assert pld_dominating_pair(tiny, 16) is None and pld_dominating_pair(tiny, None) is not None
+    with pytest.raises(ValueError, match=r"needs sigma >= 9.54e-07 .*found sigma 4.76837158203125e-07"):
+        require_pair(tiny, 512)
+    with pytest.raises(ValueError, match="sigma >= "):
+        epsilon_pld(profile=tiny, queries=3, delta=1e-5, hardened_dimension=16)
     with pytest.raises(ValueError, match="group size 2"):
         max_queries_pld(epsilon=1.0, delta=1e-5, profile=SMALL, group_size=2)
     public = Profile(k=5, q=0.5, sigma=0.8, lam=0.0)
@@ -133,8 +137,10 @@ def test_one_function_decides_the_dominating_pair() -> None:
 def test_budget_accountant_validation() -> None:
     with pytest.raises(ValueError, match="accountant must be one of rdp, pld; found 'prv'"):
         Budget.single(4.0, 1e-5, SMALL, accountant="prv")
-    with pytest.raises(ValueError, match="refused for profile .* discrete noise at dimension 16.*not proven"):
-        Budget.single(4.0, 1e-5, SMALL, hardened_dimension=16, accountant="pld")
+    tiny = Profile(k=5, q=0.5, sigma=2.0**-21, lam=0.5)
+    with pytest.raises(ValueError, match="refused for profile .* discrete noise at dimension 16.*needs sigma >="):
+        Budget.single(4.0, 1e-5, tiny, hardened_dimension=16, accountant="pld")
+    assert Budget.single(4.0, 1e-5, SMALL, hardened_dimension=16, accountant="pld").pld.max_queries == 10
     with pytest.raises(ValueError, match="noise kind recorded"):
         Budget.single(4.0, 1e-5, SMALL, noise_recorded=False, accountant="pld")
     with pytest.raises(ValueError, match="needs a single-profile budget"):
@@ -240,8 +246,12 @@ def test_pld_calibration_meets_the_target_and_beats_rdp() -> None:
     q = calibrate_q(epsilon=eps, delta=delta, queries=t, sigma=0.2, k=10, accountant="pld", tol=1e-4)
     assert q >= calibrate_q(epsilon=eps, delta=delta, queries=t, sigma=0.2, k=10, tol=1e-4)
     assert oracle(Profile(k=10, q=q, sigma=0.2, lam=1.0), t, delta) <= eps
-    with pytest.raises(ValueError, match="refused for discrete noise"):
-        calibrate_sigma(epsilon=eps, delta=delta, queries=t, k=10, q=0.1, accountant="pld", hardened_dimension=16)
+    # discrete noise: between the float PLD value and the discrete RDP one, and it meets the target
+    hard = calibrate_sigma(epsilon=eps, delta=delta, queries=t, k=10, q=0.1, accountant="pld", hardened_dimension=16)
+    hard_rdp = calibrate_sigma(epsilon=eps, delta=delta, queries=t, k=10, q=0.1, hardened_dimension=16)
+    assert sigma < hard < hard_rdp
+    assert epsilon_pld(profile=Profile(k=10, q=0.1, sigma=hard, lam=1.0), queries=t, delta=delta,
+                       hardened_dimension=16) <= eps
 
 
 # -- empirical audit ------------------------------------------------------------------------------
@@ -270,7 +280,7 @@ def test_t_max_search_certifies_on_the_fine_grid_whatever_the_coarse_bracket_say
     search = pld_mod._max_queries.__wrapped__  # uncached
 
     def fake(fine_rate: float, coarse_rate: float):
-        return lambda q, z, t, delta, grid: (fine_rate if grid == DISCRETISATION else coarse_rate) * t
+        return lambda q, z, t, delta, grid, tail=0.0: (fine_rate if grid == DISCRETISATION else coarse_rate) * t
 
     for fine_rate, coarse_rate, expected in ((0.1, 0.05, 10), (0.1, 0.3, 10), (0.1, 0.1, 10), (0.0013, 0.002, 769)):
         monkeypatch.setattr(pld_mod, "_epsilon", fake(fine_rate, coarse_rate))

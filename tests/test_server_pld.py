@@ -29,21 +29,27 @@ def _float_index(profiles: dict, path: str = PATH) -> dict:
     return {"path": path, "bundle": "hash-16", "noise": "float", "allow_float_noise": True, "profiles": profiles}
 
 
+def _discrete_index(profiles: dict, path: str = PATH) -> dict:
+    return {"path": path, "bundle": "hash-16", "profiles": profiles}  # the default noise: discrete
+
+
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     assert cli_main(["privacy", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_live_server_admits_exactly_the_cli_t_max(tmp_path, capsys, monkeypatch) -> None:
-    """A PLD budget (the default for float noise) on a float-noise index: the server admits exactly
-    what ``dprdm privacy max-queries`` reports (more than RDP), then PRIVACY_BUDGET_EXHAUSTED; a
-    restart on the same ledger uses the stored plan and still refuses."""
-    args = ["--sigma", "0.8", "--q", "0.5", "--k", "5", "--delta", repr(DELTA), "--epsilon", repr(EPS), "--noise", "float"]
+@pytest.mark.parametrize("noise", ["float", "discrete"])
+def test_live_server_admits_exactly_the_cli_t_max(tmp_path, capsys, monkeypatch, noise: str) -> None:
+    """A PLD budget (the default for one mechanism, float or discrete noise) on a live server admits
+    exactly what ``dprdm privacy max-queries`` reports (more than RDP), then
+    PRIVACY_BUDGET_EXHAUSTED; a restart on the same ledger uses the stored plan and still refuses."""
+    mech = ["--noise", "float"] if noise == "float" else ["--noise", "discrete", "--dimension", "16"]
+    args = ["--sigma", "0.8", "--q", "0.5", "--k", "5", "--delta", repr(DELTA), "--epsilon", repr(EPS), *mech]
     report = _cli(capsys, "max-queries", *args)
     t_max = report["max_queries"]
     assert report["accountant"] == "pld" and 20 <= t_max <= 50 and report["max_queries_rdp"] < t_max
-    cfg = make_config(indexes={"faces": _float_index({"default": LIVE})},
-                      budgets={"corpus-p": {"epsilon": EPS, "delta": DELTA}})
+    index = _float_index({"default": LIVE}) if noise == "float" else _discrete_index({"default": LIVE})
+    cfg = make_config(indexes={"faces": index}, budgets={"corpus-p": {"epsilon": EPS, "delta": DELTA}})
     path = tmp_path / "ledger.sqlite3"
     with ServerThread(cfg, ledger=SqliteLedger(path)) as srv, Client(srv.address, TENANT_TOKEN) as c:
         spent = [c.retrieve("faces", f"prompt {i}", profile="default").receipt.epsilon_spent for i in range(t_max)]
@@ -52,7 +58,7 @@ def test_live_server_admits_exactly_the_cli_t_max(tmp_path, capsys, monkeypatch)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.reason == "PRIVACY_BUDGET_EXHAUSTED"
         info = c.budget("faces")
     assert spent == sorted(spent) and spent[-1] <= EPS and info.epsilon_spent == spent[-1]
-    first = _cli(capsys, "epsilon", *args[:-4], "--queries", "1", "--noise", "float")
+    first = _cli(capsys, "epsilon", *[a for a in args if a not in ("--epsilon", repr(EPS))], "--queries", "1")
     assert first["accountant"] == "pld" and spent[0] >= first["epsilon"]
     monkeypatch.setattr(pld_mod, "_plan", lambda *a: pytest.fail("the ledger's stored plan must be used"))
     monkeypatch.setattr(pld_mod, "_max_queries", lambda *a: pytest.fail("the ledger's stored plan must be used"))
@@ -62,6 +68,30 @@ def test_live_server_admits_exactly_the_cli_t_max(tmp_path, capsys, monkeypatch)
         assert err.value.reason == "PRIVACY_BUDGET_EXHAUSTED"
 
 
+def test_reference_profile_with_default_discrete_noise_admits_at_least_1400(tmp_path, capsys) -> None:
+    """Issue 17's done-criterion: SPEC §4's reference profile (sigma 0.05, q 0.01, k 23, delta 2e-5,
+    epsilon 9.44) on a private index with its DEFAULT noise (exact discrete Gaussian on the lattice, d
+    512) and the default accountant: the live server admits exactly the CLI's T_max (>= 1,400; RDP:
+    988), never more than the float-Gaussian PLD bound (1,455), then refuses."""
+    ref = {"k": 23, "q": 0.01, "sigma": 0.05, "lambda": 1.0}
+    args = ["--sigma", "0.05", "--q", "0.01", "--k", "23", "--delta", "2e-05", "--epsilon", "9.44"]
+    report = _cli(capsys, "max-queries", *args)  # the CLI's default: discrete noise at d 512, PLD
+    float_report = _cli(capsys, "max-queries", *args, "--noise", "float")
+    assert report["noise"] == "discrete" and report["dimension"] == 512 and report["accountant"] == "pld"
+    t_max = report["max_queries"]
+    assert 1400 <= t_max <= float_report["max_queries"] == 1455 and report["max_queries_rdp"] == 988
+    index = {"path": "fake:domain=corpus-p,n=300,dim=512,public=40000", "bundle": "hash-512", "profiles": {"ref": ref}}
+    cfg = make_config(indexes={"faces": index}, budgets={"corpus-p": {"epsilon": 9.44, "delta": 2e-5}})
+    with ServerThread(cfg, ledger=SqliteLedger(tmp_path / "ledger.sqlite3")) as srv, Client(srv.address, TENANT_TOKEN) as c:
+        last = None
+        for i in range(t_max):
+            last = c.retrieve("faces", f"prompt {i}", profile="ref").receipt
+        with pytest.raises(DprdmError) as err:
+            c.retrieve("faces", "one more", profile="ref")
+        assert err.value.reason == "PRIVACY_BUDGET_EXHAUSTED"
+    assert last is not None and last.epsilon_spent <= 9.44
+
+
 # -- configuration -----------------------------------------------------------------------------------
 
 
@@ -69,7 +99,7 @@ def _catalog(indexes: dict, budgets: dict, ledger=None):
     return build_catalog(make_config(indexes=indexes, budgets=budgets), ledger or MemoryLedger(), fake_loaders())
 
 
-def test_defaults_pld_for_float_rdp_for_discrete_with_one_rule_line(caplog) -> None:
+def test_defaults_pld_for_one_mechanism_with_one_rule_line(caplog) -> None:
     """The catalog states each domain's rule in one line (``Catalog.rules``, for the startup
     summary; logged at DEBUG: nothing at INFO before the port is bound)."""
     with caplog.at_level(logging.INFO, logger="dprdm.server"):
@@ -81,13 +111,18 @@ def test_defaults_pld_for_float_rdp_for_discrete_with_one_rule_line(caplog) -> N
     assert line.startswith(f"single profile, PLD: at most {budget.pld.max_queries} queries of profile") and "\n" not in line
     served = floaty.indexes["faces"].profiles["default"]
     assert served.epsilon_per_query == budget.pld.epsilon_after(1)  # the table at T = 1, not RDP
-    discrete = {"faces": {"path": PATH, "bundle": "hash-16", "profiles": {"default": LIVE}}}
     with caplog.at_level(logging.DEBUG, logger="dprdm.server"):
-        cat = _catalog(discrete, {"corpus-p": {"epsilon": EPS, "delta": DELTA}})
-    assert cat.budgets["corpus-p"].accountant == "rdp"
+        cat = _catalog({"faces": _discrete_index({"default": LIVE})}, {"corpus-p": {"epsilon": EPS, "delta": DELTA}})
+    discrete = cat.budgets["corpus-p"]
+    assert discrete.accountant == "pld" and discrete.hardened_dimension == 16
+    assert 20 <= discrete.pld.max_queries <= budget.pld.max_queries  # the lattice costs a little
     line = cat.rules["corpus-p"]
-    assert "RDP" in line and "not PLD: PLD is not proven for discrete lattice noise" in line
+    assert line.startswith(f"single profile, PLD: at most {discrete.pld.max_queries} queries of profile") and "\n" not in line
     assert [r.getMessage() for r in caplog.records if "corpus-p" in r.getMessage()] == [f"privacy domain 'corpus-p': {line}"]
+    tiny = dict(LIVE, sigma=2.0**-21)  # below one lattice step: no pair, RDP with the reason
+    cat = _catalog({"faces": _discrete_index({"default": tiny})}, {"corpus-p": {"epsilon": EPS, "delta": DELTA}})
+    assert cat.budgets["corpus-p"].accountant == "rdp"
+    assert "RDP" in cat.rules["corpus-p"] and "not PLD: PLD for discrete lattice noise needs sigma >=" in cat.rules["corpus-p"]
 
 
 @pytest.mark.parametrize(
@@ -105,11 +140,12 @@ def test_config_errors_name_the_key(budget: dict, key: str, message: str) -> Non
     assert text.startswith(key) and message in text and "\n" not in text
 
 
-def test_pld_refused_on_discrete_noise_and_on_several_mechanisms() -> None:
-    discrete = {"faces": {"path": PATH, "bundle": "hash-16", "profiles": {"default": LIVE}}}
+def test_pld_refused_below_one_lattice_step_and_on_several_mechanisms() -> None:
+    tiny = {"faces": _discrete_index({"default": dict(LIVE, sigma=2.0**-21)})}
     with pytest.raises(StartupError, match=r"^budgets.corpus-p: accountant = \"pld\" is refused for .*discrete noise "
-                                           r"at dimension 16: PLD is not proven .* use accountant = \"rdp\"$"):
-        _catalog(discrete, {"corpus-p": {"epsilon": EPS, "accountant": "pld"}})
+                                           r"at dimension 16: PLD for discrete lattice noise needs sigma >= .* use "
+                                           r"accountant = \"rdp\"$"):
+        _catalog(tiny, {"corpus-p": {"epsilon": EPS, "accountant": "pld"}})
     two = {"faces": _float_index({"a": LIVE, "b": OTHER})}
     with pytest.raises(StartupError, match=r"^budgets.corpus-p: accountant = \"pld\" needs a single-profile budget; "
                                            r"the domain serves 2 mechanisms .* use accountant = \"rdp\"$"):
