@@ -14,7 +14,7 @@ from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import SqliteLedger
 from dprdm.privacy import Profile, epsilon_for
 from dprdm.privacy.calibration import max_queries
-from dprdm.privacy.pld import epsilon_pld
+from dprdm.privacy.pld import epsilon_pld, max_queries_pld
 from dprdm.server.testing import TENANT_TOKEN, ServerThread, make_config
 
 
@@ -54,23 +54,40 @@ def test_pld_is_the_float_default_and_calibrates_below_rdp(capsys: pytest.Captur
     assert eps_doc["accountant"] == "pld" and eps_doc["order"] is None and eps_doc["epsilon"] <= 9.44
 
 
-def test_pld_on_discrete_noise_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    for cmd in (["max-queries", "--epsilon", "1", "--sigma", "0.2"], ["calibrate", "--epsilon", "1", "--queries", "5"],
-                ["epsilon", "--sigma", "0.2", "--queries", "5"]):
+def test_pld_below_one_lattice_step_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Discrete noise has a PLD pair (privacy.lattice_gdp) only for sigma >= one lattice step (2^-20)."""
+    tiny = repr(2.0**-21)
+    for cmd in (["max-queries", "--epsilon", "1", "--sigma", tiny], ["epsilon", "--sigma", tiny, "--queries", "5"]):
         assert cli_main(["privacy", *cmd, "--q", "0.01", "--k", "18", "--delta", "1e-7", "--accountant", "pld"]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "--accountant pld: PLD is not proven for discrete lattice noise" in err
+        assert len(err.splitlines()) == 1 and "--accountant pld: PLD for discrete lattice noise needs sigma >=" in err
+        assert f"found sigma {tiny}" in err
+    doc = json.loads(_run(capsys, "max-queries", "--epsilon", "1", "--sigma", tiny, "--q", "0.01", "--k", "18",
+                          "--delta", "1e-7", "--json"))
+    assert doc["accountant"] == "rdp"  # the default falls back to RDP, as the server does
+
+
+def test_discrete_pld_calibrates_between_float_pld_and_discrete_rdp(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["calibrate", "--epsilon", "9.44", "--delta", "2e-5", "--queries", "1000", "--k", "23", "--q", "0.01"]
+    hard = json.loads(_run(capsys, *common, "--json"))
+    fl = json.loads(_run(capsys, *common, "--noise", "float", "--json"))
+    assert hard["accountant"] == "pld" and hard["noise"] == "discrete" and hard["dimension"] == 512
+    assert fl["sigma"] < hard["sigma"] < hard["sigma_rdp"]
+    assert epsilon_pld(profile=Profile(k=23, q=0.01, sigma=hard["sigma"], lam=1.0), queries=1000, delta=2e-5,
+                       hardened_dimension=512) <= 9.44
 
 
 def test_printed_epsilon_rounds_up_and_queries_down(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--sigma", "0.2", "--q", "0.01", "--k", "18", "--delta", "1e-7"]
     text = _run(capsys, "epsilon", *args, "--queries", "1000")
     full = json.loads(_run(capsys, "epsilon", *args, "--queries", "1000", "--json"))
-    assert full["noise"] == "discrete" and full["dimension"] == 512
+    assert full["noise"] == "discrete" and full["dimension"] == 512 and full["accountant"] == "pld"
     printed = float(text.split("=")[1].split()[0])
     assert printed >= full["epsilon"] and printed == pytest.approx(full["epsilon"], rel=1e-5)
-    assert full["epsilon"] == epsilon_for(Profile(k=18, q=0.01, sigma=0.2, lam=1.0), queries=1000, delta=1e-7,
-                                          hardened_dimension=512)
+    p = Profile(k=18, q=0.01, sigma=0.2, lam=1.0)
+    assert full["epsilon"] == epsilon_pld(profile=p, queries=1000, delta=1e-7, hardened_dimension=512)
+    rdp = json.loads(_run(capsys, "epsilon", *args, "--queries", "1000", "--json", "--accountant", "rdp"))
+    assert rdp["epsilon"] == epsilon_for(p, queries=1000, delta=1e-7, hardened_dimension=512) > full["epsilon"]
     fl = json.loads(_run(capsys, "epsilon", *args, "--queries", "1000", "--json", "--noise", "float"))
     assert fl["noise"] == "float" and fl["dimension"] is None and fl["epsilon"] < full["epsilon"]
 
@@ -81,10 +98,13 @@ def test_max_queries_is_the_discrete_curve_by_default(capsys: pytest.CaptureFixt
     assert _run(capsys, "max-queries", *args, "--noise", "float", "--accountant", "rdp") == "max queries = 999 (float noise, RDP)"
     assert _run(capsys, "max-queries", *args, "--noise", "float") == "max queries = 1455 (float noise, PLD)"
     p = Profile(k=23, q=0.01, sigma=0.05, lam=1.0)
-    expected = max_queries(epsilon=9.44, delta=2e-5, profile=p, hardened_dimension=512)
-    assert _run(capsys, "max-queries", *args) == f"max queries = {expected} (discrete noise, RDP)"
+    expected = max_queries_pld(epsilon=9.44, delta=2e-5, profile=p, hardened_dimension=512)
+    assert expected is not None and 1400 <= expected <= 1455
+    assert _run(capsys, "max-queries", *args) == f"max queries = {expected} (discrete noise, PLD)"
     doc = json.loads(_run(capsys, "max-queries", *args, "--json"))
-    assert doc["max_queries"] == expected and doc["accountant"] == "rdp"
+    assert doc["max_queries"] == expected and doc["accountant"] == "pld"
+    assert doc["max_queries_rdp"] == max_queries(epsilon=9.44, delta=2e-5, profile=p, hardened_dimension=512) == 988
+    assert _run(capsys, "max-queries", *args, "--accountant", "rdp") == "max queries = 988 (discrete noise, RDP)"
 
 
 def test_server_admits_exactly_what_max_queries_reports(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
