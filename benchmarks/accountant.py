@@ -17,7 +17,8 @@ the row then reports the projection (linear in H, from the largest H measured) a
 Second table (issue 17): queries a single-profile budget admits by RDP vs by PLD
 (``dprdm.privacy.pld``) at SPEC §4's reference profiles and the DP-RDM paper's settings, with the
 time to compute each T_max (cold caches) and the PLD budget's receipts table. Discrete-noise rows
-have no PLD number (not proven for the lattice: ``pld_dominating_pair`` returns None).
+use the lattice pair of ``privacy.pld`` item 4 (``privacy.lattice_gdp``); the column "PLD z / (sigma
+k/2)" is its multiplier relative to the float one (what the lattice costs).
 
 Usage: ``python benchmarks/accountant.py [--out benchmarks/results] [--repeats 5] [--part admission|pld|all]``
 """
@@ -151,12 +152,18 @@ def run(repeats: int, max_seconds: float) -> dict[str, object]:
 PLD_SETTINGS: list[tuple[str, Profile, float, float, int | None, str]] = [
     ("SPEC §4 ref. 2", Profile(k=23, q=0.01, sigma=0.05, lam=1.0), 2e-5, 9.44, None, "RDP epsilon of 1000 queries"),
     ("SPEC §4 ref. 2, discrete d=512", Profile(k=23, q=0.01, sigma=0.05, lam=1.0), 2e-5, 9.44, 512, "private-index default"),
+    ("SPEC §4 ref. 2, discrete d=1280", Profile(k=23, q=0.01, sigma=0.05, lam=1.0), 2e-5, 9.44, 1280,
+     "private-index default, ViT-bigG width"),
     ("SPEC §4 ref. 1 / DP-RDM notebook", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 1.00, None,
      "privacy_analysis.ipynb: 1000 queries, N = 1e7"),
+    ("SPEC §4 ref. 1, discrete d=768", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 1.00, 768,
+     "private-index default, ViT-L width"),
     ("SPEC §4 ref. 3 (q = 1)", Profile(k=20, q=1.0, sigma=0.05, lam=1.0), 1 / 82800, 10.65, None,
      "one query (10.64 rounded up)"),
     ("DP-RDM paper budget", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 10.0, None,
      "epsilon 10 (MS-COCO headline) with the notebook's profile"),
+    ("DP-RDM paper budget, discrete d=768", Profile(k=18, q=0.01, sigma=0.2, lam=1.0), 1e-7, 10.0, 768,
+     "private-index default"),
     ("Opacus test", Profile(k=2, q=0.04, sigma=1.5, lam=1.0), 1e-5, 7.3291, None, "multiplier 1.5, 2250 steps"),
 ]
 
@@ -175,18 +182,20 @@ def run_pld() -> dict[str, object]:
         row: dict[str, object] = {"setting": name, "source": source, "profile": profile.to_dict(), "delta": delta,
                                   "epsilon": eps, "noise": "float" if dim is None else f"discrete d={dim}",
                                   "rdp_max_queries": rdp, "rdp_seconds": time.perf_counter() - t0}
-        if pld_mod.pld_dominating_pair(profile, dim) is None:
+        pair = pld_mod.pld_dominating_pair(profile, dim)
+        if pair is None:
             row.update(pld_max_queries=None, pld_seconds=None, plan_seconds=None, gain=None,
-                       pld_note=pld_mod.pld_refusal(hardened_dimension=dim))
+                       pld_note=pld_mod.pld_refusal(hardened_dimension=dim, profile=profile))
         else:
             _cold_pld_caches()
             t0 = time.perf_counter()
-            pld = pld_mod.max_queries_pld(epsilon=eps, delta=delta, profile=profile)
+            pld = pld_mod.max_queries_pld(epsilon=eps, delta=delta, profile=profile, hardened_dimension=dim)
             t1 = time.perf_counter()
-            plan = pld_mod.pld_plan(epsilon=eps, delta=delta, profile=profile)
+            plan = pld_mod.pld_plan(epsilon=eps, delta=delta, profile=profile, hardened_dimension=dim)
             t2 = time.perf_counter()
             row.update(pld_max_queries=pld, pld_seconds=t1 - t0, plan_seconds=t2 - t1, table_points=len(plan.table),
-                       gain=(pld / rdp - 1.0) if rdp else None)
+                       gain=(pld / rdp - 1.0) if rdp else None, pld_multiplier=pair.noise_multiplier,
+                       multiplier_ratio=pair.noise_multiplier / profile.noise_multiplier)
         rows.append(row)
         print(f"  {name}: RDP {row['rdp_max_queries']}, PLD {row['pld_max_queries']}", flush=True)
     return {"benchmark": "accountant-pld", "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -197,17 +206,18 @@ def run_pld() -> dict[str, object]:
 def pld_table(result: dict[str, object]) -> str:
     """Markdown table of :func:`run_pld`."""
     lines = [
-        "| setting | k | q | sigma | delta | epsilon | noise | RDP queries | PLD queries | gain | RDP s | PLD T_max s | + table s |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | k | q | sigma | delta | epsilon | noise | PLD z / (sigma k/2) | RDP queries | PLD queries | gain | RDP s | PLD T_max s | + table s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:  # type: ignore[attr-defined]
         p = r["profile"]
-        pld = "n/a (not proven)" if r["pld_max_queries"] is None else f"{r['pld_max_queries']:,}"
+        pld = "n/a" if r["pld_max_queries"] is None else f"{r['pld_max_queries']:,}"
+        ratio = "" if r.get("multiplier_ratio") is None else f"{r['multiplier_ratio']:.6f}"
         gain = "" if r["gain"] is None else f"{100 * r['gain']:+.0f} %"
         secs = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(
             f"| {r['setting']} | {p['k']} | {p['q']:g} | {p['sigma']:g} | {r['delta']:.3g} | {r['epsilon']:g} | "
-            f"{r['noise']} | {r['rdp_max_queries']:,} | {pld} | {gain} | {r['rdp_seconds']:.2f} | "
+            f"{r['noise']} | {ratio} | {r['rdp_max_queries']:,} | {pld} | {gain} | {r['rdp_seconds']:.2f} | "
             f"{secs(r['pld_seconds'])} | {secs(r['plan_seconds'])} |"
         )
     return "\n".join(lines)
