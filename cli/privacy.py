@@ -4,9 +4,9 @@ empirical privacy audit (a lower bound on epsilon from real runs of the producti
 Every number is the one the server charges: ``--noise discrete`` (the default, as private indexes are
 served: exact discrete Gaussian on the lattice, curve ``discrete.hardened_rdp`` at ``--dimension``,
 default 512) or ``--noise float``, and ``--accountant`` (issue 17): ``pld`` (privacy loss
-distribution, ``dprdm.privacy.pld``; float noise only) or ``rdp``; the default is what the server
-uses for a single-profile budget of that mechanism: ``pld`` for float noise, ``rdp`` for discrete
-(PLD is not proven for the lattice). ``--json`` names the accountant; under PLD, calibrate and
+distribution, ``dprdm.privacy.pld``; float or discrete noise) or ``rdp``; the default is what the
+server uses for a single-profile budget of that mechanism: ``pld`` (``rdp`` only where there is no
+pair: sigma below one lattice step). ``--json`` names the accountant; under PLD, calibrate and
 max-queries also give the RDP value (``<name>_rdp``) for comparison. Printed numbers are rounded in
 the safe direction (SPEC §4): sigma and epsilon UP, q and queries DOWN, to 6 significant digits;
 ``--json`` keeps full precision.
@@ -16,8 +16,9 @@ Examples::
     dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7 [--json]
     dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18   # -> sigma
     dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
+    dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23  # discrete, PLD: 1448
     dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23 --noise float  # PLD: 1455
-    dprdm privacy audit --k 1 --q 1 --sigma 3                   # empirical lower bound on epsilon
+    dprdm privacy audit --k 1 --q 1 --sigma 3                   # lower bound on epsilon (discrete release; --noise float)
 """
 
 from __future__ import annotations
@@ -187,18 +188,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     try:
         profile = Profile(k=args.k, q=args.q, sigma=args.sigma, lam=1.0)
         rng = np.random.default_rng(args.seed)
+        hard = _hardened(args)  # the audited release's noise; the claims are for that mechanism
         for variant in args.variants:
             res = audit_retrieval(
-                search_array, profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng
+                search_array, profile, variant=variant, trials=args.trials, delta=args.delta, rng=rng,
+                noise=args.noise, dimension=args.dimension,
             )
             doc = res.to_dict()
             pld = ""
-            if variant == "correct":  # the audit releases float noise: the PLD claim of one release applies
-                doc["claimed_epsilon_pld"] = epsilon_pld(profile=profile, queries=1, delta=args.delta)
+            if variant == "correct" and pld_refusal(hardened_dimension=hard, profile=profile) is None:
+                # the PLD claim of one release of the audited mechanism (float, or the lattice at d)
+                doc["claimed_epsilon_pld"] = epsilon_pld(profile=profile, queries=1, delta=args.delta,
+                                                         hardened_dimension=hard)
                 pld = f" (PLD {doc['claimed_epsilon_pld']:.3f})"
             results.append(doc)
             print(f"{variant:>22}: claimed {res.claimed_epsilon:.3f}{pld}, audited >= {res.audited_lower_bound:.3f} "
-                  f"({res.trials} trials per dataset, ratio {res.ratio:.2f})")
+                  f"({res.trials} trials per dataset, ratio {res.ratio:.2f}, {args.noise} noise, d = {args.dimension})")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -262,5 +267,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trials", type=positive_int("--trials"), default=20000, help="runs per dataset (>= 20)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seed", type=int, default=0, help="seed of the audit's own runs (not a production release)")
+    p.add_argument("--noise", choices=("discrete", "float"), default="discrete",
+                   help="the audited release: discrete (default; the hardened lattice release private indexes "
+                        "serve, claimed with the discrete curves) or float")
+    p.add_argument("--dimension", type=positive_int("--dimension"), default=8,
+                   help="dimension of the synthetic worst-case corpus (default 8; the statistic is the release "
+                        "projected on the canary, so d only changes the lattice widening and the cost)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_audit)

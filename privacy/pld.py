@@ -298,7 +298,10 @@ def _epsilon(q: float, z: float, queries: int, delta: float, discretisation: flo
     if z == 0.0:
         return math.inf
     target = delta * (1.0 - TAIL_SHARE) if tail_tv else delta
-    eps = float(_composed(q, z, queries, discretisation).get_epsilon_for_delta(target))
+    try:
+        eps = float(_composed(q, z, queries, discretisation).get_epsilon_for_delta(target))
+    except MemoryError:  # a tiny multiplier: the loss grid would not fit in memory; +inf refuses safely
+        return math.inf
     if tail_tv and _log_tail_term(eps, queries, tail_tv) > math.log(delta * TAIL_SHARE):
         return math.inf  # the cut's term does not fit in the reserve (never for eps <= 100, delta >= 1e-30)
     return eps
@@ -310,7 +313,10 @@ def _delta(q: float, z: float, queries: int, epsilon: float, discretisation: flo
         return 0.0
     if z == 0.0:
         return 1.0
-    value = float(_composed(q, z, queries, discretisation).get_delta_for_epsilon(epsilon))
+    try:
+        value = float(_composed(q, z, queries, discretisation).get_delta_for_epsilon(epsilon))
+    except MemoryError:  # as in _epsilon: the conservative answer
+        return 1.0
     term = _log_tail_term(epsilon, queries, tail_tv)
     if term > -math.inf:
         value += math.exp(min(term, 0.0))

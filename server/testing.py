@@ -9,6 +9,8 @@ Used by the server and client tests and by the load benchmark; not for productio
   the encoder is :class:`dprdm.models.fake.FakeEncoder` of that dimension, whose identity the
   fake indexes also carry (an index built with ``FakeEncoder(dim).identity`` serves with them).
 * :class:`ServerThread` runs a real server (port 0) on its own event loop thread.
+* :func:`epsilon_admitting` / :func:`quota_admitting`: the budget or tenant-quota epsilon that admits
+  exactly M queries of one mechanism under the server's default accountant.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from PIL import Image
 
 from dprdm.models.base import EncoderIdentity, ProgressCallback
 from dprdm.models.fake import FakeEncoder
+from dprdm.privacy import Budget, Profile, epsilon_for
+from dprdm.privacy.pld import epsilon_pld, pld_dominating_pair
 
 from .catalog import Bundle, Loaders
 from .config import ServerConfig
@@ -35,6 +39,8 @@ __all__ = [
     "fake_loaders",
     "ServerThread",
     "make_config",
+    "epsilon_admitting",
+    "quota_admitting",
     "TENANT_TOKEN",
     "OTHER_TOKEN",
     "ADMIN_TOKEN",
@@ -47,6 +53,38 @@ DEFAULT_PROFILES = {
     "default": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.5},
     "public": {"k": 5, "q": 0.5, "sigma": 0.5, "lambda": 0.0},
 }
+
+
+def epsilon_admitting(profile: Profile, queries: int, delta: float, hardened_dimension: int | None) -> float:
+    """A single-profile budget epsilon admitting exactly ``queries`` queries of ``profile`` under
+    the server's default accountant (PLD where the mechanism has a pair, else RDP): halfway between
+    the epsilons of ``queries`` and ``queries + 1`` (the ones admission certifies against)."""
+    if pld_dominating_pair(profile, hardened_dimension) is not None:
+        def eps(t: int) -> float:
+            return epsilon_pld(profile=profile, queries=t, delta=delta, hardened_dimension=hardened_dimension)
+    else:
+        def eps(t: int) -> float:
+            return epsilon_for(profile, queries=t, delta=delta, hardened_dimension=hardened_dimension)
+    lo, hi = eps(queries), eps(queries + 1)
+    if not hi > lo:
+        raise ValueError(f"epsilon does not grow between {queries} and {queries + 1} queries")
+    return 0.5 * (lo + hi)
+
+
+def quota_admitting(budget: Budget, queries: int) -> float:
+    """A tenant quota admitting exactly ``queries`` of ``budget``'s mechanism: quotas compare the
+    budget's reported spent epsilon (a PLD budget's receipts table, else the RDP epsilon)."""
+    if budget.profile is None:
+        raise ValueError("quota_admitting needs a single-profile budget")
+    if budget.accountant == "pld":
+        lo, hi = budget.pld.epsilon_after(queries), budget.pld.epsilon_after(queries + 1)
+    else:
+        lo = epsilon_for(budget.profile, queries=queries, delta=budget.delta, hardened_dimension=budget.hardened_dimension)
+        hi = epsilon_for(budget.profile, queries=queries + 1, delta=budget.delta,
+                         hardened_dimension=budget.hardened_dimension)
+    if not hi > lo:
+        raise ValueError(f"the reported epsilon does not grow between {queries} and {queries + 1} queries")
+    return 0.5 * (lo + hi)
 
 
 def make_config(

@@ -339,6 +339,10 @@ def test_cli_epsilon_json(capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main(["privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18", "--queries", "1000",
                    "--delta", "1e-7", "--json"])
     out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and round(out["epsilon"], 2) == 0.93 and out["order"] is None and out["accountant"] == "pld"
+    rc = cli_main(["privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18", "--queries", "1000",
+                   "--delta", "1e-7", "--json", "--accountant", "rdp"])
+    out = json.loads(capsys.readouterr().out)
     assert rc == 0 and round(out["epsilon"], 2) == 1.0 and out["order"] == 25.0
 
 

@@ -289,3 +289,13 @@ def test_t_max_search_certifies_on_the_fine_grid_whatever_the_coarse_bracket_say
     assert search(0.5, 1.0, 1.0, 1e-5) == pld_mod.MAX_PLD_QUERIES
     monkeypatch.setattr(pld_mod, "_epsilon", fake(2.0, 0.5))
     assert search(0.5, 1.0, 1.0, 1e-5) == 0
+
+
+def test_a_multiplier_too_small_for_memory_is_infinite_not_a_crash() -> None:
+    """dp-accounting's loss grid for a tiny multiplier would need ~150 GiB (MemoryError): the answer
+    is the conservative one (epsilon +inf, delta 1), so admission and calibration refuse it."""
+    tiny = Profile(k=10, q=0.5, sigma=1e-4, lam=1.0)
+    assert epsilon_pld(profile=tiny, queries=100, delta=1e-6) == math.inf
+    assert delta_pld(profile=tiny, queries=100, epsilon=1.0) == 1.0
+    assert epsilon_pld(profile=Profile(k=10, q=0.5, sigma=4e-6, lam=1.0), queries=100, delta=1e-6,
+                       hardened_dimension=16) == math.inf

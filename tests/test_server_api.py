@@ -12,6 +12,7 @@ from PIL import Image
 from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import SqliteLedger
 from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_from_rdp, retrieval_rdp
+from dprdm.privacy.pld import epsilon_pld
 from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
@@ -44,12 +45,16 @@ def test_list_indexes_shows_public_facts_only(alice):
     assert info.encoder.name == "fake" and info.private and info.generation
     assert {p.name for p in info.profiles} == {"default", "public"}
     prof = next(p for p in info.profiles if p.name == "default")
-    expected = epsilon_from_rdp(
+    # one mechanism (discrete noise): a PLD budget; one query costs its receipts table at T = 1, an upper
+    # bound (rounded up) of the fine-grid PLD epsilon, below the RDP one
+    rdp = epsilon_from_rdp(
         retrieval_rdp(PROFILE, orders=DEFAULT_ORDERS, hardened_dimension=HARDENED_DIM),
         DEFAULT_ORDERS,
         info.budget.delta,
     ).epsilon
-    assert prof.epsilon_per_query == pytest.approx(expected)
+    pld = epsilon_pld(profile=PROFILE, queries=1, delta=info.budget.delta, hardened_dimension=HARDENED_DIM)
+    assert pld <= prof.epsilon_per_query < rdp
+    assert prof.epsilon_per_query == pytest.approx(pld, rel=1e-3)
     assert info.budget.delta == pytest.approx(1 / (10 * 400))
     assert "200" not in str(info)  # the exact count N never reaches a tenant
 

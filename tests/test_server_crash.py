@@ -29,8 +29,8 @@ import pytest
 
 from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import SqliteLedger
-from dprdm.privacy import Profile, epsilon_for
-from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN
+from dprdm.privacy import Profile
+from dprdm.server.testing import ADMIN_TOKEN, TENANT_TOKEN, epsilon_admitting
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
 
@@ -40,10 +40,7 @@ CLIENTS = 8
 
 
 def _toml(tmp_path, max_queries: int) -> str:
-    eps = 0.5 * (
-        epsilon_for(PROFILE, queries=max_queries, delta=DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, queries=max_queries + 1, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    )
+    eps = epsilon_admitting(PROFILE, max_queries, DELTA, HARDENED_DIM)
     return f"""
 [server]
 listen = "127.0.0.1:0"

@@ -14,8 +14,15 @@ import pytest
 
 from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import SqliteLedger
-from dprdm.privacy import DEFAULT_ORDERS, Profile, epsilon_for, filter_capacity, retrieval_rdp
-from dprdm.server.testing import ADMIN_TOKEN, OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
+from dprdm.privacy import DEFAULT_ORDERS, Profile, filter_capacity, retrieval_rdp
+from dprdm.server.testing import (
+    ADMIN_TOKEN,
+    OTHER_TOKEN,
+    TENANT_TOKEN,
+    ServerThread,
+    epsilon_admitting,
+    make_config,
+)
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
 
@@ -29,10 +36,8 @@ def _profile_doc(p: Profile) -> dict:
 
 
 def _single_epsilon(p: Profile, m: int) -> float:
-    return 0.5 * (
-        epsilon_for(p, queries=m, delta=DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(p, queries=m + 1, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    )
+    """Admits exactly m queries under the default accountant (PLD: one mechanism, discrete noise)."""
+    return epsilon_admitting(p, m, DELTA, HARDENED_DIM)
 
 
 def _filter_epsilon(capacity: float) -> float:

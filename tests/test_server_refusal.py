@@ -12,9 +12,16 @@ from google.rpc import error_details_pb2
 
 from dprdm.clients.client import BudgetExhaustedError, Client, DprdmError
 from dprdm.ledger import SqliteLedger
-from dprdm.privacy import Profile, epsilon_for
+from dprdm.privacy import Budget, Profile
 from dprdm.proto.v1 import dprdm_pb2, dprdm_pb2_grpc
-from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, ServerThread, make_config
+from dprdm.server.testing import (
+    OTHER_TOKEN,
+    TENANT_TOKEN,
+    ServerThread,
+    epsilon_admitting,
+    make_config,
+    quota_admitting,
+)
 
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
 
@@ -38,10 +45,7 @@ def _wait_for(cond, timeout=10.0):
 
 
 def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
-    eps = 0.5 * (
-        epsilon_for(PROFILE, queries=2, delta=DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, queries=3, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    )
+    eps = epsilon_admitting(PROFILE, 2, DELTA, HARDENED_DIM)
     with (
         _serve(tmp_path, budgets={"corpus-a": {"epsilon": eps}}) as srv,
         Client(srv.address, TENANT_TOKEN) as c,
@@ -64,11 +68,10 @@ def test_exhausted_budget_is_resource_exhausted_with_details(tmp_path):
 
 
 def test_tenant_quota(tmp_path):
-    quota = 0.5 * (
-        epsilon_for(PROFILE, queries=1, delta=DELTA, hardened_dimension=HARDENED_DIM)
-        + epsilon_for(PROFILE, queries=2, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    )
-    budgets = {"corpus-a": {"epsilon": 50.0, "quotas": {"alice": quota}}}
+    domain_eps = epsilon_admitting(PROFILE, 40, DELTA, HARDENED_DIM)
+    budget = Budget.single(domain_eps, DELTA, PROFILE, hardened_dimension=HARDENED_DIM, accountant="pld")
+    quota = quota_admitting(budget, 1)  # quotas compare the PLD budget's receipts table
+    budgets = {"corpus-a": {"epsilon": domain_eps, "delta": DELTA, "quotas": {"alice": quota}}}
     with (
         _serve(tmp_path, budgets=budgets) as srv,
         Client(srv.address, TENANT_TOKEN) as alice,

@@ -38,12 +38,12 @@ from test_server_lifecycle import RUNNER, Server, _tokens
 
 from dprdm.clients.client import ChannelSettings, Client, DprdmError
 from dprdm.ledger import open_ledger
-from dprdm.privacy import Profile, epsilon_for
+from dprdm.privacy import Profile
 from dprdm.proto.v1 import admin_pb2_grpc, dprdm_pb2_grpc
 from dprdm.server.config import ServerConfig
 from dprdm.server.ledger_peers import SUPERVISOR_ENV, register_server, supervisor_pid
 from dprdm.server.supervisor import Backoff, WorkerPlace, reserve_port, worker_metrics_port
-from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN
+from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, epsilon_admitting
 
 WAIT = 90.0  # bound on any wait for a condition (never an assertion on time)
 HARDENED_DIM = 16  # the fake index's dimension: private indexes default to the discrete Gaussian
@@ -69,9 +69,7 @@ class OwnConnection(Client):
 
 def _epsilon_for_exactly(m: int) -> float:
     """A budget epsilon halfway between eps(M) and eps(M + 1): it admits exactly M queries."""
-    lo = epsilon_for(PROFILE, queries=m, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    hi = epsilon_for(PROFILE, queries=m + 1, delta=DELTA, hardened_dimension=HARDENED_DIM)
-    return 0.5 * (lo + hi)
+    return epsilon_admitting(PROFILE, m, DELTA, HARDENED_DIM)
 
 
 def _toml(path: Path, *, ledger_url: str, epsilon: float, workers: int, sleep: float = 0.0,
