@@ -124,7 +124,8 @@ def _server_config(settings: DemoSettings, index_dir: Path, data_dir: Path, toke
     from dprdm.server.config import parse_config
 
     delta = default_delta(settings.public_size)
-    # the private index is served with the exact discrete Gaussian at its dimension: calibrate that curve
+    # the private index is served with the exact discrete Gaussian at its dimension, and its one
+    # retrieving profile makes a single-profile budget accounted by PLD: calibrate exactly that
     dimension = int(json.loads((index_dir / "manifest.json").read_text())["dimension"])
     sigma = calibrate_sigma(
         epsilon=settings.epsilon,
@@ -133,6 +134,7 @@ def _server_config(settings: DemoSettings, index_dir: Path, data_dir: Path, toke
         k=settings.k,
         q=settings.q,
         hardened_dimension=dimension,
+        accountant="pld",
     )
     private = {"k": settings.k, "q": settings.q, "sigma": sigma, "lambda": settings.lam}
     doc = {

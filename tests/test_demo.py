@@ -25,3 +25,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert set(report["queries"][0]["private"]) == {  # receipts carry no per-query private statistic
         "spend_id", "profile", "epsilon_charged", "epsilon_spent", "epsilon_left", "delta"
     }
+    # sigma is calibrated under the accountant the server uses for the demo's one retrieving profile
+    # (PLD, discrete noise at the index's dimension): the budget admits budget_queries, not many more
+    from dprdm.privacy import Profile
+    from dprdm.privacy.pld import max_queries_pld
+
+    p = report["private_profile"]
+    prof = Profile(k=p["k"], q=p["q"], sigma=p["sigma"], lam=p["lambda"])
+    admitted = max_queries_pld(epsilon=report["budget"]["epsilon"], delta=p["delta"], profile=prof, hardened_dimension=32)
+    assert 1000 <= admitted <= 1010, admitted
