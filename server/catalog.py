@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from dprdm.ledger.api import Ledger, UnknownDomain
+from dprdm.ledger.api import DomainExists, Ledger, UnknownDomain
 from dprdm.models.base import Encoder, EncoderIdentity, Generator
 from dprdm.privacy import (
     DEFAULT_ORDERS,
@@ -332,8 +332,11 @@ def _domain_budget(config: ServerConfig, ledger: Ledger, domain: str, served: li
                 f"privacy domain {domain!r} (index {names}) has no budget in the ledger; add a "
                 f"[budgets.{domain}] section or create it with `dprdm admin create-budget`"
             ) from None
-        ledger.create_budget(domain, wanted, tenant_quotas=dict(cfg.quotas) if cfg else None)
-        budget = wanted
+        try:
+            ledger.create_budget(domain, wanted, tenant_quotas=dict(cfg.quotas) if cfg else None)
+            budget = wanted
+        except DomainExists:  # another replica created it since we looked: compare with it below
+            budget = ledger.budget_state(domain).budget
     _pld_refuses_second(domain, budget, mechanisms)
     explicit = cfg is not None and cfg.accountant is not None
     if wanted is not None and not _same_budget(budget, wanted, explicit):

@@ -12,6 +12,7 @@ import pytest
 from dprdm.cli.main import main as cli_main
 from dprdm.clients.client import Client, DprdmError
 from dprdm.ledger import MemoryLedger, SqliteLedger
+from dprdm.ledger.api import UnknownDomain
 from dprdm.privacy import DEFAULT_ORDERS, Budget, Profile, mechanism_rdp
 from dprdm.privacy import pld as pld_mod
 from dprdm.server.catalog import build_catalog
@@ -196,3 +197,31 @@ def test_a_second_mechanism_on_a_pld_budget_is_refused_at_startup(tmp_path) -> N
             "faces-2": _float_index({"default": LIVE})}
     assert _catalog(more, {}, ledger).budgets["corpus-p"].accountant == "pld"
     ledger.close()
+
+
+class _RacingLedger(MemoryLedger):
+    """A ledger where another replica creates the domain's budget between our read and our create."""
+
+    def __init__(self, other: Budget) -> None:
+        super().__init__()
+        self._other: Budget | None = other
+
+    def budget_state(self, domain: str):  # type: ignore[override]
+        if self._other is not None:
+            super().create_budget(domain, self._other)
+            self._other = None
+            raise UnknownDomain(domain)
+        return super().budget_state(domain)
+
+
+def test_two_replicas_creating_the_same_budget_at_once_both_start() -> None:
+    """Two servers starting on one fresh ledger: the loser of the create race (DomainExists) serves
+    the winner's budget when it is the one its configuration describes, and refuses a different one."""
+    indexes = {"faces": _discrete_index({"default": LIVE})}
+    budgets = {"corpus-p": {"epsilon": EPS, "delta": DELTA}}
+    winner = _catalog(indexes, budgets).budgets["corpus-p"]
+    cat = _catalog(indexes, budgets, _RacingLedger(winner))
+    assert cat.budgets["corpus-p"].pld.max_queries == winner.pld.max_queries
+    other = Budget.single(EPS / 2, DELTA, Profile.from_dict(LIVE), hardened_dimension=16, accountant="pld")
+    with pytest.raises(StartupError, match="the ledger already holds a different budget"):
+        _catalog(indexes, budgets, _RacingLedger(other))
