@@ -142,6 +142,7 @@ class RunningServer:
             self.service.cut()
         await stopping
         await asyncio.to_thread(self.service.close)  # charged queries finish and store their release
+        await asyncio.to_thread(self.metrics.close)  # the exporter's port is released with the server
         self.ledger.close()
         if self.record is not None:
             self.record.close()

@@ -34,6 +34,7 @@ class Metrics:
     """A private registry (several servers may live in one process, e.g. in tests)."""
 
     def __init__(self) -> None:
+        self._http: tuple[Any, Any] | None = None  # the exporter (server, thread) once serving
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_* (CPU, memory, file descriptors, start time)
         PlatformCollector(registry=r)  # python_info
@@ -88,9 +89,19 @@ class Metrics:
         self.spent.labels(domain=state.domain).set(float(state.epsilon_spent))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Start the HTTP exporter; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP exporter; returns the bound port (:meth:`close` stops it)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
         return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP exporter (if started) and release its port; idempotent."""
+        http, self._http = self._http, None
+        if http is not None:
+            server, thread = http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5.0)
 
 
 class InstrumentedLedger:

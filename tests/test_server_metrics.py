@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 
 import pytest
@@ -44,3 +45,10 @@ def test_metrics(tmp_path):
     timed = {m.group(1) for m in re.finditer(r"^(\w+)_seconds_bucket", text, re.M)}
     assert timed == {"dprdm_generation", "dprdm_ledger_commit"}
     assert "survivor" not in text and "distance" not in text
+    # a stopped server's exporter is gone and its port released (it used to outlive the server)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    with socket.socket() as probe:  # SO_REUSEADDR: TIME_WAIT connections do not hold it, a listener would
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+        probe.listen(1)
