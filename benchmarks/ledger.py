@@ -161,7 +161,7 @@ def sqlite_across_processes(directory: Path, *, writers: tuple[int, ...], second
     """
     import multiprocessing as mp
 
-    from dprdm.benchmarks.ledger_pg import _run
+    from dprdm.benchmarks.ledger_pg import run_across_processes
 
     ctx = mp.get_context("spawn")
     out = []
@@ -170,7 +170,7 @@ def sqlite_across_processes(directory: Path, *, writers: tuple[int, ...], second
         path.unlink()  # a fresh ledger file per run
         with SqliteLedger(path) as led:
             led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))  # never exhausted: the write path
-        run = _run(ctx, "ledger", str(path), n, seconds)
+        run = run_across_processes(ctx, "ledger", str(path), n, seconds)
         with SqliteLedger(path) as led:
             led.verify()
         out.append({k: v for k, v in run.items() if k != "kind"})

@@ -92,7 +92,9 @@ def _worker(kind: str, url: str, threads: int, seconds: float, barrier: Any, out
     out.put({"latencies": [x for lat in latencies for x in lat], "stats": stats})
 
 
-def _run(ctx: Any, kind: str, url: str, writers: int, seconds: float) -> dict[str, Any]:
+def run_across_processes(ctx: Any, kind: str, url: str, writers: int, seconds: float) -> dict[str, Any]:
+    """``writers`` writer threads spread over processes (:func:`splits`) for ``seconds``, on the
+    ledger at ``url`` (``kind`` "ledger") or a raw baseline: rate, latency percentiles and stats."""
     parts = splits(writers)
     barrier, out = ctx.Barrier(len(parts) + 1), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(kind, url, n, seconds, barrier, out), name=f"p{i}")
@@ -144,7 +146,7 @@ def pg_runs(new_url: Any, *, seconds: float, writers: tuple[int, ...] = WRITERS)
         with open_ledger(ledger_url) as led:
             led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))  # never exhausted: the write path
         for kind in ("raw-insert", "raw-hot-row", "ledger"):
-            out.append(_run(ctx, kind, ledger_url if kind == "ledger" else raw_url, n, seconds))
+            out.append(run_across_processes(ctx, kind, ledger_url if kind == "ledger" else raw_url, n, seconds))
         with open_ledger(ledger_url) as led:
             led.verify()
     return out
