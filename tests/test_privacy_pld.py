@@ -62,6 +62,19 @@ def test_never_below_dp_accounting_and_never_above_rdp_on_55_random_profiles() -
         assert ours <= epsilon_for(profile, queries=t, delta=delta), (profile, delta, t)
 
 
+def test_discrete_noise_between_the_float_pld_and_the_discrete_rdp_on_random_profiles() -> None:
+    """14 random profiles with DISCRETE lattice noise at random dimensions: the lattice PLD epsilon is
+    at least the float one (the oracle: the lattice can only cost) and at most the discrete RDP one
+    the server would otherwise charge."""
+    rng = np.random.default_rng(29)
+    for profile, delta, t in _random_profiles(14, seed=31):
+        d = int(rng.choice([16, 512, 768, 1280]))
+        ours = epsilon_pld(profile=profile, queries=t, delta=delta, hardened_dimension=d,
+                           discretisation=TABLE_DISCRETISATION)
+        assert ours >= oracle(profile, t, delta, TABLE_DISCRETISATION), (profile, delta, t, d)
+        assert ours <= epsilon_for(profile, queries=t, delta=delta, hardened_dimension=d), (profile, delta, t, d)
+
+
 def test_max_queries_is_certified_by_the_oracle() -> None:
     """T_max: the oracle (fine grid) admits T_max and refuses T_max + 1; the target epsilon sits
     between two consecutive oracle values, so an off-by-one either way fails."""
