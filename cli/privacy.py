@@ -16,7 +16,7 @@ Examples::
     dprdm privacy epsilon --sigma 0.2 --q 0.01 --k 18 --queries 1000 --delta 1e-7 [--json]
     dprdm privacy calibrate --epsilon 1 --delta 1e-7 --queries 1000 --q 0.01 --k 18   # -> sigma
     dprdm privacy max-queries --epsilon 1 --delta 1e-7 --sigma 0.2 --q 0.01 --k 18
-    dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23  # discrete, PLD: 1448
+    dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23  # discrete, PLD: 1453
     dprdm privacy max-queries --epsilon 9.44 --delta 2e-5 --sigma 0.05 --q 0.01 --k 23 --noise float  # PLD: 1455
     dprdm privacy audit --k 1 --q 1 --sigma 3                   # lower bound on epsilon (discrete release; --noise float)
 """

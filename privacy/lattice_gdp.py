@@ -48,6 +48,23 @@ ratio), Y = ceil(A s), x_Y = (2Y + 1) / (2 s^2), rho = exp(-x_Y), A_Y = Y / s in
     Hence 0 <= g(y) <= b + eps, phi(g(y)) >= phi(b + eps) and
     s inc(y) <= exp((2y + 1)/(2 s^2) + eps (y + 1)/s + eps^2/2)
              <= exp(A/s + 3/(2 s^2) + eps (A + 2) + eps^2/2)     (Y < A s + 1, s >= 1).
+(iv') **Centre, sharper (used when it applies and is smaller).** Midpoint instead of right-end
+    bounds. (a) Per cell, f(x) = int_{x-1/2}^{x+1/2} f - f''(xi)/24 for some xi in the cell (midpoint
+    rule), f(t) = e^(-t^2/(2s^2)), f'' = (t^2/s^4 - 1/s^2) f <= (t^2/s^4) f; for 1 <= x <= Y the cell
+    lies in t > 0 where f decreases, so f''(xi) <= (x + 1/2)^2 f(x - 1/2) / s^4 and f(x - 1/2) =
+    f(x) e^((x - 1/4)/(2s^2)): f(x) >= int_cell f / (1 + c), c = (A + 3/(2s))^2 e^((A+1)/(2s)) / (24 s^2).
+    (b) The geometric tail: sum_{x > Y} w(x) = f(Y) / (e^x_Y - 1) = f(Y) e^(-x_Y/2) / (2 sinh(x_Y/2))
+    >= f(Y) e^(-x_Y/2) e^(-x_Y^2/24) / x_Y (sinh(u)/u <= e^(u^2/6), termwise: (2k+1)! >= 6^k k!),
+    while int_{Y+1/2}^inf f <= (s^2/(Y + 1/2)) f(Y + 1/2) = f(Y) e^(-x_Y/2) e^(1/(8s^2)) / x_Y (Mills),
+    so the tail is >= e^(-x_Y^2/24 - 1/(8s^2)) int_{Y+1/2}^inf f. Hence for 0 <= y <= Y,
+    1 - F'(y) >= (1 - kappa2) int_{y+1/2}^inf f / Z' >= (1 - kappa2) Q(b') / (1 + kappa) with
+    b' = (y + 1/2)/s and kappa2 = max(c, x_Y^2/24 + 1/(8s^2)); as in (iv), with eps' = 2 (kappa + kappa2)
+    and (kappa + kappa2)(A + 2) <= 0.2, g(y) <= (y + 1/2)/s + eps'. (c) The integrand
+    h(u) = 1/phi(Phi^-1(u)) of (iv) is convex (h'' = (1 + 2t^2)/phi(t)^3 at t = Phi^-1(u)), so for
+    y >= 1 the trapezoid rule bounds it: inc(y) <= p'(y) (h(F'(y-1)) + h(F'(y))) / 2, and with the
+    two quantile bounds s inc(y) <= e^(1/(8s^2) + eps'^2/2 + eps'(A + 2)) cosh((A + 1)/(2s));
+    y = 0: s inc(0) <= exp((1/(2s) + eps')^2 / 2), smaller. This is ~1 + (A^3/12 + A^2/8)/s^2 instead of
+    ~1 + A/s (at s = 52,428.8: 3e-7 instead of 3.8e-4), so (v) decides eta there.
 (v) **Tails, y >= Y + 1.** There S'(y - 1) = S'(y) / rho (S' = 1 - F'), i.e. -log S' grows by x_Y
     per step. Q is log-concave, so t -> -log Q(t) is convex increasing and its inverse
     l -> Q^-1(e^-l) is concave: inc(y) <= x_Y / (phi/Q)(g(y - 1)) = x_Y M(g(y - 1)) <= x_Y / g(Y)
@@ -56,8 +73,9 @@ ratio), Y = ceil(A s), x_Y = (2Y + 1) / (2 s^2), rho = exp(-x_Y), A_Y = Y / s in
     Q(A_Y - z) >= Q(A_Y) + z phi(A_Y) and Q(A_Y) >= phi(A_Y) A_Y / (A_Y^2 + 1) (Mills' ratio lower
     bound). So g(Y) >= t_lo >= A - 1/(A (A^2 + 1)) (t_lo increases with A_Y) and
     s inc(y) <= (A + 3/(2s)) / (A - 1/(A (A^2 + 1))).
-    1 + eta is the larger of (iv) and (v), rounded up. Both decrease as s grows, so the pair's
-    multiplier sigma / ((1 + eta) Delta_w) increases with sigma (calibration stays monotone).
+    1 + eta is the larger of the centre bound (the smaller of (iv) and (iv') where (iv') applies)
+    and (v), rounded up. All decrease as s grows (and (iv') only starts to apply as s grows), so the
+    pair's multiplier sigma / ((1 + eta) Delta_w) increases with sigma (calibration stays monotone).
 (vi) **Dimension d.** The coordinates are independent; per coordinate the pair is
     ((1 + eta) |m_i| / s)-GDP by (iii), so the product is (1 + eta) ||m|| / s-GDP (DRS22, Thm 3.2
     and Cor. 3.3: G_a (x) G_b = G_sqrt(a^2 + b^2); the tensor product is monotone).
@@ -70,7 +88,7 @@ ratio), Y = ceil(A s), x_Y = (2Y + 1) / (2 s^2), rho = exp(-x_Y), A_Y = Y / s in
     (eps, delta_cut(eps) + (1 + e^eps) T d tail_tv)-DP. :mod:`dprdm.privacy.pld` reserves that term.
 
 Numbers: at sigma 0.05 (s = 52,428.8) and the cut :func:`choose_cut` picks for d = 512 (A ~ 20),
-eta ~ 3.8e-4: the lattice costs ~0.1 % of the queries a float-Gaussian PLD admits. (The real
+eta ~ 7.7e-6 (decided by (v); (iv) alone gave 3.8e-4); at sigma 1e-3 (s = 1,048.6) eta ~ 7e-4. (The real
 discrete Gaussian's centre increment is (1 + 1/(24 s^2) + ...)/s > 1/s: eta > 0 is necessary.)
 """
 
@@ -136,9 +154,25 @@ def lattice_gdp(scale: float, cut: float) -> LatticeGdp:
         raise ValueError(f"cut A = {a} is outside the theorem (kappa (A + 2) = {kappa * (a + 2.0):.3g} > 0.1)")
     eps = 2.0 * kappa
     centre = math.exp(a / s + 1.5 / (s * s) + eps * (a + 2.0) + 0.5 * eps * eps)
+    sharper = _midpoint_centre(s, a, kappa)
+    if sharper is not None:
+        centre = min(centre, sharper)
     tail = (a + 1.5 / s) / (a - 1.0 / (a * (a * a + 1.0)))
     inflation = max(centre, tail) * (1.0 + _SAFETY)
     return LatticeGdp(scale=s, cut=a, inflation=inflation, tail_tv=4.0 * _phi(a) / a * (1.0 + _SAFETY))
+
+
+def _midpoint_centre(s: float, a: float, kappa: float) -> float | None:
+    """Item (iv'): the sharper bound on s * inc(y) for 0 <= y <= Y, or None where it does not apply."""
+    c = (a + 1.5 / s) ** 2 * math.exp((a + 1.0) / (2.0 * s)) / (24.0 * s * s)
+    x_max = a / s + 1.5 / (s * s)  # x_Y < A/s + 3/(2 s^2)
+    kappa2 = max(c, x_max * x_max / 24.0 + 1.0 / (8.0 * s * s))
+    if (kappa + kappa2) * (a + 2.0) > 0.2:
+        return None
+    eps = 2.0 * (kappa + kappa2)
+    inner = math.exp(1.0 / (8.0 * s * s) + 0.5 * eps * eps + eps * (a + 2.0)) * math.cosh((a + 1.0) / (2.0 * s))
+    zero = math.exp(0.5 * (0.5 / s + eps) ** 2)
+    return max(inner, zero)
 
 
 def cut_tail_log(cut: float) -> float:

@@ -52,7 +52,8 @@ Why every number here is an UPPER bound on the epsilon (or delta) of the mechani
    between neighbours a lattice vector of norm <= Delta_w / 2^k, Delta_w = 2/k + 2^k sqrt(d):
    ``discrete_rdp`` item 1). :mod:`dprdm.privacy.lattice_gdp` proves that with the noise's tails
    replaced beyond A s by geometric ones (the "cut" law X'), the d-dimensional pair is mu-GDP with
-   mu = (1 + eta) Delta_w / sigma (1 + eta = ``LatticeGdp.inflation``, ~1 + A/s). By Blackwell's
+   mu = (1 + eta) Delta_w / sigma (1 + eta = ``LatticeGdp.inflation``: ~1 + 1/A^4 at large s,
+   ~1 + 7e-4 at s ~ 1,000). By Blackwell's
    theorem (DRS22, Thm 2.10) a mu-GDP pair (A, B) is the image of (N(0, 1), N(mu, 1)) under one
    kernel K, so, given the coins S of the other records, the pair of item 1
    ((1 - q) A + q B, A) = K((1 - q) N(0, 1) + q N(mu, 1), N(0, 1)) is a post-processing of the
@@ -65,7 +66,8 @@ Why every number here is an UPPER bound on the epsilon (or delta) of the mechani
    the term fits in the reserve (+inf epsilon otherwise, which no budget reaches). The cut A is
    the smallest one whose term fits for every epsilon <= :data:`_EPS_CAP`, delta >=
    :data:`_DELTA_FLOOR` and T <= :data:`MAX_PLD_QUERIES` (A ~ 20 at d 512). At the reference
-   profile (s = 52,428.8) eta ~ 3.8e-4: 1,455 float queries become 1,454 discrete ones. Noise
+   profile (s = 52,428.8, d 512) eta ~ 7.7e-6 and the widening 2^-20 sqrt(512) is 2.5e-4 of 2/k:
+   1,455 float queries become 1,453 discrete ones. Noise
    scales s < 1 lattice step (sigma < 2^-20) have no pair (the theorem needs s >= 1). Group size
    2 (one record changing two stored records on capacity-limited IVF lists) has no pair here.
 
