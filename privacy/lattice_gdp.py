@@ -63,8 +63,8 @@ ratio), Y = ceil(A s), x_Y = (2Y + 1) / (2 s^2), rho = exp(-x_Y), A_Y = Y / s in
     h(u) = 1/phi(Phi^-1(u)) of (iv) is convex (h'' = (1 + 2t^2)/phi(t)^3 at t = Phi^-1(u)), so for
     y >= 1 the trapezoid rule bounds it: inc(y) <= p'(y) (h(F'(y-1)) + h(F'(y))) / 2, and with the
     two quantile bounds s inc(y) <= e^(1/(8s^2) + eps'^2/2 + eps'(A + 2)) cosh((A + 1)/(2s));
-    y = 0: s inc(0) <= exp((1/(2s) + eps')^2 / 2), smaller. This is ~1 + (A^3/12 + A^2/8)/s^2 instead of
-    ~1 + A/s (at s = 52,428.8: 3e-7 instead of 3.8e-4), so (v) decides eta there.
+    y = 0: s inc(0) <= exp((1/(2s) + eps')^2 / 2), smaller. This is ~1 + 795/s^2 at A = 20 instead of
+    ~1 + A/s (at s = 52,428.8 and A = 20: 2.9e-7 instead of 3.8e-4), so (v) decides eta there.
 (v) **Tails, y >= Y + 1.** There S'(y - 1) = S'(y) / rho (S' = 1 - F'), i.e. -log S' grows by x_Y
     per step. Q is log-concave, so t -> -log Q(t) is convex increasing and its inverse
     l -> Q^-1(e^-l) is concave: inc(y) <= x_Y / (phi/Q)(g(y - 1)) = x_Y M(g(y - 1)) <= x_Y / g(Y)
