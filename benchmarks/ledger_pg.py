@@ -51,7 +51,12 @@ def _worker(kind: str, url: str, threads: int, seconds: float, barrier: Any, out
     from dprdm.ledger import open_ledger
 
     led, conns = None, []
-    if kind == "ledger":
+    if kind in ("ledger", "ledger-batch-first"):
+        if kind == "ledger-batch-first":  # the baseline: issue 14's order, batch taken BEFORE the writer lock
+            from dprdm.ledger.sqlite import SqliteWriter
+            from dprdm.ledger.writer import Writer
+
+            SqliteWriter._before_batch = Writer._before_batch  # type: ignore[method-assign]
         led = open_ledger(url)
         charge, profile = Budget.single(1e9, 1e-7, PROFILE).charge(PROFILE), PROFILE.to_dict()
     else:

@@ -191,11 +191,25 @@ class SqliteWriter(Writer):
         self._conn = conn
         self._data_version = -1
         self._file_lock, self._lock_timeout = lock, lock_timeout_s
+        self._prelock: bool | None = None  # the committer's lock taken before its batch (None: not tried)
         super().__init__(group_commit=group_commit, window_s=window_s, max_batch=max_batch, path=path)
 
+    def _before_batch(self) -> None:
+        """Take the writer lock BEFORE the batch leaves the queue: while this process waits for the
+        other processes' commits, its own callers keep queueing and all ride in this batch (issue 14
+        profile: a process took its batch first, then waited ~1.8 ms per batch with it)."""
+        if self._file_lock is not None:
+            try:
+                self._prelock = self._file_lock.acquire(self._lock_timeout)
+            except OSError:  # e.g. closing: _begin tries again and reports the store's error
+                self._prelock = None
+
     def _begin(self) -> sqlite3.Connection:
-        if self._file_lock is not None and not self._file_lock.acquire(self._lock_timeout):
-            raise LedgerUnavailable(self._path, f"database is locked (writer lock {self._file_lock.path})")
+        prelock, self._prelock = self._prelock, None
+        lock = self._file_lock
+        # prelock False: the committer already waited the whole timeout for it before the batch
+        if lock is not None and (prelock is False or (prelock is None and not lock.acquire(self._lock_timeout))):
+            raise LedgerUnavailable(self._path, f"database is locked (writer lock {lock.path})")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except BaseException:

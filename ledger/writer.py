@@ -160,6 +160,11 @@ class Writer:
         """Close the store's connections (called once, after the last batch)."""
         raise NotImplementedError
 
+    def _before_batch(self) -> None:
+        """Group commit, before the committer takes its batch off the queue (default: nothing).
+        A store whose transactions wait for other processes may take its cross-process lock here,
+        so that the callers who queued during that wait ride in this batch (SQLite)."""
+
     # ------------------------------------------------------------------------------------ batching
 
     def rule(self, domain: str, budget_json: str) -> Rule:
@@ -206,6 +211,7 @@ class Writer:
                     return
             if self._window > 0.0:
                 time.sleep(self._window)
+            self._before_batch()  # only this thread takes items off the queue: it is still non-empty
             with self._cv:
                 batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             try:

@@ -20,4 +20,8 @@ def test_sqlite_across_processes_spreads_writers_and_commits(tmp_path: Path) -> 
         assert r["per_s"] > 0 and r["ops_per_transaction"] >= 1.0
         assert 0 < r["p50_ms"] <= r["p99_ms"]
         assert "kind" not in r
-    assert len(list(tmp_path.glob("ledger-across-*.db"))) == 2  # a fresh file per writer count
+        base = r["batch_first"]  # the paired baseline (issue 14's order), verified too
+        assert base["per_s"] > 0 and base["ops_per_transaction"] >= 1.0
+        assert r["over_batch_first"] == r["per_s"] / base["per_s"]
+    files = [p.name for p in tmp_path.glob("ledger-across-*.db")]
+    assert len(files) == 4 and sum(f.endswith("-batch-first.db") for f in files) == 2  # fresh files per run
