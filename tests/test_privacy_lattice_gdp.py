@@ -342,6 +342,25 @@ def test_validation_names_the_bad_value() -> None:
     assert lattice_gdp(1, 4).inflation > lattice_gdp(2, 4).inflation > lattice_gdp(100, 4).inflation > 1
 
 
+def test_the_inflation_decreases_and_the_multiplier_increases_with_sigma() -> None:
+    """Item (v)'s closing claim, on which PLD calibration's bisection relies: at a fixed cut the
+    inflation 1 + eta is non-increasing in s (including where the sharper centre bound (iv') starts
+    to apply), and the lattice pair's multiplier sigma / ((1 + eta) Delta_w) strictly increases with
+    sigma, from one lattice step to sigma = 1, at d = 512 and d = 1280."""
+    for a in (4.0, _pld_cut(1), _pld_cut(512)):
+        scales = np.geomspace(1.0, 1e6, 400)
+        inflations = [lattice_gdp(float(s), a).inflation for s in scales]
+        assert all(b <= x for x, b in zip(inflations, inflations[1:])), a
+    k = DEFAULT_LATTICE_EXPONENT
+    for dimension in (512, 1280):
+        multipliers = []
+        for sigma in np.geomspace(math.ldexp(1.0, k), 1.0, 300):
+            pair = pld_dominating_pair(Profile(k=23, q=0.01, sigma=float(sigma), lam=1.0), dimension)
+            assert pair is not None
+            multipliers.append(pair.noise_multiplier)
+        assert all(b > x for x, b in zip(multipliers, multipliers[1:])), dimension
+
+
 def test_choose_cut_is_the_smallest_grid_cut_and_monotone() -> None:
     cuts = []
     for allowance in np.linspace(0.0, -400.0, 81):
