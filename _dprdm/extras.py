@@ -35,8 +35,8 @@ __all__ = [
 
 # extra -> the top-level import names it provides (keep in step with pyproject.toml)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "server": ("grpc_health", "grpc_reflection", "prometheus_client", "opendp", "PIL"),
-    "build": ("faiss", "pyarrow", "tqdm", "PIL"),
+    "server": ("grpc_health", "grpc_reflection", "prometheus_client", "opendp", "PIL", "psycopg", "psycopg_pool"),
+    "build": ("faiss", "pyarrow", "tqdm", "PIL", "ray", "fsspec"),
     "models": (
         "torch",
         "torchvision",
@@ -50,10 +50,13 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "skimage",
         "PIL",
     ),
-    "baselines": ("torch", "diffusers", "transformers", "safetensors", "peft", "opacus", "PIL"),
-    "gpu": ("faiss", "pyarrow", "tqdm", "PIL"),
-    "test": ("pytest", "hypothesis", "dp_accounting", "mpmath", "webdataset"),
+    "baselines": ("peft", "opacus"),  # + everything of "models" (it installs dprdm[models]), added below
+    "gpu": ("faiss", "pyarrow", "tqdm", "PIL", "ray", "fsspec"),
+    "test": ("pytest", "pytest_timeout", "hypothesis", "dp_accounting", "mpmath", "ruff", "mypy", "grpc_tools",
+             "webdataset", "build", "yaml"),
 }
+
+EXTRA_MODULES["baselines"] = (*EXTRA_MODULES["models"], *EXTRA_MODULES["baselines"])
 
 # The distributions that install the `faiss` module (only one may be installed).
 _FAISS_CPU = ("faiss-cpu",)
