@@ -432,11 +432,19 @@ class DprdmService:
         return views
 
     def close(self) -> None:
-        """Stop the worker pools (running queries finish)."""
+        """Stop the worker pools (running queries finish), then close the indexes that hold
+        connections (an index with a ``close()`` method: the channels to shard servers)."""
         self.generation.shutdown()
         self._pool.shutdown(wait=True)
         if self._noise_pool is not None:
             self._noise_pool.close()
+        for served in self.catalog.indexes.values():
+            close = getattr(served.index, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # one index failing to close must not keep the others open
+                    log.exception("index %s: closing failed", served.name)
 
 
 def _consume(future: asyncio.Future[Answer]) -> None:

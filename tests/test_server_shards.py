@@ -126,6 +126,10 @@ def test_two_shard_servers_serve_retrieve_with_budget_charged_and_exhaustion(sha
             assert c.budget("faces").epsilon_spent == spent  # a refusal charges nothing
         with Client(srv.address, ADMIN_TOKEN) as a:
             assert a.counts("corpus-sh").indexes[0].exact_size == 120  # operator-only, from shardset.json
+        remote = srv.running.catalog.indexes["faces"].index
+        assert isinstance(remote, RemoteShardedIndex)
+    with pytest.raises(ValueError, match="Channel closed"):  # the stop closed the channels to the shards
+        remote.search_subsampled(np.ones(16, np.float32), k=2, q=1.0, rng=np.random.default_rng(0))
 
 
 def test_remote_merge_equals_the_local_merge_on_the_same_coins(shard_set):
