@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Iterator
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,6 +69,47 @@ log = logging.getLogger("dprdm.ledger")
 
 SCHEMA_LOCK_KEY = 0x6470726D_6C656467  # "dprmledg": the advisory lock held while a schema is created or checked
 """``pg_advisory_xact_lock`` key serialising schema creation between servers starting at once."""
+
+RECONNECT_LOG_INTERVAL_S = 30.0
+"""While PostgreSQL is down, psycopg's pool logs one WARNING per reconnection attempt of each pool
+(several a second with its backoff); at most one per pool per this many seconds reaches the log,
+with the number left out since the previous one."""
+
+
+class ReconnectLogFilter(logging.Filter):
+    """Rate-limits the ``psycopg.pool`` logger's "error connecting in <pool>" warnings (see
+    :data:`RECONNECT_LOG_INTERVAL_S`); every other record passes unchanged."""
+
+    def __init__(self, interval_s: float = RECONNECT_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval, self._clock = float(interval_s), clock
+        self._last: dict[str, tuple[float, int]] = {}  # pool name -> (time of the last one logged, left out since)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("error connecting in")):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        pool = str(args[0]) if args else ""
+        now = self._clock()
+        with self._lock:
+            last, dropped = self._last.get(pool, (-math.inf, 0))
+            if now - last < self._interval:
+                self._last[pool] = (last, dropped + 1)
+                return False
+            self._last[pool] = (now, 0)
+        if dropped:
+            record.msg = f"{record.msg} (%d similar left out in the last %.0f s)"
+            record.args = (*args, dropped, now - last)
+        return True
+
+
+def install_reconnect_log_filter() -> None:
+    """Put one :class:`ReconnectLogFilter` on the ``psycopg.pool`` logger (idempotent)."""
+    pool_log = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, ReconnectLogFilter) for f in pool_log.filters):
+        pool_log.addFilter(ReconnectLogFilter())
+
 
 _LOCK_DOMAINS = "SELECT domain, spends FROM budgets WHERE domain = ANY(?) ORDER BY domain FOR UPDATE"
 _RETRYABLE = (pge.SerializationFailure, pge.DeadlockDetected, pge.UniqueViolation)
@@ -364,6 +408,7 @@ class PostgresLedger(SqlLedger):
             missing = SchemaMismatch(f"ledger {self.url}: no dprdm ledger tables in this database (schema)")
             missing.empty = True  # type: ignore[attr-defined]  # serve --check: "new", not an error
             raise missing
+        install_reconnect_log_filter()
         self._readers = ConnectionPool(
             url, kwargs=kwargs, min_size=1, max_size=pool_size, open=False, timeout=self._timeout,
             check=ConnectionPool.check_connection, name="dprdm-ledger-read",

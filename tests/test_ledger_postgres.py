@@ -476,3 +476,48 @@ def test_the_benchmarks_postgres_part_runs_end_to_end(pg_server, tmp_path):
     assert [(r["kind"], r["writers"], r["processes"]) for r in runs] == [
         ("raw-insert", 1, 1), ("raw-hot-row", 1, 1), ("ledger", 1, 1)]  # fmt: skip
     assert all(r["per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in runs)
+
+
+# ------------------------------------------------------------------------------------ logs
+
+
+def test_pool_reconnection_warnings_are_rate_limited_per_pool(pg_server) -> None:
+    """While PostgreSQL is down psycopg's pool warns at every reconnection attempt; the ledger's
+    filter lets one per pool per interval through, saying how many it left out, and passes the rest."""
+    import logging
+
+    from dprdm.ledger.postgres import RECONNECT_LOG_INTERVAL_S, ReconnectLogFilter
+
+    led = open_ledger(pg_server.new_url())
+    try:
+        pool_log = logging.getLogger("psycopg.pool")
+        assert sum(isinstance(f, ReconnectLogFilter) for f in pool_log.filters) == 1
+        open_ledger(pg_server.new_url()).close()  # a second ledger adds no second filter
+        assert sum(isinstance(f, ReconnectLogFilter) for f in pool_log.filters) == 1
+    finally:
+        led.close()
+
+    now = [100.0]
+    flt = ReconnectLogFilter(clock=lambda: now[0])
+
+    def record(pool: str, msg: str = "error connecting in %r: %s") -> logging.LogRecord:
+        return logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, msg, (pool, "refused"), None)
+
+    first = record("dprdm-ledger-read")
+    assert flt.filter(first) and first.getMessage() == "error connecting in 'dprdm-ledger-read': refused"
+    for _ in range(5):
+        now[0] += 1.0
+        assert not flt.filter(record("dprdm-ledger-read"))
+    assert flt.filter(record("dprdm-ledger-write"))  # per pool
+    other = logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, "discarding broken connection: %s",
+                              ("c",), None)
+    assert flt.filter(other) and flt.filter(other)  # other messages are never held back
+    now[0] = 100.0 + RECONNECT_LOG_INTERVAL_S
+    later = record("dprdm-ledger-read")
+    assert flt.filter(later)
+    assert later.getMessage() == (
+        f"error connecting in 'dprdm-ledger-read': refused (5 similar left out in the last "
+        f"{RECONNECT_LOG_INTERVAL_S:.0f} s)"
+    )
+    now[0] += 1.0
+    assert not flt.filter(record("dprdm-ledger-read"))
