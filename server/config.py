@@ -13,6 +13,7 @@ Example (every key but ``[indexes.*]`` is optional; relative paths are relative 
     noise_pool_size = 2048           # discrete noise vectors kept ready per (sigma, dimension)
     noise_pool_threads = 1           # background refill threads (a drained pool answers UNAVAILABLE)
     shutdown_grace = 30.0            # SIGTERM/SIGINT: seconds admitted calls get to finish
+    worker_start_timeout = 600.0     # --workers N: a worker not serving this long after its start is killed
     workers = 1                      # server processes on one port (SO_REUSEPORT); dprdm serve --workers
     log_format = "text"              # or "json" (one object per line); dprdm serve --log-format
 
@@ -309,6 +310,11 @@ class ServerConfig:
     """Seconds a SIGTERM/SIGINT drain lets admitted calls finish (new calls are refused at once);
     calls still running then are cut with ``UNAVAILABLE``/``SHUTTING_DOWN`` naming their request
     id (a charged one still stores its release before the process exits: a replay returns it)."""
+    worker_start_timeout: float = 600.0
+    """With ``workers`` > 1: seconds a worker process may take from its start to serving (loading
+    models and indexes, filling the noise pools). Past it the supervisor kills the worker: at
+    ``dprdm serve`` start-up that is a one-line error and exit status 2, later it is restarted with
+    backoff like a worker that died."""
     log_format: str = "text"
     """``text`` or ``json`` (JSON lines): see :mod:`dprdm.server.logs`."""
     workers: int = 1
@@ -608,6 +614,10 @@ def _validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"server.workers: must be in [1, {MAX_WORKERS}]; found {cfg.workers!r}")
     if cfg.workers > 1 and cfg.metrics_port and cfg.metrics_port + cfg.workers - 1 > 65535:
         raise ConfigError(f"server.metrics_port: {cfg.metrics_port} + {cfg.workers - 1} workers passes 65535")
+    if not (1.0 <= cfg.worker_start_timeout <= 86400):
+        raise ConfigError(
+            f"server.worker_start_timeout: must be in [1, 86400] seconds; found {cfg.worker_start_timeout!r}"
+        )
     if not (0.0 <= cfg.shutdown_grace <= 3600):
         raise ConfigError(f"server.shutdown_grace: must be in [0, 3600] seconds; found {cfg.shutdown_grace!r}")
     if not (0.0 <= cfg.min_deadline_seconds < 3600):
@@ -676,6 +686,7 @@ def parse_config(
             "noise_pool_size",
             "noise_pool_threads",
             "shutdown_grace",
+            "worker_start_timeout",
             "log_format",
             "workers",
         )

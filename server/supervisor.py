@@ -27,6 +27,9 @@ The supervisor (this module):
   parallel, start faster. ``dprdm serve --check`` is not run first: it loads every model and
   re-hashes every index file, doubling the start-up time for no check the worker skips;
 * prints ``dprdm: listening on port P`` once every worker is serving;
+* kills a worker that is not serving ``worker_start_timeout`` seconds after its start (a start-up
+  hung on a model file, a network mount or a stuck database): at start-up that ends the
+  supervisor with a one-line error and exit status 2, later the worker is restarted as below;
 * restarts a worker that exits (or is killed) with exponential backoff (:class:`Backoff`),
   logging each exit and restart; a worker that exits during start-up keeps being retried with
   the same backoff (e.g. a database that is down), the others keep serving;
@@ -328,6 +331,19 @@ class Supervisor:
             elif slot.failures:
                 log.info("worker %d (pid %d) serving again", slot.index, slot.proc.pid if slot.proc else -1)
 
+    def _start_overdue(self, slot: _Slot) -> bool:
+        """Whether ``slot``'s worker is alive, not serving, and past ``worker_start_timeout``; if so it
+        is SIGKILLed (logged) and reaped by the caller's next poll."""
+        if slot.proc is None or slot.ready_at is not None or slot.proc.poll() is not None:
+            return False
+        if time.monotonic() - slot.started <= self.config.worker_start_timeout:
+            return False
+        log.error("worker %d (pid %d) is not serving %.0f s after its start (server.worker_start_timeout): "
+                  "killing it", slot.index, slot.proc.pid, self.config.worker_start_timeout)  # fmt: skip
+        self._send(slot, signal.SIGKILL)
+        slot.proc.wait()
+        return True
+
     def _reap(self, slot: _Slot) -> None:
         """A worker that exited (serving or starting): schedule its restart with backoff (logged)."""
         assert slot.proc is not None
@@ -350,6 +366,10 @@ class Supervisor:
                 return 0
             for slot in slots:
                 self._check_ready(slot)
+                if self._start_overdue(slot):
+                    print(f"dprdm: error: worker {slot.index} was not serving {self.config.worker_start_timeout:g} s "
+                          "after its start (server.worker_start_timeout); it was killed", file=sys.stderr, flush=True)
+                    return 2
                 if slot.proc is not None and slot.proc.poll() is not None and slot.ready_at is None:
                     code = slot.proc.returncode
                     if code != 2:  # status 2: the worker printed its one-line start-up error itself
@@ -370,6 +390,7 @@ class Supervisor:
                         self._start(slot)
                     continue
                 self._check_ready(slot)
+                self._start_overdue(slot)  # killed: reaped and restarted with backoff just below
                 if slot.proc.poll() is not None:
                     self._reap(slot)
             time.sleep(self._poll)

@@ -16,6 +16,7 @@ conditions with generous bounds.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import queue
@@ -42,7 +43,14 @@ from dprdm.privacy import Profile
 from dprdm.proto.v1 import admin_pb2_grpc, dprdm_pb2_grpc
 from dprdm.server.config import ServerConfig
 from dprdm.server.ledger_peers import SUPERVISOR_ENV, register_server, supervisor_pid
-from dprdm.server.supervisor import Backoff, WorkerPlace, reserve_port, worker_metrics_port
+from dprdm.server.supervisor import (
+    READY_PREFIX,
+    Backoff,
+    Supervisor,
+    WorkerPlace,
+    reserve_port,
+    worker_metrics_port,
+)
 from dprdm.server.testing import OTHER_TOKEN, TENANT_TOKEN, epsilon_admitting
 
 WAIT = 90.0  # bound on any wait for a condition (never an assertion on time)
@@ -502,6 +510,78 @@ def test_backoff_and_metrics_ports() -> None:
     assert worker_metrics_port(0, 3) == 0
     assert worker_metrics_port(9100, 3) == 9103
     assert WorkerPlace(1, "h:1", None).index == 1
+
+
+# A stand-in worker: its n-th start (n counted in a file) follows the n-th letter of PLAN:
+# "r" prints the ready line and serves until SIGTERM, "h" hangs without ever serving, "x" serves 0.3 s
+# then exits 1.
+_FAKE_WORKER = """
+import pathlib, signal, sys, time
+count, plan, port = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+step = plan[min(n, len(plan) - 1)]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+if step == "h":
+    time.sleep(3600)
+print(READY + port, flush=True)
+time.sleep(0.3 if step == "x" else 3600)
+sys.exit(1)
+"""
+
+
+def _fake_supervisor(tmp_path: Path, plan: str, timeout: float) -> tuple[Supervisor, Path, io.StringIO]:
+    count = tmp_path / "starts"
+    code = f"READY = {READY_PREFIX!r}\n" + _FAKE_WORKER
+
+    def command(place: WorkerPlace) -> list[str]:
+        return [sys.executable, "-c", code, str(count), plan, place.listen.rpartition(":")[2]]
+
+    config = ServerConfig(listen="127.0.0.1:0", workers=1, worker_start_timeout=timeout, shutdown_grace=0.0)
+    out = io.StringIO()
+    return Supervisor(config, command, backoff=Backoff(initial=0.1, maximum=0.1), out=out), count, out
+
+
+def test_a_worker_hung_at_start_up_is_killed_one_line_exit_2(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    sup, count, out = _fake_supervisor(tmp_path, "h", timeout=1.0)
+    started = time.monotonic()
+    assert sup.run() == 2
+    assert time.monotonic() - started < 30
+    err = capfd.readouterr().err
+    assert "dprdm: error: worker 0 was not serving 1 s after its start (server.worker_start_timeout)" in err
+    assert count.read_text() == "1" and READY_PREFIX not in out.getvalue()  # never restarted, never ready
+
+
+def test_a_restarted_worker_that_hangs_is_killed_and_restarted(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Start ready; exit (restart 1); hang (killed after the timeout, restart 2); ready again."""
+    sup, count, out = _fake_supervisor(tmp_path, "xhr", timeout=1.5)
+    caplog.set_level(logging.INFO, logger="dprdm.server.supervisor")
+
+    def stop_when_served_again() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (count.exists() and count.read_text() == "3"):
+            time.sleep(0.05)
+        time.sleep(1.0)  # the third start becomes ready
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_served_again, daemon=True).start()
+    assert sup.run() == 0
+    assert count.read_text() == "3"
+    text = caplog.text
+    assert "is not serving 2 s after its start (server.worker_start_timeout): killing it" in text
+    assert "was killed by SIGKILL during start-up; restarting it" in text
+    assert "serving again" in text and out.getvalue().count(READY_PREFIX) == 1
+
+
+def test_worker_start_timeout_is_validated() -> None:
+    from dprdm.server.config import ConfigError, parse_config
+
+    assert parse_config({"server": {"worker_start_timeout": 30}}).worker_start_timeout == 30.0
+    assert ServerConfig().worker_start_timeout == 600.0
+    for bad in (0, 0.5, 86401, -1):
+        with pytest.raises(ConfigError, match=rf"server.worker_start_timeout: must be in \[1, 86400\] seconds; found {bad}"):
+            parse_config({"server": {"worker_start_timeout": bad}})
 
 
 def test_workers_config_key_and_flag(tmp_path: Path) -> None:
