@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +74,26 @@ def _profiles(raw: Sequence[dict[str, Any]]) -> list[Profile]:
     return retrieving
 
 
+ADMIN_THREADS = 2
+"""Threads of the admin calls' own executor: an operator's call is answered even while every
+query thread is busy (a flood of Retrieve never delays ``Counts`` or ``CreateBudget``)."""
+
+
 class AdminService:
-    """Admin operations over the ledger and the catalog (no gRPC types)."""
+    """Admin operations over the ledger and the catalog (no gRPC types).
+
+    Blocking ledger work runs on ``executor``; by default the service's own pool of
+    :data:`ADMIN_THREADS` threads (closed by :meth:`close`), never the query threads."""
 
     def __init__(self, catalog: Catalog, ledger: Ledger, executor: Executor | None = None) -> None:
-        self.catalog, self.ledger, self._executor = catalog, ledger, executor
+        self.catalog, self.ledger = catalog, ledger
+        self._own = executor is None
+        self._executor: Executor = executor or ThreadPoolExecutor(ADMIN_THREADS, thread_name_prefix="dprdm-admin")
+
+    def close(self) -> None:
+        """Stop the admin executor if this service created it (running calls finish)."""
+        if self._own:
+            self._executor.shutdown(wait=True)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

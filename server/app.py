@@ -119,6 +119,7 @@ class RunningServer:
     authenticator: Authenticator | None = None
     ledger_health: LedgerHealth | None = None
     record: ServerRecord | None = None
+    admin: AdminService | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Drain: refuse new calls, let admitted ones finish within ``grace`` seconds, cut the rest.
@@ -142,6 +143,8 @@ class RunningServer:
             self.service.cut()
         await stopping
         await asyncio.to_thread(self.service.close)  # charged queries finish and store their release
+        if self.admin is not None:
+            await asyncio.to_thread(self.admin.close)
         await asyncio.to_thread(self.metrics.close)  # the exporter's port is released with the server
         self.ledger.close()
         if self.record is not None:
@@ -196,7 +199,7 @@ async def start_server(
     except BaseException:
         ledger.close()
         raise
-    admin = AdminService(catalog, ledger, service._pool)
+    admin = AdminService(catalog, ledger)  # its own threads: answered while every query thread is busy
     for domain in catalog.budgets:
         metrics.budget_state(ledger.budget_state(domain))
     authenticator = Authenticator(config.tokens)
@@ -221,6 +224,7 @@ async def start_server(
     except BaseException:
         await server.stop(None)
         service.close()
+        admin.close()
         ledger.close()
         raise
     ledger_health = LedgerHealth(health_servicer, ("", *SERVICE_NAMES), ledger)
@@ -235,7 +239,7 @@ async def start_server(
           **startup_fields(config, catalog, ledger, port, metrics_port))  # fmt: skip
     return RunningServer(
         server, port, service, ledger, catalog, metrics, health_servicer, metrics_port, authenticator,
-        ledger_health=ledger_health, record=record,
+        ledger_health=ledger_health, record=record, admin=admin,
     )  # fmt: skip
 
 

@@ -236,3 +236,21 @@ def test_fixed_response_time(tmp_path):
             t = time.monotonic()
             c.retrieve("faces", prompt)
             assert time.monotonic() - t >= 0.3
+
+
+def test_admin_calls_are_answered_while_every_query_thread_is_busy(server, admin):
+    """Admin calls run on their own threads: with the query pool saturated, Counts still answers
+    (it used to queue behind the queries), and Retrieve waits until a query thread is free."""
+    import threading
+
+    release = threading.Event()
+    pool = server.running.service._pool
+    busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    try:
+        with Client(server.address, ADMIN_TOKEN, timeout=10.0) as a:
+            assert a.counts("corpus-a").indexes[0].exact_size == 200
+    finally:
+        release.set()
+        for f in busy:
+            f.result(timeout=60)
+    assert server.running.admin is not None and server.running.admin._executor is not pool
