@@ -23,6 +23,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return capsys.readouterr().out.strip()
 
 
+@pytest.mark.slow  # ~35-50 s: CI's slow step
 def test_calibrated_sigma_printed_rounded_up_meets_the_target(capsys: pytest.CaptureFixture[str]) -> None:
     """30 random targets: the printed sigma, parsed back, still meets epsilon (float noise and RDP for
     speed; the rounding does not depend on the noise kind or the accountant)."""

@@ -379,6 +379,7 @@ def test_check_refuses_a_misspelled_bundle(tmp_path, real_index):
     assert "configuration OK" not in out
 
 
+@pytest.mark.slow  # ~35-50 s: CI's slow step
 def test_check_binds_no_port_and_leaves_the_ledger_alone(tmp_path, busy_port, servers):
     cfg = _toml(tmp_path, listen=f"127.0.0.1:{busy_port}", extra_server=f"metrics_port = {busy_port}")
     rc, out, err = _run(["serve", "--config", str(cfg), "--check"])

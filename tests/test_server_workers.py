@@ -410,6 +410,7 @@ def _ledger_size(tmp_path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # ~25 s: CI's slow step
 def test_sighup_reaches_every_worker(tmp_path: Path, procs: list[Served]) -> None:
     conf = _toml(tmp_path / "a.toml", ledger_url=_sqlite_url(tmp_path), epsilon=1000.0, workers=2)
     sup = Served(conf)
@@ -425,6 +426,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path, procs: list[Served]) -> Non
     assert sup.stop() == 0
 
 
+@pytest.mark.slow  # ~25 s: CI's slow step
 def test_workers_leave_when_the_supervisor_dies(tmp_path: Path, procs: list[Served]) -> None:
     sup = Served(_toml(tmp_path / "a.toml", ledger_url=_sqlite_url(tmp_path), epsilon=1000.0, workers=2))
     procs.append(sup)
@@ -598,6 +600,7 @@ def test_workers_config_key_and_flag(tmp_path: Path) -> None:
         cfg.with_overrides(metrics_port=65535)
 
 
+@pytest.mark.slow  # ~25 s: CI's slow step
 def test_load_benchmark_pairs_worker_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``dprdm bench load --workers 1,2``: each cell once per worker count (a supervisor serving the
     2-worker cells), budgets drained exactly, per-configuration medians."""
