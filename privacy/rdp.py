@@ -73,6 +73,40 @@ _FRAC_MAX_TERMS = 1 << 15
 _FRAC_REL_TOL = 1e-13
 
 
+def _logsumexp(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64] | None = None) -> tuple[float, float]:
+    """``log |sum_i b_i exp(a_i)|`` and the sign of the sum (``b`` = 1 when None), 1-D float64.
+
+    Step for step the real 1-D case of ``scipy.special.logsumexp(a, b=b, return_sign=True)``
+    (SciPy >= 1.15): terms with ``b_i = 0`` dropped; the largest terms taken out of the sum shifted by
+    the maximum, which goes through ``log1p`` (P. Blanchard, D. J. Higham, N. J. Higham, "Accurately
+    computing the log-sum-exp and softmax functions", IMA J. Numer. Anal. 41(4), 2021, Sec. 2); a
+    non-finite result replaced by the unshifted ``log |sum b exp(a)|``. Same operations in the same
+    order, numpy's pairwise sums, so the same bits (tested against SciPy); without SciPy's array-API
+    dispatch, ~0.25 ms a call, which was 70 % of an RDP curve's time (~6,000 calls per calibration).
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        terms = np.exp(a) if b is None else b * np.exp(a)
+        total = np.sum(terms)
+        sign_inf, out_inf = float(np.sign(total)), float(np.log(np.abs(total)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if b is not None:
+            a = np.where(b == 0, -np.inf, a)
+        a_max = np.max(a)
+        top = a == a_max
+        rest = np.where(top, -np.inf, a)
+        m = np.sum(top.astype(np.float64) if b is None else b * top)
+        shifted = np.exp(rest - a_max) if b is None else b * np.exp(rest - a_max)
+        s = np.sum(shifted)
+        s = s if s == 0 else s / m
+        sign = float(np.sign(s + 1) * np.sign(m))
+        if s < -1:
+            s = -s - 2
+        out = float(np.log1p(s) + np.log(np.abs(m)) + a_max)
+    if not math.isfinite(out):
+        return out_inf, sign_inf
+    return out, sign
+
+
 def _log_expm1(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """log(exp(x) - 1) for x > 0, stable for tiny and huge x."""
     out = np.empty_like(x)
@@ -101,7 +135,7 @@ def log_a_integer(q: float, z: float, order: int) -> float:
         + (order - i) * math.log1p(-q)
         + _log_expm1((i * i - i) / (2.0 * z * z))
     )
-    log_a_minus_1 = float(special.logsumexp(log_terms))
+    log_a_minus_1 = _logsumexp(log_terms)[0]
     return float(np.logaddexp(0.0, log_a_minus_1))
 
 
@@ -144,13 +178,13 @@ def log_a_fractional(q: float, z: float, order: float) -> float:
         logs.extend([log_s0, log_s1])
         signs.extend([sign, sign])
         all_logs = np.concatenate(logs)
-        log_sum, sum_sign = special.logsumexp(all_logs, b=np.concatenate(signs), return_sign=True)
+        log_sum, sum_sign = _logsumexp(all_logs, np.concatenate(signs))
         n = stop - 1  # last index included; n > order by construction of `block`
         log_rem = math.log(n / order) + float(np.logaddexp(log_s0[-1], log_s1[-1]))
         # Floating-point summation error of the signed sum (pairwise summation plus per-term
         # rounding): at most (log2(#terms) + 16) ulp of sum |terms|; added so the result stays
         # an upper bound even when A_a - 1 is near machine precision.
-        log_abs = float(special.logsumexp(all_logs))
+        log_abs = _logsumexp(all_logs)[0]
         log_fp = log_abs + math.log((math.log2(all_logs.size) + 16.0) * 2.0**-52)
         log_bound = float(np.logaddexp(log_rem, log_fp))
         if sum_sign <= 0:  # cannot happen for a valid (q, z, a): A_a >= 1
