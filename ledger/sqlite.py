@@ -205,11 +205,13 @@ class SqliteWriter(Writer):
                 self._prelock = None
 
     def _begin(self) -> sqlite3.Connection:
-        prelock, self._prelock = self._prelock, None
+        held, self._prelock = self._prelock, None
         lock = self._file_lock
-        # prelock False: the committer already waited the whole timeout for it before the batch
-        if lock is not None and (prelock is False or (prelock is None and not lock.acquire(self._lock_timeout))):
-            raise LedgerUnavailable(self._path, f"database is locked (writer lock {lock.path})")
+        if lock is not None:
+            if held is None:  # not tried before this batch (a retry, or no group commit)
+                held = lock.acquire(self._lock_timeout)
+            if not held:  # False from _before_batch: it already waited the whole timeout
+                raise LedgerUnavailable(self._path, f"database is locked (writer lock {lock.path})")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except BaseException:

@@ -100,6 +100,7 @@ __all__ = [
     "TABLE_DISCRETISATION",
     "MAX_PLD_QUERIES",
     "TAIL_SHARE",
+    "lattice_cut",
     "GaussianPair",
     "PldPlan",
     "ceil_digits",
@@ -179,9 +180,22 @@ class GaussianPair:
         return out
 
 
-def _lattice_scale(profile: Profile) -> float:
+def _lattice_scale(sigma: float) -> float:
     """s = sigma / 2^k: the discrete Gaussian's parameter in lattice steps."""
-    return math.ldexp(float(profile.sigma), -DEFAULT_LATTICE_EXPONENT)
+    return math.ldexp(float(sigma), -DEFAULT_LATTICE_EXPONENT)
+
+
+def lattice_cut(dimension: int) -> float:
+    """The cut A of item 4 at dimension d: the smallest whose per-coordinate total variation,
+    times (1 + e^eps) T d, fits in the reserve ``TAIL_SHARE * delta`` for every epsilon <=
+    :data:`_EPS_CAP`, delta >= :data:`_DELTA_FLOOR` and T <= :data:`MAX_PLD_QUERIES`."""
+    allowance = (
+        math.log(TAIL_SHARE * _DELTA_FLOOR)
+        - (_EPS_CAP + math.log1p(math.exp(-_EPS_CAP)))
+        - math.log(MAX_PLD_QUERIES)
+        - math.log(dimension)
+    )
+    return choose_cut(allowance)
 
 
 def pld_refusal(
@@ -194,7 +208,7 @@ def pld_refusal(
     if group_size != 1:
         return f"PLD is not implemented for group size {group_size} (one record changing two stored records)"
     if hardened_dimension is not None and profile is not None and profile.sigma > 0.0:
-        s = _lattice_scale(profile)
+        s = _lattice_scale(profile.sigma)
         if s < MIN_SCALE:
             return (
                 f"PLD for discrete lattice noise needs sigma >= {math.ldexp(MIN_SCALE, DEFAULT_LATTICE_EXPONENT):.3g} "
@@ -206,14 +220,7 @@ def pld_refusal(
 @functools.lru_cache(maxsize=256)
 def _lattice_pair(q: float, sigma: float, sensitivity: float, dimension: int) -> GaussianPair:
     """Item 4: the subsampled Gaussian pair at multiplier sigma / ((1 + eta) Delta_w), rounded down."""
-    allowance = (
-        math.log(TAIL_SHARE * _DELTA_FLOOR)
-        - (_EPS_CAP + math.log1p(math.exp(-_EPS_CAP)))
-        - math.log(MAX_PLD_QUERIES)
-        - math.log(dimension)
-    )
-    cut = choose_cut(allowance)
-    gdp = lattice_gdp(math.ldexp(sigma, -DEFAULT_LATTICE_EXPONENT), cut)
+    gdp = lattice_gdp(_lattice_scale(sigma), lattice_cut(dimension))
     z = sigma / (gdp.inflation * widened_sensitivity(sensitivity, dimension, DEFAULT_LATTICE_EXPONENT))
     z = math.nextafter(math.nextafter(z, 0.0), 0.0)  # two ulps down: the division and the product
     return GaussianPair(q=q, noise_multiplier=z, tail_tv=min(0.5, dimension * gdp.tail_tv))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -65,25 +66,29 @@ def epsilon_admitting(profile: Profile, queries: int, delta: float, hardened_dim
     else:
         def eps(t: int) -> float:
             return epsilon_for(profile, queries=t, delta=delta, hardened_dimension=hardened_dimension)
-    lo, hi = eps(queries), eps(queries + 1)
-    if not hi > lo:
-        raise ValueError(f"epsilon does not grow between {queries} and {queries + 1} queries")
-    return 0.5 * (lo + hi)
+    return _halfway(eps, queries, "epsilon")
 
 
 def quota_admitting(budget: Budget, queries: int) -> float:
     """A tenant quota admitting exactly ``queries`` of ``budget``'s mechanism: quotas compare the
     budget's reported spent epsilon (a PLD budget's receipts table, else the RDP epsilon)."""
-    if budget.profile is None:
+    profile = budget.profile
+    if profile is None:
         raise ValueError("quota_admitting needs a single-profile budget")
     if budget.accountant == "pld":
-        lo, hi = budget.pld.epsilon_after(queries), budget.pld.epsilon_after(queries + 1)
-    else:
-        lo = epsilon_for(budget.profile, queries=queries, delta=budget.delta, hardened_dimension=budget.hardened_dimension)
-        hi = epsilon_for(budget.profile, queries=queries + 1, delta=budget.delta,
-                         hardened_dimension=budget.hardened_dimension)
+        return _halfway(budget.pld.epsilon_after, queries, "the reported epsilon")
+
+    def eps(t: int) -> float:
+        return epsilon_for(profile, queries=t, delta=budget.delta, hardened_dimension=budget.hardened_dimension)
+
+    return _halfway(eps, queries, "the reported epsilon")
+
+
+def _halfway(eps: Callable[[int], float], queries: int, what: str) -> float:
+    """Halfway between ``eps(queries)`` and ``eps(queries + 1)`` (``what`` names it in the error)."""
+    lo, hi = eps(queries), eps(queries + 1)
     if not hi > lo:
-        raise ValueError(f"the reported epsilon does not grow between {queries} and {queries + 1} queries")
+        raise ValueError(f"{what} does not grow between {queries} and {queries + 1} queries")
     return 0.5 * (lo + hi)
 
 

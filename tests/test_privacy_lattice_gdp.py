@@ -251,15 +251,8 @@ def _discrete_oracle(s: float, m: int, q: float, queries: int, delta: float) -> 
     return float(one.self_compose(queries).get_epsilon_for_delta(delta))
 
 
-def _pld_cut(dimension: int) -> float:
-    """The cut pld's ``_lattice_pair`` chooses at dimension d (pld module docstring, item 4)."""
-    allowance = (
-        math.log(pld_mod.TAIL_SHARE * pld_mod._DELTA_FLOOR)
-        - (pld_mod._EPS_CAP + math.log1p(math.exp(-pld_mod._EPS_CAP)))
-        - math.log(pld_mod.MAX_PLD_QUERIES)
-        - math.log(dimension)
-    )
-    return choose_cut(allowance)
+_pld_cut = pld_mod.lattice_cut
+"""The cut pld's ``_lattice_pair`` chooses at dimension d (pld module docstring, item 4)."""
 
 
 def _lattice_1d(s: float, m: int, q: float) -> pld_mod.GaussianPair:
