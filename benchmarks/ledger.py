@@ -157,32 +157,31 @@ def sqlite_across_processes(directory: Path, *, writers: tuple[int, ...], second
         seconds: measurement time per run.
 
     Returns:
-        One dict per writer count: writers, processes, per_s, p50_ms, p99_ms, ops_per_transaction.
+        One dict per writer count: writers, processes, per_s, p50_ms, p99_ms, ops_per_transaction,
+        and the paired baseline run (``batch_first``: issue 14's order, the batch taken off the
+        queue BEFORE the writer lock) with ``over_batch_first`` = per_s / its per_s.
     """
     import multiprocessing as mp
 
     from dprdm.benchmarks.ledger_pg import run_across_processes
 
     ctx = mp.get_context("spawn")
+
+    def one(path: Path, kind: str, n: int) -> dict[str, Any]:
+        with SqliteLedger(path) as led:
+            led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))  # never exhausted: the write path
+        run = run_across_processes(ctx, kind, str(path), n, seconds)
+        with SqliteLedger(path) as led:
+            led.verify()
+        return {k: v for k, v in run.items() if k != "kind"}
+
     out = []
     for n in writers:
         path = Path(tempfile.mkstemp(suffix=".db", prefix=f"ledger-across-{n}-", dir=directory)[1])
         path.unlink()  # a fresh ledger file per run
-        with SqliteLedger(path) as led:
-            led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))  # never exhausted: the write path
-        run = run_across_processes(ctx, "ledger", str(path), n, seconds)
-        with SqliteLedger(path) as led:
-            led.verify()
-        row = {k: v for k, v in run.items() if k != "kind"}
-        # paired baseline: issue 14's order (the batch taken off the queue BEFORE the writer lock)
-        base_path = path.with_name(path.stem + "-batch-first.db")
-        with SqliteLedger(base_path) as led:
-            led.create_budget("bench", Budget.single(1e9, 1e-7, PROFILE))
-        base = run_across_processes(ctx, "ledger-batch-first", str(base_path), n, seconds)
-        with SqliteLedger(base_path) as led:
-            led.verify()
-        row["batch_first"] = {k: v for k, v in base.items() if k != "kind"}
-        row["over_batch_first"] = row["per_s"] / base["per_s"]
+        row = one(path, "ledger", n)
+        row["batch_first"] = one(path.with_name(path.stem + "-batch-first.db"), "ledger-batch-first", n)
+        row["over_batch_first"] = row["per_s"] / row["batch_first"]["per_s"]
         out.append(row)
     return out
 
